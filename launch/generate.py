@@ -1,0 +1,108 @@
+"""Batch generation with gpt-oss: harmony prompts in, harmony-parsed answers out, on any parallel layout.
+
+    torchrun --nproc_per_node=4 launch/generate.py --config configs/gpt-oss-120b.yaml \
+        data.input=prompts.jsonl data.output=answers.jsonl parallel.tp=4
+
+Reads top to bottom: config -> layout -> process group and mesh -> work plan (rank 0) -> model -> loop ->
+metrics. Run it again with the same data.output to resume a stopped job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch.distributed as dist
+
+from parallel.config import ConfigError, load_config, to_yaml
+from parallel.coordinator import Watchdog, Writer, exit_on_signals, open_store, publish, serve_replica
+from parallel.harmony import encoding
+from parallel.layout import LayoutError, plan_layout
+from parallel.loading import load_model, read_model_config, resolve_checkpoint
+from parallel.log import error, log
+from parallel.mesh import build_mesh, init_distributed
+from parallel.records import OutputFile, read_requests
+from parallel.work import batch_runner, plan_work
+
+
+def main(argv: list[str] | None = None) -> int:
+    start = time.monotonic()
+    try:
+        cfg = load_config(argv)
+        # Everything that can be wrong with the job is found here, before a process group or a weight exists.
+        path = resolve_checkpoint(cfg.model.path)
+        shape = read_model_config(path)
+        layout = plan_layout(
+            int(os.environ.get("WORLD_SIZE", 1)),
+            **asdict(cfg.parallel),
+            heads=shape.num_attention_heads,
+            kv_heads=shape.num_key_value_heads,
+            experts=shape.num_local_experts,
+            layers=shape.num_hidden_layers,
+        )
+        if not Path(cfg.data.input).is_file():
+            raise FileNotFoundError(f"data.input: no such file {cfg.data.input}")
+    except (ConfigError, LayoutError, FileNotFoundError, ValueError) as e:
+        error(str(e))
+        return 2
+
+    world_size, device = init_distributed(cfg.runtime.collective_timeout_s)
+    mesh = build_mesh(layout, device)
+    watchdog = Watchdog(mesh, cfg.runtime.heartbeat_timeout_s)
+    watchdog.start()
+    store = open_store(cfg.runtime.collective_timeout_s)
+    enc = encoding()
+
+    writer = None
+    if mesh.rank == 0:
+        out = OutputFile(cfg.data.output)
+        Path(f"{cfg.data.output}.config.yaml").write_text(to_yaml(cfg))
+        batches, rejected = plan_work(read_requests(cfg.data.input), out, enc, cfg.generation, shape.max_position_embeddings)
+        out.write(rejected)
+        n_requests = sum(map(len, batches))
+        log(f"{n_requests} requests to run in {len(batches)} batches, {len(rejected)} lines rejected, "
+            f"{len(out.done) - len(rejected)} already in {cfg.data.output}")
+        writer = Writer(out, len(batches), n_requests, cfg.runtime.collective_timeout_s, cfg.output.echo, cfg.runtime.progress)
+        publish(store, batches)
+    exit_on_signals(writer.stop if writer else lambda: "stopping")
+
+    model = load_model(path, cfg.model, layout, mesh)
+    gen_start = time.monotonic()
+    if writer:
+        writer.start()
+    serve_replica(mesh, store, batch_runner(model, enc, cfg.generation, cfg.output.raw))
+
+    if writer:
+        writer.finish()
+        metrics = summarize(writer.records, world_size, str(layout), time.monotonic() - start, time.monotonic() - gen_start)
+        metrics["rejected_lines"] = len(rejected)
+        Path(f"{cfg.data.output}.metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        log(json.dumps(metrics))
+    watchdog.stop()
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+def summarize(records: list[dict], world_size: int, layout: str, wall_s: float, generation_s: float) -> dict:
+    generated = sum(r["usage"]["completion_tokens"] for r in records)
+    return {
+        "requests": len(records),
+        "errors": sum(r["error"] is not None for r in records),
+        "prompt_tokens": sum(r["usage"]["prompt_tokens"] for r in records),
+        "generated_tokens": generated,
+        "wall_s": round(wall_s, 3),
+        "generation_s": round(generation_s, 3),
+        "tokens_per_s": round(generated / generation_s, 2),
+        "tokens_per_s_per_gpu": round(generated / generation_s / world_size, 2),
+        "world_size": world_size,
+        "layout": layout,
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())

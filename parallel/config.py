@@ -1,0 +1,132 @@
+"""The job's configuration: typed defaults, then a YAML file, then `key=value` overrides, merged once.
+
+The dataclasses below are the schema. Merging happens in struct mode, so a misspelled key or a value of the
+wrong type fails with omegaconf's message, which names the key.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+DTYPES = ("auto", "bfloat16", "float32")
+REASONING_EFFORTS = ("low", "medium", "high")
+
+
+@dataclass
+class ModelConfig:
+    # A hub id, a local checkpoint folder, or `builtin:tiny` (built and cached on first use).
+    path: str = MISSING
+    dtype: str = "auto"
+    # `auto` picks the fastest attention with sinks that can be had here, else eager; or a transformers name.
+    attn_implementation: str = "auto"
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    ep: int = 1
+    pp: int = 1
+    # -1: whatever the world size leaves after the model-parallel degrees.
+    dp: int = -1
+
+
+@dataclass
+class DataConfig:
+    input: str = MISSING
+    output: str = MISSING
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 1024
+    # 0 means greedy decoding.
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    batch_size: int = 8
+    reasoning_effort: str = "medium"
+    # Harmony's system message carries a date only when one is given (YYYY-MM-DD).
+    conversation_date: str | None = None
+
+
+@dataclass
+class OutputConfig:
+    # Also write each completion decoded with its harmony special tokens.
+    raw: bool = False
+    # Print every record on rank 0 as it is written.
+    echo: bool = False
+
+
+@dataclass
+class RuntimeConfig:
+    # A rank that sends no heartbeat for this long is declared dead and the job ends, naming it.
+    heartbeat_timeout_s: float = 120.0
+    # Upper bound for any collective (NCCL/gloo): a stuck peer turns into an error, never a hang.
+    collective_timeout_s: float = 1800.0
+    progress: bool = True
+
+
+@dataclass
+class JobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def load_config(argv: list[str] | None = None) -> JobConfig:
+    """`--config FILE` then `key=value` overrides, on top of the typed defaults."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", required=True, help="YAML file under configs/")
+    parser.add_argument("overrides", nargs="*", help="key=value, e.g. parallel.tp=2")
+    args = parser.parse_args(argv)
+    return merge_config(args.config, args.overrides)
+
+
+def merge_config(path: str | Path, overrides: list[str] = ()) -> JobConfig:
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"overrides must be key=value, got {bad}")
+    try:
+        cfg = OmegaConf.structured(JobConfig)
+        OmegaConf.set_struct(cfg, True)
+        cfg = OmegaConf.merge(cfg, OmegaConf.load(path), OmegaConf.from_dotlist(list(overrides)))
+        job: JobConfig = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        # omegaconf's message names the key (`full_key: ...`); its object-type lines only add noise.
+        lines = [ln.strip() for ln in str(e).splitlines() if not ln.strip().startswith(("reference_type", "object_type"))]
+        raise ConfigError(f"config {path}: {' '.join(lines)}") from None
+    _check_values(job)
+    return job
+
+
+def _check_values(job: JobConfig) -> None:
+    problems = []
+    if job.model.dtype not in DTYPES:
+        problems.append(f"model.dtype={job.model.dtype!r} is not one of {DTYPES}")
+    if job.generation.reasoning_effort not in REASONING_EFFORTS:
+        problems.append(f"generation.reasoning_effort={job.generation.reasoning_effort!r} is not one of {REASONING_EFFORTS}")
+    for key in ("max_new_tokens", "batch_size"):
+        if getattr(job.generation, key) < 1:
+            problems.append(f"generation.{key} must be >= 1")
+    if job.generation.temperature < 0:
+        problems.append("generation.temperature must be >= 0")
+    if not 0 < job.generation.top_p <= 1:
+        problems.append("generation.top_p must be in (0, 1]")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def to_yaml(job: JobConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(job))

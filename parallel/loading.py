@@ -1,0 +1,136 @@
+"""Finding the checkpoint, reading its shape, and loading it with transformers' own distributed support."""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, GptOssConfig, GptOssForCausalLM
+from transformers.distributed import DistributedConfig
+
+from parallel.config import ModelConfig
+from parallel.layout import Layout
+from parallel.log import log, warn
+from parallel.mesh import Mesh
+
+TINY = "builtin:tiny"
+TINY_NAME = "tiny-v1"  # bump when the tiny model's shape or seed changes
+
+# transformers 5.23 ships no tensor-parallel rules for gpt-oss's attention (only embeddings and lm_head), so
+# tp > 1 shards the heads here, the way its other attention-sink models do. Experts follow parallel.ep.
+ATTENTION_TP_PLAN = {
+    "model.layers.*.self_attn.q_proj": "colwise",
+    "model.layers.*.self_attn.k_proj": "colwise",
+    "model.layers.*.self_attn.v_proj": "colwise",
+    "model.layers.*.self_attn.o_proj": "rowwise",
+    "model.layers.*.self_attn.sinks": "colwise",
+    "model.layers.*.self_attn": "local_params",
+}
+
+
+def tiny_config() -> GptOssConfig:
+    """gpt-oss in miniature: MoE router and experts, sinks, sliding/full layers, the real 201,088-token vocabulary."""
+    return GptOssConfig(
+        num_hidden_layers=2,
+        hidden_size=64,
+        intermediate_size=64,
+        head_dim=16,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        sliding_window=16,
+        max_position_embeddings=4096,
+        # Wide initial weights make the logits far apart, so greedy tokens do not flip with the reduction order
+        # of a different parallel layout.
+        initializer_range=0.5,
+        vocab_size=201088,
+        pad_token_id=199999,
+        bos_token_id=199998,
+        eos_token_id=[200002, 200012],
+    )
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("GPT_OSS_LAUNCH_CACHE", Path.home() / ".cache" / "gpt-oss-launch"))
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A local folder or hub id as given; `builtin:tiny` is built once (seeded, under a file lock) and cached."""
+    if path != TINY:
+        return path
+    target = cache_dir() / TINY_NAME
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f"{TINY_NAME}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / "config.json").exists():
+            log(f"building the tiny gpt-oss checkpoint in {target}")
+            torch.manual_seed(0)
+            model = GptOssForCausalLM(tiny_config())
+            # Written beside the target and renamed, so a killed build never leaves half a checkpoint.
+            tmp = Path(tempfile.mkdtemp(dir=target.parent))
+            model.save_pretrained(tmp)
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(tmp, target)
+    return str(target)
+
+
+def read_model_config(path: str) -> GptOssConfig:
+    """Only config.json: enough to validate a layout before any weight is read."""
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"cannot read a model config at {path!r}: {e}") from None
+    if config.model_type != "gpt_oss":
+        raise ValueError(f"{path!r} is a {config.model_type!r} model; this launcher runs gpt-oss")
+    return config
+
+
+def attention_implementation(requested: str, device: torch.device) -> str:
+    """`auto`: flash-attn-4 (sinks, sliding window, GQA) where it can be had, else eager, with a warning on GPU."""
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        if importlib.util.find_spec("flash_attn") and importlib.util.find_spec("flash_attn.cute"):
+            return "flash_attention_4"
+        warn(
+            "no attention kernel with sinks is installed (pip install flash-attn-4, or set "
+            "model.attn_implementation=kernels-community/vllm-flash-attn3 where the hub is reachable): using eager"
+        )
+    return "eager"
+
+
+def load_model(path: str, model_cfg: ModelConfig, layout: Layout, mesh: Mesh) -> GptOssForCausalLM:
+    kwargs = {
+        "dtype": "auto" if model_cfg.dtype == "auto" else getattr(torch, model_cfg.dtype),
+        "attn_implementation": attention_implementation(model_cfg.attn_implementation, mesh.device),
+    }
+    log(f"loading {path} ({layout}, attention: {kwargs['attn_implementation']})")
+    if layout.replica_size == 1:
+        model = GptOssForCausalLM.from_pretrained(path, device_map=mesh.device, **kwargs)
+    else:
+        distributed = DistributedConfig(
+            tp_size=layout.mp,
+            tp_plan=ATTENTION_TP_PLAN if layout.tp > 1 else None,
+            ep_size=layout.ep,
+            pp_size=layout.pp,
+        )
+        model = _on_replica_mesh(mesh).from_pretrained(path, distributed_config=distributed, **kwargs)
+    return model.eval()
+
+
+def _on_replica_mesh(mesh: Mesh) -> type[GptOssForCausalLM]:
+    """transformers lays its device mesh over the whole world (`initialize_distributed_mesh`); a data-parallel
+    replica must shard over its own ranks only, so this subclass hands transformers the replica's sub-mesh."""
+
+    def prepare_distribute_model(cls, distributed_config, device_map=None):
+        return distributed_config, mesh.device, mesh.model_mesh
+
+    base = GptOssForCausalLM
+    # Keep the base's module: transformers reads the model's source file to decide which kernels it may swap in.
+    return type(base.__name__, (base,), {"__module__": base.__module__, "prepare_distribute_model": classmethod(prepare_distribute_model)})

@@ -1,0 +1,108 @@
+"""The input file in, the output file out: output records, resume, and safe appends."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from parallel.generation import Completion
+from parallel.harmony import Parsed
+from parallel.log import warn
+from parallel.requests import Request, RequestError, parse_line
+
+
+def read_requests(path: str) -> Iterator[Request | tuple[int, str]]:
+    """Each non-blank line as a Request, or (line number, what is wrong with it). Duplicate ids are errors."""
+    seen: dict[object, int] = {}
+    with open(path, encoding="utf-8") as f:
+        for index, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                req = parse_line(line, index)
+            except RequestError as e:
+                yield index, f"line {index}: {e}"
+                continue
+            if req.id in seen:
+                yield index, f"line {index}: duplicate id {req.id!r} (first on line {seen[req.id]})"
+                continue
+            seen[req.id] = index
+            yield req
+
+
+def record_key(record: dict) -> tuple:
+    """What resume matches on: the id, or the line for records that could not claim one."""
+    return ("id", record["id"]) if record["id"] is not None else ("index", record["index"])
+
+
+def error_record(rid, index: int, message: str, prompt_tokens: int = 0) -> dict:
+    return {
+        "id": rid,
+        "index": index,
+        "final": None,
+        "analysis": None,
+        "tool_calls": [],
+        "finish_reason": "error",
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 0},
+        "error": message,
+    }
+
+
+def result_record(
+    rid, index: int, prompt_tokens: int, completion: Completion, parsed: Parsed, raw: str, keep_raw: bool
+) -> dict:
+    """`raw` (the completion with its special tokens) is kept when asked for, and always beside a parse error."""
+    record = {
+        "id": rid,
+        "index": index,
+        "final": parsed.final,
+        "analysis": parsed.analysis,
+        "tool_calls": parsed.tool_calls,
+        "finish_reason": "error" if parsed.error else completion.finish_reason,
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(completion.tokens)},
+        "error": parsed.error,
+    }
+    if parsed.error or keep_raw:
+        record["raw"] = raw
+    return record
+
+
+class OutputFile:
+    """Append-only JSONL. Opening an existing file resumes it: the records there are kept and their keys skipped."""
+
+    def __init__(self, path: str):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.done: set[tuple] = set()
+        if self.path.exists():
+            self._scan()
+        self._f = open(self.path, "a", encoding="utf-8")
+
+    def _scan(self) -> None:
+        good = 0  # bytes up to the end of the last whole record
+        with open(self.path, "rb") as f:
+            for line in f:
+                try:
+                    key = record_key(json.loads(line))
+                except (ValueError, KeyError):
+                    break
+                if not line.endswith(b"\n"):
+                    break
+                self.done.add(key)
+                good += len(line)
+        if good < self.path.stat().st_size:
+            # A job killed mid-write leaves a partial last line; its request is simply run again.
+            warn(f"{self.path}: dropping {self.path.stat().st_size - good} bytes of an unfinished record at the end")
+            os.truncate(self.path, good)
+
+    def write(self, records: list[dict]) -> None:
+        """Append, flush and fsync: what returns from here survives a killed job."""
+        self._f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self.done.update(record_key(r) for r in records)
+
+    def close(self) -> None:
+        self._f.close()
