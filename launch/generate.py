@@ -66,13 +66,14 @@ def main(argv: list[str] | None = None) -> int:
         n_requests = sum(map(len, batches))
         log(f"{n_requests} requests to run in {len(batches)} batches, {len(rejected)} lines rejected, "
             f"{len(out.done) - len(rejected)} already in {cfg.data.output}")
-        writer = Writer(out, len(batches), n_requests, cfg.runtime.collective_timeout_s, cfg.output.echo, cfg.runtime.progress)
         publish(store, batches)
-    exit_on_signals(writer.stop if writer else lambda: "stopping")
+    # Read at signal time: before the writer exists nothing is in flight.
+    exit_on_signals(lambda: writer.stop() if writer else "stopping before any generation")
 
     model = load_model(path, cfg.model, layout, mesh)
     gen_start = time.monotonic()
-    if writer:
+    if mesh.rank == 0:
+        writer = Writer(out, len(batches), n_requests, cfg.runtime.collective_timeout_s, cfg.output.echo, cfg.runtime.progress)
         writer.start()
     serve_replica(mesh, store, batch_runner(model, enc, cfg.generation, cfg.output.raw))
 
