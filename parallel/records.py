@@ -13,8 +13,8 @@ from parallel.log import warn
 from parallel.requests import Request, RequestError, parse_line
 
 
-def read_requests(path: str) -> Iterator[Request | tuple[int, str]]:
-    """Each non-blank line as a Request, or (line number, what is wrong with it). Duplicate ids are errors."""
+def read_requests(path: str) -> Iterator[Request | dict]:
+    """Each non-blank line as a Request, or as the error record that says what is wrong with it."""
     seen: dict[object, int] = {}
     with open(path, encoding="utf-8") as f:
         for index, line in enumerate(f, start=1):
@@ -23,13 +23,26 @@ def read_requests(path: str) -> Iterator[Request | tuple[int, str]]:
             try:
                 req = parse_line(line, index)
             except RequestError as e:
-                yield index, f"line {index}: {e}"
+                yield error_record(_claimed_id(line, index, seen), index, f"line {index}: {e}")
                 continue
             if req.id in seen:
-                yield index, f"line {index}: duplicate id {req.id!r} (first on line {seen[req.id]})"
+                # The record cannot carry the id: the first line owns it, and no id is written twice.
+                yield error_record(None, index, f"line {index}: duplicate id {req.id!r} (first on line {seen[req.id]})")
                 continue
             seen[req.id] = index
             yield req
+
+
+def _claimed_id(line: str, index: int, seen: dict):
+    """The id a rejected line names, when it names a usable one, so its error record is findable by id."""
+    try:
+        rid = json.loads(line).get("id")
+    except (ValueError, AttributeError):
+        return None
+    if isinstance(rid, (str, int)) and not isinstance(rid, bool) and rid not in seen:
+        seen[rid] = index
+        return rid
+    return None
 
 
 def record_key(record: dict) -> tuple:

@@ -14,7 +14,7 @@ from parallel.requests import Request
 
 
 def plan_work(
-    requests: Iterable[Request | tuple[int, str]],
+    requests: Iterable[Request | dict],
     out: OutputFile,
     enc: HarmonyEncoding,
     gen: GenerationConfig,
@@ -24,9 +24,8 @@ def plan_work(
     Lines that cannot run come back as error records to write at once."""
     items, errors = [], []
     for req in requests:
-        if isinstance(req, tuple):
-            index, message = req
-            record = error_record(None, index, message)
+        if isinstance(req, dict):  # a line read_requests already rejected
+            record = req
         else:
             record = None
             try:

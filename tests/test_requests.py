@@ -35,7 +35,15 @@ def test_duplicate_ids_are_rejected_on_the_later_line(tmp_path):
     path = write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "prompt": "x"}, "", {"id": "a", "prompt": "y"}])
     first, second = read_requests(str(path))
     assert first.id == "a"
-    assert second == (3, "line 3: duplicate id 'a' (first on line 1)")
+    assert (second["id"], second["index"]) == (None, 3)
+    assert second["error"] == "line 3: duplicate id 'a' (first on line 1)"
+
+
+def test_a_rejected_line_keeps_the_id_it_names(tmp_path):
+    path = write_jsonl(tmp_path / "in.jsonl", [{"id": "w", "messages": [{"role": "wizard", "content": "x"}]}, "{oops"])
+    wizard, broken = read_requests(str(path))
+    assert (wizard["id"], wizard["finish_reason"]) == ("w", "error")
+    assert (broken["id"], broken["index"]) == (None, 2)
 
 
 def test_resume_drops_a_half_written_record(tmp_path):
