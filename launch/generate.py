@@ -61,14 +61,15 @@ def main(argv: list[str] | None = None) -> int:
     if mesh.rank == 0:
         out = OutputFile(cfg.data.output)
         Path(f"{cfg.data.output}.config.yaml").write_text(to_yaml(cfg))
-        batches, rejected = plan_work(read_requests(cfg.data.input), out, enc, cfg.generation, shape.max_position_embeddings)
+        requests = read_requests(cfg.data.input, cfg.data.shard, cfg.data.num_shards)
+        batches, rejected = plan_work(requests, out, enc, cfg.generation, shape.max_position_embeddings)
         out.write(rejected)
         n_requests = sum(map(len, batches))
         log(f"{n_requests} requests to run in {len(batches)} batches, {len(rejected)} lines rejected, "
             f"{len(out.done) - len(rejected)} already in {cfg.data.output}")
         publish(store, batches)
-    # Read at signal time: before the writer exists nothing is in flight.
-    exit_on_signals(lambda: writer.stop() if writer else "stopping before any generation")
+    # Read at signal time: rank 0 before its writer exists has nothing in flight.
+    exit_on_signals(lambda: writer.stop() if writer else f"rank {mesh.rank} stopping")
 
     model = load_model(path, cfg.model, layout, mesh)
     gen_start = time.monotonic()

@@ -39,6 +39,9 @@ class ParallelConfig:
 class DataConfig:
     input: str = MISSING
     output: str = MISSING
+    # This job runs input lines whose (line number - 1) % num_shards == shard (Slurm job arrays).
+    shard: int = 0
+    num_shards: int = 1
 
 
 @dataclass
@@ -120,6 +123,8 @@ def _check_values(job: JobConfig) -> None:
     for key in ("max_new_tokens", "batch_size"):
         if getattr(job.generation, key) < 1:
             problems.append(f"generation.{key} must be >= 1")
+    if not 0 <= job.data.shard < job.data.num_shards:
+        problems.append(f"data.shard={job.data.shard} must be in [0, data.num_shards={job.data.num_shards})")
     if job.generation.temperature < 0:
         problems.append("generation.temperature must be >= 0")
     if not 0 < job.generation.top_p <= 1:

@@ -27,6 +27,7 @@ from parallel.records import OutputFile
 
 HEARTBEAT_PERIOD_S = 1.0
 POLL_S = 0.05
+STOP_WAIT_S = 10.0
 
 
 def open_store(timeout_s: float) -> dist.Store:
@@ -128,16 +129,19 @@ class Writer(threading.Thread):
     def poll(self) -> bool:
         """Write every batch finished since the last poll; False when there was none."""
         with self.lock:
-            finished = self.store.add("ndone", 0)
-            if finished == self.batches_written:
-                return False
-            for j in range(self.batches_written, finished):
-                k = self.store.get(f"done/{j}").decode()
-                records = json.loads(self.store.get(f"result/{k}"))
-                self.write(records)
-                self.store.delete_key(f"result/{k}")
-                self.batches_written += 1
-            return True
+            return self._collect()
+
+    def _collect(self) -> bool:
+        before = self.batches_written
+        finished = self.store.add("ndone", 0)
+        # A leader bumps `ndone` and then sets done/{j}: check before reading, so that a leader killed between the
+        # two can never block the writer (that batch simply has no record and runs again on resume).
+        while self.batches_written < finished and self.store.check([f"done/{self.batches_written}"]):
+            k = self.store.get(f"done/{self.batches_written}").decode()
+            self.write(json.loads(self.store.get(f"result/{k}")))
+            self.store.delete_key(f"result/{k}")
+            self.batches_written += 1
+        return self.batches_written > before
 
     def write(self, records: list[dict]) -> None:
         self.out.write(records)
@@ -151,12 +155,13 @@ class Writer(threading.Thread):
                 tqdm.write(f"[{r['id']}] {r['finish_reason']}: {answer}")
 
     def stop(self) -> str:
-        """For a signal handler: keep what the replicas already finished, then let no write begin."""
-        try:
-            self.poll()
-        except Exception:  # noqa: BLE001 - the store may be gone with the job; what is written stays
-            pass
-        self.lock.acquire()
+        """For a signal handler: keep what the replicas already finished, then let no write begin (the lock is
+        never released). Bounded: a writer stuck on a dying store only costs the records it was fetching."""
+        if self.lock.acquire(timeout=STOP_WAIT_S):
+            try:
+                self._collect()
+            except Exception:  # noqa: BLE001 - the store may be gone with the job; what is written stays
+                pass
         return f"{len(self.out.done)} records are in {self.out.path}; run again with the same data.output to resume"
 
     def finish(self) -> None:

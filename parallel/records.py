@@ -13,12 +13,13 @@ from parallel.log import warn
 from parallel.requests import Request, RequestError, parse_line
 
 
-def read_requests(path: str) -> Iterator[Request | dict]:
-    """Each non-blank line as a Request, or as the error record that says what is wrong with it."""
+def read_requests(path: str, shard: int = 0, num_shards: int = 1) -> Iterator[Request | dict]:
+    """Each non-blank line of this shard as a Request, or as the error record that says what is wrong with it.
+    Duplicate ids are found within the shard; merging the shards (launch/merge.py) finds the rest."""
     seen: dict[object, int] = {}
     with open(path, encoding="utf-8") as f:
         for index, line in enumerate(f, start=1):
-            if not line.strip():
+            if (index - 1) % num_shards != shard or not line.strip():
                 continue
             try:
                 req = parse_line(line, index)

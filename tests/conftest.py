@@ -41,7 +41,8 @@ def launch(out: Path, *overrides: str, nproc: int | None = None, prompts: Path, 
 
 
 def read_records(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    # Split on "\n" only: a model's text may hold U+2028 and friends, which splitlines() also breaks on.
+    return [json.loads(line) for line in path.read_text().split("\n") if line]
 
 
 def write_jsonl(path: Path, lines: list) -> Path:
