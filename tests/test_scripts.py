@@ -5,7 +5,7 @@ import pytest
 
 from tests.conftest import ROOT
 
-SCRIPTS = [*sorted((ROOT / "slurm").glob("*.sh")), ROOT / "tests" / "slurm" / "cluster.sh", ROOT / ".ci" / "run"]
+SCRIPTS = [*sorted((ROOT / "slurm").glob("*.sh")), *sorted((ROOT / "tests").glob("*/*.sh")), ROOT / ".ci" / "run"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: str(p.relative_to(ROOT)))
