@@ -16,13 +16,14 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from parallel.config import ConfigError, load_config, to_yaml
 from parallel.coordinator import Watchdog, Writer, exit_on_signals, open_store, publish, serve_replica
 from parallel.harmony import encoding
 from parallel.layout import LayoutError, plan_layout
-from parallel.loading import load_model, read_model_config, resolve_checkpoint
+from parallel.loading import check_source, load_model, read_model_config, resolve_checkpoint
 from parallel.log import error, log
 from parallel.mesh import build_mesh, init_distributed
 from parallel.records import OutputFile, read_requests
@@ -34,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(argv)
         # Everything that can be wrong with the job is found here, before a process group or a weight exists.
+        check_source(cfg.model)
         path = resolve_checkpoint(cfg.model.path)
         shape = read_model_config(path)
         layout = plan_layout(
@@ -77,10 +79,12 @@ def main(argv: list[str] | None = None) -> int:
         writer = Writer(out, len(batches), n_requests, cfg.runtime.collective_timeout_s, cfg.output.echo, cfg.runtime.progress)
         writer.start()
     serve_replica(mesh, store, batch_runner(model, enc, cfg.generation, cfg.output.raw))
+    store.set(f"peak_gib/{mesh.rank}", str(peak_memory_gib(device)))
 
     if writer:
         writer.finish()
         metrics = summarize(writer.records, world_size, str(layout), time.monotonic() - start, time.monotonic() - gen_start)
+        metrics["peak_gpu_memory_gib"] = max(float(store.get(f"peak_gib/{r}")) for r in range(world_size)) or None
         metrics["rejected_lines"] = len(rejected)
         Path(f"{cfg.data.output}.metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         log(json.dumps(metrics))
@@ -90,8 +94,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def peak_memory_gib(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+
+
 def summarize(records: list[dict], world_size: int, layout: str, wall_s: float, generation_s: float) -> dict:
     generated = sum(r["usage"]["completion_tokens"] for r in records)
+    first_tokens = [r["timing"]["first_token_s"] for r in records if "timing" in r]
     return {
         "requests": len(records),
         "errors": sum(r["error"] is not None for r in records),
@@ -101,6 +110,7 @@ def summarize(records: list[dict], world_size: int, layout: str, wall_s: float, 
         "generation_s": round(generation_s, 3),
         "tokens_per_s": round(generated / generation_s, 2),
         "tokens_per_s_per_gpu": round(generated / generation_s / world_size, 2),
+        "time_to_first_token_s": round(sum(first_tokens) / len(first_tokens), 4) if first_tokens else None,
         "world_size": world_size,
         "layout": layout,
     }

@@ -14,6 +14,7 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 DTYPES = ("auto", "bfloat16", "float32")
+LOAD_FORMATS = ("auto", "dummy")
 REASONING_EFFORTS = ("low", "medium", "high")
 
 
@@ -24,6 +25,8 @@ class ModelConfig:
     dtype: str = "auto"
     # `auto` picks the fastest attention with sinks that can be had here, else eager; or a transformers name.
     attn_implementation: str = "auto"
+    # `dummy`: random weights of the model's shape built in place, no checkpoint read (for benchmarks).
+    load_format: str = "auto"
 
 
 @dataclass
@@ -118,6 +121,8 @@ def _check_values(job: JobConfig) -> None:
     problems = []
     if job.model.dtype not in DTYPES:
         problems.append(f"model.dtype={job.model.dtype!r} is not one of {DTYPES}")
+    if job.model.load_format not in LOAD_FORMATS:
+        problems.append(f"model.load_format={job.model.load_format!r} is not one of {LOAD_FORMATS}")
     if job.generation.reasoning_effort not in REASONING_EFFORTS:
         problems.append(f"generation.reasoning_effort={job.generation.reasoning_effort!r} is not one of {REASONING_EFFORTS}")
     for key in ("max_new_tokens", "batch_size"):

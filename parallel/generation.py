@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
 from transformers import GenerationConfig as HFGenerationConfig
+from transformers.generation.streamers import BaseStreamer
 
 from parallel.config import GenerationConfig
 
@@ -14,6 +16,27 @@ from parallel.config import GenerationConfig
 class Completion:
     tokens: list[int]
     finish_reason: str  # stop, tool_call or length
+
+
+@dataclass
+class Timing:
+    first_token_s: float  # the batch's prefill: time to its first generated token
+    batch_s: float
+
+
+class _FirstTokenClock(BaseStreamer):
+    """generate() hands the streamer the prompt, then each new token: the second call is the first token."""
+
+    def __init__(self):
+        self.start, self.calls, self.first = time.perf_counter(), 0, None
+
+    def put(self, value) -> None:
+        self.calls += 1
+        if self.calls == 2:
+            self.first = time.perf_counter() - self.start
+
+    def end(self) -> None:
+        pass
 
 
 def generate(
@@ -25,7 +48,7 @@ def generate(
     stop: dict[int, str],
     pad_id: int,
     seed: int,
-) -> list[Completion]:
+) -> tuple[list[Completion], Timing]:
     """`stop` maps each stop token to the finish reason it means. Every rank of a replica calls this with the
     same arguments; the same seed on each keeps their sampled tokens identical."""
     width = max(len(p) for p in prompts)
@@ -40,9 +63,11 @@ def generate(
         **({"temperature": gen.temperature, "top_p": gen.top_p} if gen.temperature > 0 else {}),
     )
     torch.manual_seed(seed)
+    clock = _FirstTokenClock()
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
-    return [_cut(row[width:].tolist(), limit, stop) for row, limit in zip(out, max_new_tokens)]
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, streamer=clock)
+    completions = [_cut(row[width:].tolist(), limit, stop) for row, limit in zip(out, max_new_tokens)]
+    return completions, Timing(first_token_s=clock.first or 0.0, batch_s=time.perf_counter() - clock.start)
 
 
 def _cut(tokens: list[int], limit: int, stop: dict[int, str]) -> Completion:

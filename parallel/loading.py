@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, GptOssConfig, GptOssForCausalLM
 from transformers.distributed import DistributedConfig
+from transformers.utils import logging as transformers_logging
 
 from parallel.config import ModelConfig
 from parallel.layout import Layout
@@ -20,6 +21,11 @@ from parallel.mesh import Mesh
 
 TINY = "builtin:tiny"
 TINY_NAME = "tiny-v1"  # bump when the tiny model's shape or seed changes
+# The published models' shapes (their config.json), for model.load_format=dummy without a download.
+SHAPES = {
+    "builtin:gpt-oss-20b": dict(num_hidden_layers=24, num_local_experts=32),
+    "builtin:gpt-oss-120b": dict(num_hidden_layers=36, num_local_experts=128),
+}
 
 # transformers 5.23 ships no tensor-parallel rules for gpt-oss's attention (only embeddings and lm_head), so
 # tp > 1 shards the heads here, the way its other attention-sink models do. Experts follow parallel.ep.
@@ -60,6 +66,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("GPT_OSS_LAUNCH_CACHE", Path.home() / ".cache" / "gpt-oss-launch"))
 
 
+def check_source(model_cfg: ModelConfig) -> None:
+    if model_cfg.path in SHAPES and model_cfg.load_format != "dummy":
+        raise ValueError(f"model.path={model_cfg.path} is a shape without weights: add model.load_format=dummy")
+
+
 def resolve_checkpoint(path: str) -> str:
     """A local folder or hub id as given; `builtin:tiny` is built once (seeded, under a file lock) and cached."""
     if path != TINY:
@@ -82,6 +93,20 @@ def resolve_checkpoint(path: str) -> str:
 
 def read_model_config(path: str) -> GptOssConfig:
     """Only config.json: enough to validate a layout before any weight is read."""
+    if path in SHAPES:
+        return GptOssConfig(
+            **SHAPES[path],
+            hidden_size=2880,
+            intermediate_size=2880,
+            head_dim=64,
+            num_attention_heads=64,
+            num_key_value_heads=8,
+            num_experts_per_tok=4,
+            sliding_window=128,
+            vocab_size=201088,
+            pad_token_id=199999,
+            eos_token_id=[200002, 199999, 200012],
+        )
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
@@ -110,7 +135,18 @@ def load_model(path: str, model_cfg: ModelConfig, layout: Layout, mesh: Mesh) ->
         "dtype": "auto" if model_cfg.dtype == "auto" else getattr(torch, model_cfg.dtype),
         "attn_implementation": attention_implementation(model_cfg.attn_implementation, mesh.device),
     }
-    log(f"loading {path} ({layout}, attention: {kwargs['attn_implementation']})")
+    if model_cfg.load_format == "dummy":
+        # No checkpoint: every weight counts as missing, so transformers initialises it at random where it lives,
+        # each rank only its own shard (as vLLM's --load-format dummy). Real speed, meaningless text.
+        kwargs.update(config=read_model_config(path), state_dict={})
+        if kwargs["dtype"] == "auto":
+            kwargs["dtype"] = torch.bfloat16
+        path = None
+        # Its loading report would list every weight as missing.
+        transformers_logging.set_verbosity_error()
+        # The same draws on every rank: weights that a layout replicates come out equal everywhere.
+        torch.manual_seed(0)
+    log(f"loading {path or 'random weights'} ({layout}, attention: {kwargs['attn_implementation']})")
     if layout.replica_size == 1:
         model = GptOssForCausalLM.from_pretrained(path, device_map=mesh.device, **kwargs)
     else:

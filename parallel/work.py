@@ -57,7 +57,7 @@ def batch_runner(model, enc: HarmonyEncoding, gen: GenerationConfig, keep_raw: b
     pad = pad_token_id(enc)
 
     def run(batch: list[dict], k: int) -> list[dict]:
-        completions = generate(
+        completions, timing = generate(
             model,
             [item["prompt"] for item in batch],
             [item["max_new_tokens"] for item in batch],
@@ -76,6 +76,7 @@ def batch_runner(model, enc: HarmonyEncoding, gen: GenerationConfig, keep_raw: b
                 enc.decode(c.tokens),
                 keep_raw,
             )
+            | {"timing": {"first_token_s": round(timing.first_token_s, 4), "batch_s": round(timing.batch_s, 4)}}
             for item, c in zip(batch, completions)
         ]
 
