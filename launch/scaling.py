@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "Write a long story about topic number {}."
 FIELDS = ["layout", "gpus", "batch_size", "requests", "generated_tokens", "tokens_per_s", "tokens_per_s_per_gpu",
           "efficiency", "time_to_first_token_s", "peak_gpu_memory_gib"]
 
@@ -36,7 +37,7 @@ def gpus_for(d: dict[str, int]) -> int:
 
 
 def write_prompts(path: Path, n: int) -> None:
-    path.write_text("".join(json.dumps({"id": i, "prompt": f"Write a long story about topic number {i}."}) + "\n" for i in range(n)))
+    path.write_text("".join(json.dumps({"id": i, "prompt": PROMPT.format(i)}) + "\n" for i in range(n)))
 
 
 def run_point(args, layout: str, batch: int, workdir: Path) -> dict:
@@ -59,31 +60,45 @@ def run_point(args, layout: str, batch: int, workdir: Path) -> dict:
             "peak_gpu_memory_gib": m["peak_gpu_memory_gib"]}
 
 
-def plain_recipe(args, batch: int) -> dict:
+def plain_recipe(args) -> list[dict]:
     """The cookbook recipe on the same random model and prompts: one process, model.generate, eager attention."""
     import torch
 
-    from parallel.config import merge_config
-    from parallel.harmony import encoding, pad_token_id, render_prompt
-    from parallel.loading import read_model_config, resolve_checkpoint
-    from parallel.requests import parse_line
     from transformers import GptOssForCausalLM
+    from transformers.utils import logging as transformers_logging
+
+    from parallel.config import merge_config
+    from parallel.harmony import encoding
+    from parallel.loading import read_model_config, resolve_checkpoint
 
     cfg = merge_config(args.config, ["data.input=unused", "data.output=unused", *args.overrides])
     config = read_model_config(resolve_checkpoint(cfg.model.path))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     dtype = torch.bfloat16 if cfg.model.dtype == "auto" else getattr(torch, cfg.model.dtype)
+    transformers_logging.set_verbosity_error()  # its load report lists every random weight as missing
     model = GptOssForCausalLM.from_pretrained(None, config=config, state_dict={}, dtype=dtype, device_map=device,
                                               attn_implementation="eager").eval()
     enc = encoding()
-    prompts = [render_prompt(enc, parse_line(json.dumps({"prompt": f"Write a long story about topic number {i}."}), i + 1), "medium")
-               for i in range(batch)]
+    rows = [_time_plain(model, enc, device, batch, args.new_tokens) for batch in args.batch_sizes]
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _time_plain(model, enc, device, batch: int, new_tokens: int) -> dict:
+    import torch
+
+    from parallel.harmony import pad_token_id, render_prompt
+    from parallel.requests import parse_line
+
+    prompts = [render_prompt(enc, parse_line(json.dumps({"prompt": PROMPT.format(i)}), i + 1), "medium") for i in range(batch)]
     width = max(map(len, prompts))
     pad = pad_token_id(enc)
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
     mask = (ids != pad).long()
-    kwargs = dict(attention_mask=mask, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=pad)
+    kwargs = dict(attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
     with torch.no_grad():
         model.generate(ids, **{**kwargs, "max_new_tokens": 2, "min_new_tokens": 2})  # warm-up
         if device.type == "cuda":
@@ -96,9 +111,6 @@ def plain_recipe(args, batch: int) -> dict:
     seconds = time.perf_counter() - start
     generated = (out.shape[1] - width) * batch
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    del model
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return {"layout": "plain transformers", "gpus": 1, "batch_size": batch, "requests": batch, "generated_tokens": generated,
             "tokens_per_s": round(generated / seconds, 2), "tokens_per_s_per_gpu": round(generated / seconds, 2),
             "time_to_first_token_s": None, "peak_gpu_memory_gib": peak}
@@ -133,7 +145,8 @@ def plot(rows: list[dict], out: Path) -> None:
         ax.set_xticks(sorted({r["gpus"] for r in rows}))
         ax.set_ylabel(ylabel)
         ax.set_title(f"{name} (random weights)")
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
         fig.tight_layout()
         fig.savefig(out / f"{name}.png", dpi=120)
@@ -162,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    rows = [] if args.no_plain else [plain_recipe(args, b) for b in args.batch_sizes]
+    rows = [] if args.no_plain else plain_recipe(args)
     with tempfile.TemporaryDirectory() as work:
         for layout in args.layouts:
             if gpus_for(degrees(layout)) > args.gpus:
