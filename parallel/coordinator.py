@@ -21,7 +21,7 @@ from datetime import timedelta
 import torch.distributed as dist
 from tqdm import tqdm
 
-from parallel.log import error, log
+from parallel.log import error
 from parallel.mesh import Mesh
 from parallel.records import OutputFile
 
