@@ -73,7 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     # Read at signal time: rank 0 before its writer exists has nothing in flight.
     exit_on_signals(lambda: writer.stop() if writer else f"rank {mesh.rank} stopping")
 
-    model = load_model(path, cfg.model, layout, mesh)
+    try:
+        model = load_model(path, cfg.model, layout, mesh)
+    except RuntimeError as e:  # e.g. model.mxfp4=require where only dequantizing is possible
+        error(str(e))
+        return 2
     gen_start = time.monotonic()
     if mesh.rank == 0:
         writer = Writer(out, len(batches), n_requests, cfg.runtime.collective_timeout_s, cfg.output.echo, cfg.runtime.progress)

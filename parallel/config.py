@@ -15,6 +15,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 DTYPES = ("auto", "bfloat16", "float32")
 LOAD_FORMATS = ("auto", "dummy")
+MXFP4_MODES = ("auto", "require", "dequantize")
 REASONING_EFFORTS = ("low", "medium", "high")
 
 
@@ -27,6 +28,9 @@ class ModelConfig:
     attn_implementation: str = "auto"
     # `dummy`: random weights of the model's shape built in place, no checkpoint read (for benchmarks).
     load_format: str = "auto"
+    # MXFP4 checkpoints: `auto` runs them natively where transformers' kernels can be had, else dequantized
+    # (with a warning); `require` fails instead of dequantizing; `dequantize` always dequantizes.
+    mxfp4: str = "auto"
 
 
 @dataclass
@@ -123,6 +127,8 @@ def _check_values(job: JobConfig) -> None:
         problems.append(f"model.dtype={job.model.dtype!r} is not one of {DTYPES}")
     if job.model.load_format not in LOAD_FORMATS:
         problems.append(f"model.load_format={job.model.load_format!r} is not one of {LOAD_FORMATS}")
+    if job.model.mxfp4 not in MXFP4_MODES:
+        problems.append(f"model.mxfp4={job.model.mxfp4!r} is not one of {MXFP4_MODES}")
     if job.generation.reasoning_effort not in REASONING_EFFORTS:
         problems.append(f"generation.reasoning_effort={job.generation.reasoning_effort!r} is not one of {REASONING_EFFORTS}")
     for key in ("max_new_tokens", "batch_size"):

@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, GptOssConfig, GptOssForCausalLM
+from transformers import AutoConfig, GptOssConfig, GptOssForCausalLM, Mxfp4Config
 from transformers.distributed import DistributedConfig
 from transformers.utils import logging as transformers_logging
 
@@ -146,6 +146,9 @@ def load_model(path: str, model_cfg: ModelConfig, layout: Layout, mesh: Mesh) ->
         transformers_logging.set_verbosity_error()
         # The same draws on every rank: weights that a layout replicates come out equal everywhere.
         torch.manual_seed(0)
+    mxfp4 = is_mxfp4(kwargs.get("config") or read_model_config(path))
+    if mxfp4 and model_cfg.mxfp4 == "dequantize":
+        kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
     log(f"loading {path or 'random weights'} ({layout}, attention: {kwargs['attn_implementation']})")
     if layout.replica_size == 1:
         model = GptOssForCausalLM.from_pretrained(path, device_map=mesh.device, **kwargs)
@@ -157,7 +160,37 @@ def load_model(path: str, model_cfg: ModelConfig, layout: Layout, mesh: Mesh) ->
             pp_size=layout.pp,
         )
         model = _on_replica_mesh(mesh).from_pretrained(path, distributed_config=distributed, **kwargs)
+    if mxfp4:
+        report_mxfp4(model, model_cfg.mxfp4)
     return model.eval()
+
+
+def is_mxfp4(config: GptOssConfig) -> bool:
+    quant = getattr(config, "quantization_config", None) or {}
+    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+    return str(method).lower().endswith("mxfp4")
+
+
+def report_mxfp4(model: GptOssForCausalLM, mode: str) -> None:
+    """transformers falls back to dequantizing with no more than a log line: say which path runs, and fail
+    where the config demands the native one."""
+    experts = model.model.layers[0].mlp.experts
+    if "Mxfp4" in type(experts).__name__:
+        log("MXFP4 experts run natively (transformers' MXFP4 kernels)")
+        return
+    # DTensor shards count their local part: what this rank holds.
+    params = sum(
+        getattr(p, "_local_tensor", p).numel() for n, p in model.named_parameters() if ".experts." in n and not n.endswith("_bias")
+    )
+    size = next(experts.parameters()).element_size()
+    message = (
+        f"MXFP4 experts were dequantized to {next(experts.parameters()).dtype} (no MXFP4 kernels here: they need "
+        f"a GPU, triton and the kernels package with the hub or a staged copy): {params * size / 2**30:.2f} GiB of "
+        f"experts on this rank instead of {params * 4.25 / 8 / 2**30:.2f} GiB"
+    )
+    if mode == "require":
+        raise RuntimeError(f"model.mxfp4=require, but {message}")
+    warn(message)
 
 
 def _on_replica_mesh(mesh: Mesh) -> type[GptOssForCausalLM]:

@@ -5,6 +5,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers.integrations.mxfp4 import FP4_VALUES
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_VOCAB = ROOT.parent / "shared" / "tokenizer"
@@ -48,3 +51,42 @@ def read_records(path: Path) -> list[dict]:
 def write_jsonl(path: Path, lines: list) -> Path:
     path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
     return path
+
+
+LUT = torch.tensor(FP4_VALUES)
+# What the published gpt-oss checkpoints leave unquantized.
+NOT_CONVERTED = ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]
+
+
+def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """transformers' experts (E, in, out) -> blocks (E, out, in/32, 16) uint8 (two E2M1 values a byte, low nibble
+    first), scales (E, out, in/32) uint8 (E8M0, bias 127), and the weights those dequantize to."""
+    x = w.transpose(1, 2).float().reshape(w.shape[0], w.shape[2], w.shape[1] // 32, 32)
+    exponent = torch.ceil(torch.log2(x.abs().amax(-1, keepdim=True).clamp_min(2**-126) / 6.0))  # 6 = E2M1's largest
+    codes = ((x / torch.exp2(exponent)).unsqueeze(-1) - LUT).abs().argmin(-1).to(torch.uint8)
+    blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    dequantized = (LUT[codes.long()] * torch.exp2(exponent)).reshape(w.shape[0], w.shape[2], w.shape[1]).transpose(1, 2)
+    return blocks, (exponent.squeeze(-1) + 127).to(torch.uint8), dequantized.to(w.dtype).contiguous()
+
+
+@pytest.fixture(scope="session")
+def mxfp4_checkpoints(tmp_path_factory):
+    """The tiny model as an MXFP4 checkpoint, and as a float checkpoint of the weights that one dequantizes to."""
+    from parallel.loading import TINY, resolve_checkpoint
+
+    src = resolve_checkpoint(TINY)
+    weights = load_file(f"{src}/model.safetensors")
+    packed, reference = {}, dict(weights)
+    for name, w in weights.items():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            packed[f"{name}_blocks"], packed[f"{name}_scales"], reference[name] = quantize(w)
+        else:
+            packed[name] = w
+    config = json.loads(open(f"{src}/config.json").read())
+    paths = {}
+    for kind, tensors, extra in (("mxfp4", packed, {"quantization_config": {"quant_method": "mxfp4", "modules_to_not_convert": NOT_CONVERTED}}),
+                                 ("reference", reference, {})):
+        path = paths[kind] = tmp_path_factory.mktemp(kind)
+        save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+        (path / "config.json").write_text(json.dumps(config | extra))
+    return paths

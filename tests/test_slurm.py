@@ -129,3 +129,16 @@ def test_preempted_job_requeues_and_resumes_losing_nothing(cluster, tmp_path):
     assert "received SIGTERM" in job_logs(cluster, tail=None)
     ids = [r["id"] for r in read_records(out)]
     assert sorted(ids) == sorted(f"q{i}" for i in range(16))
+
+
+def test_two_node_expert_parallel_mxfp4_owns_experts_by_global_rank(cluster, prompts, mxfp4_checkpoints, tmp_path):
+    """One rank a node: both ranks have LOCAL_RANK 0, so experts split by LOCAL_RANK would be the same half twice."""
+    answers = {}
+    for kind, extra in (("reference", []), ("mxfp4", ["--nodes=2", "slurm/tiny.sh", "parallel.ep=2"])):
+        out = tmp_path / f"{kind}.jsonl"
+        args = extra or ["slurm/tiny.sh"]
+        run = sbatch(cluster, *args, f"model.path={mxfp4_checkpoints[kind]}", "output.raw=true",
+                     INPUT=str(prompts), OUTPUT=str(out), NPROC_PER_NODE="1")
+        assert run.returncode == 0, run.stderr + job_logs(cluster)
+        answers[kind] = {r["id"]: r["raw"] for r in read_records(out)}
+    assert answers["mxfp4"] == answers["reference"]
