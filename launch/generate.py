@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     exit_on_signals(lambda: writer.stop() if writer else f"rank {mesh.rank} stopping")
 
     try:
-        model = load_model(path, cfg.model, layout, mesh)
+        model = load_model(path, shape, cfg.model, layout, mesh)
     except RuntimeError as e:  # e.g. model.mxfp4=require where only dequantizing is possible
         error(str(e))
         return 2

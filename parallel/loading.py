@@ -130,7 +130,8 @@ def attention_implementation(requested: str, device: torch.device) -> str:
     return "eager"
 
 
-def load_model(path: str, model_cfg: ModelConfig, layout: Layout, mesh: Mesh) -> GptOssForCausalLM:
+def load_model(path: str, config: GptOssConfig, model_cfg: ModelConfig, layout: Layout, mesh: Mesh) -> GptOssForCausalLM:
+    """`config`: what read_model_config(path) gave when the layout was validated."""
     kwargs = {
         "dtype": "auto" if model_cfg.dtype == "auto" else getattr(torch, model_cfg.dtype),
         "attn_implementation": attention_implementation(model_cfg.attn_implementation, mesh.device),
@@ -138,7 +139,7 @@ def load_model(path: str, model_cfg: ModelConfig, layout: Layout, mesh: Mesh) ->
     if model_cfg.load_format == "dummy":
         # No checkpoint: every weight counts as missing, so transformers initialises it at random where it lives,
         # each rank only its own shard (as vLLM's --load-format dummy). Real speed, meaningless text.
-        kwargs.update(config=read_model_config(path), state_dict={})
+        kwargs.update(config=config, state_dict={})
         if kwargs["dtype"] == "auto":
             kwargs["dtype"] = torch.bfloat16
         path = None
@@ -146,7 +147,7 @@ def load_model(path: str, model_cfg: ModelConfig, layout: Layout, mesh: Mesh) ->
         transformers_logging.set_verbosity_error()
         # The same draws on every rank: weights that a layout replicates come out equal everywhere.
         torch.manual_seed(0)
-    mxfp4 = is_mxfp4(kwargs.get("config") or read_model_config(path))
+    mxfp4 = is_mxfp4(config)
     if mxfp4 and model_cfg.mxfp4 == "dequantize":
         kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
     log(f"loading {path or 'random weights'} ({layout}, attention: {kwargs['attn_implementation']})")
