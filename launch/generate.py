@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from parallel.config import ConfigError, load_config, to_yaml
-from parallel.coordinator import Watchdog, Writer, exit_on_signals, open_store, publish, serve_replica
+from parallel.coordinator import Totals, Watchdog, Writer, exit_on_signals, open_store, publish, serve_replica
 from parallel.harmony import encoding
 from parallel.layout import LayoutError, plan_layout
 from parallel.loading import check_source, load_model, read_model_config, resolve_checkpoint
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if writer:
         writer.finish()
-        metrics = summarize(writer.records, world_size, str(layout), time.monotonic() - start, time.monotonic() - gen_start)
+        metrics = summarize(writer.totals, world_size, str(layout), time.monotonic() - start, time.monotonic() - gen_start)
         metrics["peak_gpu_memory_gib"] = max(float(store.get(f"peak_gib/{r}")) for r in range(world_size)) or None
         metrics["rejected_lines"] = len(rejected)
         Path(f"{cfg.data.output}.metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -102,19 +102,18 @@ def peak_memory_gib(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
 
 
-def summarize(records: list[dict], world_size: int, layout: str, wall_s: float, generation_s: float) -> dict:
-    generated = sum(r["usage"]["completion_tokens"] for r in records)
-    first_tokens = [r["timing"]["first_token_s"] for r in records if "timing" in r]
+def summarize(totals: Totals, world_size: int, layout: str, wall_s: float, generation_s: float) -> dict:
+    generated = totals.generated_tokens
     return {
-        "requests": len(records),
-        "errors": sum(r["error"] is not None for r in records),
-        "prompt_tokens": sum(r["usage"]["prompt_tokens"] for r in records),
+        "requests": totals.requests,
+        "errors": totals.errors,
+        "prompt_tokens": totals.prompt_tokens,
         "generated_tokens": generated,
         "wall_s": round(wall_s, 3),
         "generation_s": round(generation_s, 3),
         "tokens_per_s": round(generated / generation_s, 2),
         "tokens_per_s_per_gpu": round(generated / generation_s / world_size, 2),
-        "time_to_first_token_s": round(sum(first_tokens) / len(first_tokens), 4) if first_tokens else None,
+        "time_to_first_token_s": round(totals.first_token_s / totals.timed, 4) if totals.timed else None,
         "world_size": world_size,
         "layout": layout,
     }

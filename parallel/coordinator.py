@@ -16,6 +16,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch.distributed as dist
@@ -104,6 +105,28 @@ def serve_replica(mesh: Mesh, store: dist.Store, run_batch: Callable[[list[dict]
             store.set(f"done/{j}", str(k))
 
 
+@dataclass
+class Totals:
+    """What the metrics need of the records written, as running sums: a long job keeps no records in memory."""
+
+    requests: int = 0
+    errors: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    first_token_s: float = 0.0  # summed over the records that carry timing
+    timed: int = 0
+
+    def add(self, records: list[dict]) -> None:
+        for r in records:
+            self.requests += 1
+            self.errors += r["error"] is not None
+            self.prompt_tokens += r["usage"]["prompt_tokens"]
+            self.generated_tokens += r["usage"]["completion_tokens"]
+            if "timing" in r:
+                self.first_token_s += r["timing"]["first_token_s"]
+                self.timed += 1
+
+
 class Writer(threading.Thread):
     """Rank 0's writer: appends each finished batch's records to the output as soon as it arrives."""
 
@@ -112,7 +135,7 @@ class Writer(threading.Thread):
         self.out, self.n_batches, self.echo = out, n_batches, echo
         self.store = open_store(timeout_s)
         self.lock = threading.Lock()
-        self.records: list[dict] = []
+        self.totals = Totals()
         self.batches_written = 0
         self.failure: BaseException | None = None
         self.start_time = time.monotonic()
@@ -145,10 +168,9 @@ class Writer(threading.Thread):
 
     def write(self, records: list[dict]) -> None:
         self.out.write(records)
-        self.records.extend(records)
+        self.totals.add(records)
         self.bar.update(len(records))
-        generated = sum(r["usage"]["completion_tokens"] for r in self.records)
-        self.bar.set_postfix_str(f"{generated / (time.monotonic() - self.start_time):.1f} tok/s")
+        self.bar.set_postfix_str(f"{self.totals.generated_tokens / (time.monotonic() - self.start_time):.1f} tok/s")
         if self.echo:
             for r in records:
                 answer = r["final"] or json.dumps(r["tool_calls"]) if r["error"] is None else f"{r['error']} {r.get('raw', '')!r:.80}"
