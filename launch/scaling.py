@@ -90,14 +90,14 @@ def plain_recipe(args) -> list[dict]:
 def _time_plain(model, enc, device, batch: int, new_tokens: int) -> dict:
     import torch
 
+    from parallel.generation import left_pad
     from parallel.harmony import pad_token_id, render_prompt
     from parallel.requests import parse_line
 
     prompts = [render_prompt(enc, parse_line(json.dumps({"prompt": PROMPT.format(i)}), i + 1), "medium") for i in range(batch)]
-    width = max(map(len, prompts))
     pad = pad_token_id(enc)
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
-    mask = (ids != pad).long()
+    ids, mask = left_pad(prompts, pad, device)
+    width = ids.shape[1]
     kwargs = dict(attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
     with torch.no_grad():
         model.generate(ids, **{**kwargs, "max_new_tokens": 2, "min_new_tokens": 2})  # warm-up

@@ -51,9 +51,8 @@ def generate(
 ) -> tuple[list[Completion], Timing]:
     """`stop` maps each stop token to the finish reason it means. Every rank of a replica calls this with the
     same arguments; the same seed on each keeps their sampled tokens identical."""
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=model.device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
+    ids, mask = left_pad(prompts, pad_id, model.device)
+    width = ids.shape[1]
     # A fresh config: the checkpoint's generation_config.json must not change what the job config says.
     config = HFGenerationConfig(
         max_new_tokens=max(max_new_tokens),
@@ -68,6 +67,14 @@ def generate(
         out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, streamer=clock)
     completions = [_cut(row[width:].tolist(), limit, stop) for row, limit in zip(out, max_new_tokens)]
     return completions, Timing(first_token_s=clock.first or 0.0, batch_s=time.perf_counter() - clock.start)
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids padded on the left to one width, and the attention mask that hides the padding."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    return ids, mask
 
 
 def _cut(tokens: list[int], limit: int, stop: dict[int, str]) -> Completion:

@@ -1,5 +1,6 @@
 """The launcher end to end: real torchrun processes on gloo, the tiny checkpoint, harmony in and out."""
 
+import json
 import os
 import signal
 import time
@@ -38,7 +39,7 @@ def reference(enc):
     stop = enc.stop_tokens_for_assistant_actions()
     tokens = {}
     for index, line in enumerate(GOOD, start=1):
-        req = parse_line(__import__("json").dumps(line), index)
+        req = parse_line(json.dumps(line), index)
         ids = torch.tensor([render_prompt(enc, req, "medium")])
         with torch.no_grad():
             out = model.generate(ids, max_new_tokens=req.max_new_tokens or MAX_NEW, do_sample=False, eos_token_id=stop, pad_token_id=199999)
