@@ -10,10 +10,8 @@ metrics. Run it again with the same data.output to resume a stopped job.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -22,8 +20,8 @@ import torch.distributed as dist
 from parallel.config import ConfigError, load_config, to_yaml
 from parallel.coordinator import Totals, Watchdog, Writer, exit_on_signals, open_store, publish, serve_replica
 from parallel.harmony import encoding
-from parallel.layout import LayoutError, plan_layout
-from parallel.loading import check_source, load_model, read_model_config, resolve_checkpoint
+from parallel.layout import LayoutError
+from parallel.loading import load_model, plan_model
 from parallel.log import error, log
 from parallel.mesh import build_mesh, init_distributed
 from parallel.records import OutputFile, read_requests
@@ -33,19 +31,9 @@ from parallel.work import batch_runner, plan_work
 def main(argv: list[str] | None = None) -> int:
     start = time.monotonic()
     try:
-        cfg = load_config(argv)
+        cfg = load_config(argv, required=("data.input", "data.output"))
         # Everything that can be wrong with the job is found here, before a process group or a weight exists.
-        check_source(cfg.model)
-        path = resolve_checkpoint(cfg.model.path)
-        shape = read_model_config(path)
-        layout = plan_layout(
-            int(os.environ.get("WORLD_SIZE", 1)),
-            **asdict(cfg.parallel),
-            heads=shape.num_attention_heads,
-            kv_heads=shape.num_key_value_heads,
-            experts=shape.num_local_experts,
-            layers=shape.num_hidden_layers,
-        )
+        path, shape, layout = plan_model(cfg)
         if not Path(cfg.data.input).is_file():
             raise FileNotFoundError(f"data.input: no such file {cfg.data.input}")
     except (ConfigError, LayoutError, FileNotFoundError, ValueError) as e:

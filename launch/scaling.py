@@ -71,7 +71,7 @@ def plain_recipe(args) -> list[dict]:
     from parallel.harmony import encoding
     from parallel.loading import read_model_config, resolve_checkpoint
 
-    cfg = merge_config(args.config, ["data.input=unused", "data.output=unused", *args.overrides])
+    cfg = merge_config(args.config, args.overrides)
     config = read_model_config(resolve_checkpoint(cfg.model.path))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)

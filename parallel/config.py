@@ -44,8 +44,9 @@ class ParallelConfig:
 
 @dataclass
 class DataConfig:
-    input: str = MISSING
-    output: str = MISSING
+    # Required by launch/generate.py, unused by launch/serve.py.
+    input: str | None = None
+    output: str | None = None
     # This job runs input lines whose (line number - 1) % num_shards == shard (Slurm job arrays).
     shard: int = 0
     num_shards: int = 1
@@ -82,6 +83,19 @@ class RuntimeConfig:
 
 
 @dataclass
+class ServerConfig:
+    # Loopback by default: exposing the model to a network is a decision to make on purpose.
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # Clients must send `Authorization: Bearer <key>`; also read from GPT_OSS_API_KEY. None: no key needed.
+    api_key: str | None = None
+    # The model id /v1/models lists and requests must name; None: model.path.
+    model_name: str | None = None
+    # After SIGTERM, in-flight requests get this long to finish (torchrun kills its workers 30 s after a TERM).
+    drain_timeout_s: float = 20.0
+
+
+@dataclass
 class JobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -89,22 +103,23 @@ class JobConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
 
 
 class ConfigError(ValueError):
     pass
 
 
-def load_config(argv: list[str] | None = None) -> JobConfig:
-    """`--config FILE` then `key=value` overrides, on top of the typed defaults."""
+def load_config(argv: list[str] | None = None, required: tuple[str, ...] = ()) -> JobConfig:
+    """`--config FILE` then `key=value` overrides, on top of the typed defaults; `required` keys must be set."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", required=True, help="YAML file under configs/")
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. parallel.tp=2")
     args = parser.parse_args(argv)
-    return merge_config(args.config, args.overrides)
+    return merge_config(args.config, args.overrides, required)
 
 
-def merge_config(path: str | Path, overrides: list[str] = ()) -> JobConfig:
+def merge_config(path: str | Path, overrides: list[str] = (), required: tuple[str, ...] = ()) -> JobConfig:
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise ConfigError(f"overrides must be key=value, got {bad}")
@@ -118,6 +133,9 @@ def merge_config(path: str | Path, overrides: list[str] = ()) -> JobConfig:
         lines = [ln.strip() for ln in str(e).splitlines() if not ln.strip().startswith(("reference_type", "object_type"))]
         raise ConfigError(f"config {path}: {' '.join(lines)}") from None
     _check_values(job)
+    missing = [key for key in required if OmegaConf.select(OmegaConf.structured(job), key) is None]
+    if missing:
+        raise ConfigError(f"config {path}: missing {', '.join(missing)} (add {missing[0]}=...)")
     return job
 
 
@@ -136,6 +154,8 @@ def _check_values(job: JobConfig) -> None:
             problems.append(f"generation.{key} must be >= 1")
     if not 0 <= job.data.shard < job.data.num_shards:
         problems.append(f"data.shard={job.data.shard} must be in [0, data.num_shards={job.data.num_shards})")
+    if not 0 < job.server.port < 65536:
+        problems.append(f"server.port={job.server.port} is not a TCP port")
     if job.generation.temperature < 0:
         problems.append("generation.temperature must be >= 0")
     if not 0 < job.generation.top_p <= 1:

@@ -42,6 +42,11 @@ def pad_token_id(enc: HarmonyEncoding) -> int:
     return enc.encode(PAD_TOKEN, allowed_special={PAD_TOKEN})[0]
 
 
+def stop_tokens(enc: HarmonyEncoding) -> dict[int, str]:
+    """The tokens that end an assistant turn, and the finish reason each means: <|call|> a tool call."""
+    return {t: ("tool_call" if enc.decode([t]) == "<|call|>" else "stop") for t in enc.stop_tokens_for_assistant_actions()}
+
+
 def render_prompt(enc: HarmonyEncoding, req: Request, default_effort: str, date: str | None = None) -> list[int]:
     """The request as harmony tokens, ending with `<|start|>assistant` for the model to continue."""
     return enc.render_conversation_for_completion(conversation(req, default_effort, date), Role.ASSISTANT)
@@ -111,33 +116,70 @@ class Parsed:
     analysis: str = ""
     tool_calls: list[dict] = field(default_factory=list)
     error: str | None = None
+    reasoning_tokens: int = 0
+
+
+class HarmonyStream:
+    """Parses generated tokens one at a time. `feed` returns what each token added, as events:
+      ("begin", kind, name)  a message starts: kind "reasoning" (analysis), "content" (final) or "call"
+                             (a commentary message to a function; name is the function's)
+      ("text", text)         more text of the current message
+    Messages of other kinds (commentary preambles, messages to other recipients) give no events.
+    Never raises: from the first token that is not valid harmony on, `error` says why and nothing more parses.
+    """
+
+    def __init__(self, enc: HarmonyEncoding):
+        self.parser = StreamableParser(enc, Role.ASSISTANT)
+        self.parsed = Parsed()
+        self.kind: str | None = None
+        self.message = -1  # index of the message whose "begin" was sent
+
+    def feed(self, token: int) -> list[tuple]:
+        if self.parsed.error:
+            return []
+        try:
+            self.parser.process(token)
+        except HarmonyError as e:
+            self.parsed.error = f"model output is not valid harmony: {e}"
+            return []
+        events = []
+        if self.parser.state == StreamState.CONTENT and self.message != len(self.parser.messages):
+            self.message = len(self.parser.messages)
+            self.kind, name = _kind(self.parser.current_channel, self.parser.current_recipient)
+            if self.kind == "call":
+                self.parsed.tool_calls.append({"name": name, "arguments": ""})
+            if self.kind:
+                events.append(("begin", self.kind, name))
+        delta = self.parser.last_content_delta
+        if delta and self.kind and self.parser.state == StreamState.CONTENT:
+            events.append(("text", delta))
+            if self.kind == "reasoning":
+                self.parsed.analysis += delta
+                self.parsed.reasoning_tokens += 1
+            elif self.kind == "content":
+                self.parsed.final += delta
+            else:
+                self.parsed.tool_calls[-1]["arguments"] += delta
+        return events
+
+    def finish(self, finished: bool) -> Parsed:
+        """`finished`: the tokens ended with a stop token; otherwise the length limit cut them."""
+        no_header = self.parser.state == StreamState.HEADER and (finished or not self.parser.messages)
+        if self.parsed.error is None and no_header:
+            self.parsed.error = "model output is not valid harmony: no complete message header (<|channel|>...<|message|>)"
+        return self.parsed
+
+
+def _kind(channel: str | None, recipient: str | None) -> tuple[str | None, str | None]:
+    if recipient and recipient != "assistant":
+        return "call", recipient.removeprefix(FUNCTIONS)
+    return {"analysis": "reasoning", "final": "content"}.get(channel), None
 
 
 def parse_completion(enc: HarmonyEncoding, tokens: list[int], finished: bool) -> Parsed:
-    """Parse generated tokens (`finished`: they end with a stop token; otherwise the length limit cut them).
-
-    Never raises: output that is not valid harmony comes back with `error` set and what parsed before it.
-    """
-    parser = StreamableParser(enc, Role.ASSISTANT)
-    error = None
-    try:
-        for token in tokens:
-            parser.process(token)
-    except HarmonyError as e:
-        error = f"model output is not valid harmony: {e}"
-    messages = [(m.channel, m.recipient, "".join(c.text for c in m.content)) for m in parser.messages]
-    if parser.state == StreamState.CONTENT:  # cut off by the length limit mid-message: keep what was written
-        messages.append((parser.current_channel, parser.current_recipient, parser.current_content))
-    elif error is None and parser.state == StreamState.HEADER and (finished or not messages):
-        error = "model output is not valid harmony: no complete message header (<|channel|>...<|message|>)"
-
-    parsed = Parsed(error=error)
-    for channel, recipient, text in messages:
-        if recipient and recipient != "assistant":
-            name = recipient.removeprefix(FUNCTIONS)
-            parsed.tool_calls.append({"name": name, "arguments": text})
-        elif channel == "analysis":
-            parsed.analysis += text
-        elif channel == "final":
-            parsed.final += text
-    return parsed
+    """Parse a whole completion (`finished` as in HarmonyStream.finish). A message the length limit cut keeps
+    what was written; output that is not valid harmony comes back with `error` set and what parsed before it."""
+    stream = HarmonyStream(enc)
+    for token in tokens:
+        stream.feed(token)
+    return stream.finish(finished)

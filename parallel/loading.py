@@ -7,6 +7,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -14,8 +15,8 @@ from transformers import AutoConfig, GptOssConfig, GptOssForCausalLM, Mxfp4Confi
 from transformers.distributed import DistributedConfig
 from transformers.utils import logging as transformers_logging
 
-from parallel.config import ModelConfig
-from parallel.layout import Layout
+from parallel.config import JobConfig, ModelConfig
+from parallel.layout import Layout, plan_layout
 from parallel.log import log, warn
 from parallel.mesh import Mesh
 
@@ -89,6 +90,23 @@ def resolve_checkpoint(path: str) -> str:
             shutil.rmtree(target, ignore_errors=True)
             os.replace(tmp, target)
     return str(target)
+
+
+def plan_model(cfg: JobConfig) -> tuple[str, GptOssConfig, Layout]:
+    """Everything about the model that can be wrong with a job, found before a process group or a weight
+    exists: the source, its config, and a layout that fits the world size and the model's shape."""
+    check_source(cfg.model)
+    path = resolve_checkpoint(cfg.model.path)
+    shape = read_model_config(path)
+    layout = plan_layout(
+        int(os.environ.get("WORLD_SIZE", 1)),
+        **asdict(cfg.parallel),
+        heads=shape.num_attention_heads,
+        kv_heads=shape.num_key_value_heads,
+        experts=shape.num_local_experts,
+        layers=shape.num_hidden_layers,
+    )
+    return path, shape, layout
 
 
 def read_model_config(path: str) -> GptOssConfig:

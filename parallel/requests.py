@@ -30,6 +30,11 @@ def parse_line(text: str, index: int) -> Request:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise RequestError(f"not valid JSON: {e}") from None
+    return parse_request(obj, index)
+
+
+def parse_request(obj: Any, index: int) -> Request:
+    """A decoded request (an input line, or what the server made of an API call), checked the same way."""
     if not isinstance(obj, dict):
         raise RequestError(f"a request must be a JSON object, got {type(obj).__name__}")
     rid = obj.get("id", index)

@@ -8,7 +8,7 @@ from openai_harmony import HarmonyEncoding
 
 from parallel.config import GenerationConfig
 from parallel.generation import generate
-from parallel.harmony import pad_token_id, parse_completion, render_prompt
+from parallel.harmony import pad_token_id, parse_completion, render_prompt, stop_tokens
 from parallel.records import OutputFile, error_record, record_key, result_record
 from parallel.requests import Request
 
@@ -53,7 +53,7 @@ def plan_work(
 
 def batch_runner(model, enc: HarmonyEncoding, gen: GenerationConfig, keep_raw: bool) -> Callable[[list[dict], int], list[dict]]:
     """run(batch, k): generate batch k (seeded by gen.seed and k) and turn each completion into its record."""
-    stop = {token: ("tool_call" if enc.decode([token]) == "<|call|>" else "stop") for token in enc.stop_tokens_for_assistant_actions()}
+    stop = stop_tokens(enc)
     pad = pad_token_id(enc)
 
     def run(batch: list[dict], k: int) -> list[dict]:

@@ -90,3 +90,10 @@ def mxfp4_checkpoints(tmp_path_factory):
         save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
         (path / "config.json").write_text(json.dumps(config | extra))
     return paths
+
+
+@pytest.fixture(scope="session")
+def taught_model(model_cache):
+    from tests.taught import teach
+
+    return teach(model_cache / "taught")

@@ -34,4 +34,4 @@ def test_bad_values_fail_naming_the_key(override, named):
 
 def test_missing_output_is_named():
     with pytest.raises(ConfigError, match=r"data\.output"):
-        merge_config(ROOT / "configs" / "tiny.yaml", ["data.input=in.jsonl"])
+        merge_config(ROOT / "configs" / "tiny.yaml", ["data.input=in.jsonl"], required=("data.input", "data.output"))

@@ -1,0 +1,207 @@
+"""Rank 0's HTTP server: OpenAI's Chat Completions and Responses APIs, run through the batcher.
+
+The standard library's threading HTTP server: one thread per connection, each waiting on its job's tokens
+while the replicas generate. Errors are OpenAI error bodies for that request only; the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from openai_harmony import HarmonyEncoding
+
+from parallel.batcher import Batcher, Job, Sampling
+from parallel.config import JobConfig
+from parallel.harmony import HarmonyStream, render_prompt
+from parallel.log import error, log
+from parallel.openai_api import ApiError, Call, ChatReply, ResponsesReply, chat_call, responses_call
+
+API_KEY_ENV = "GPT_OSS_API_KEY"
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, cfg: JobConfig, enc: HarmonyEncoding, batcher: Batcher, context_length: int):
+        super().__init__((cfg.server.host, cfg.server.port), Handler)
+        self.model_name = cfg.server.model_name or cfg.model.path
+        self.api_key = cfg.server.api_key or os.environ.get(API_KEY_ENV)
+        self.enc, self.batcher, self.gen, self.context_length = enc, batcher, cfg.generation, context_length
+        self.drain_timeout_s = cfg.server.drain_timeout_s
+        self.jobs: set[Job] = set()  # submitted and not yet answered
+        self.lock = threading.Lock()
+        self.started = self.draining = False
+
+    def start(self) -> None:
+        self.started = True
+        threading.Thread(target=self.serve_forever, daemon=True, name="http").start()
+        host, port = self.server_address[:2]
+        log(f"serving {self.model_name!r} at http://{host}:{port}/v1 (api key {'required' if self.api_key else 'not required'})")
+
+    def drain(self) -> None:
+        """SIGTERM: refuse new requests, let those in flight finish (within drain_timeout_s), end the replicas."""
+        self.draining = True
+        self.shutdown()
+        self.server_close()
+        deadline = time.monotonic() + self.drain_timeout_s
+        while self.jobs and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with self.lock:
+            unfinished = list(self.jobs)
+        if unfinished:
+            error(f"drain timeout: cancelling {len(unfinished)} unfinished requests")
+        for job in unfinished:
+            self.batcher.cancel(job)
+        self.batcher.stop()
+        log("drained: every request answered or cancelled; stopping")
+
+    def job(self, call: Call) -> Job:
+        """The request as prompt tokens, checked against the context, ready for the batcher."""
+        try:
+            prompt = render_prompt(self.enc, call.request, self.gen.reasoning_effort, self.gen.conversation_date)
+        except Exception as e:  # harmony rejects what it cannot render, e.g. a tool schema it cannot type
+            raise ApiError(400, f"cannot render the conversation with harmony: {e}") from None
+        room = self.context_length - len(prompt)
+        max_tokens = call.max_tokens or min(self.gen.max_new_tokens, room)
+        if max_tokens > room:
+            raise ApiError(400, f"{len(prompt)} prompt tokens + {max_tokens} max tokens exceed the model's context of "
+                           f"{self.context_length}", "max_tokens", "context_length_exceeded")
+        if max_tokens < 1:
+            raise ApiError(400, f"the prompt's {len(prompt)} tokens fill the model's context of {self.context_length}",
+                           "messages", "context_length_exceeded")
+        sampling = Sampling(
+            temperature=self.gen.temperature if call.temperature is None else call.temperature,
+            top_p=self.gen.top_p if call.top_p is None else call.top_p,
+            ignore_eos=call.ignore_eos,
+        )
+        return Job(prompt, max_tokens, sampling)
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: Server
+
+    def log_message(self, format, *args) -> None:  # noqa: A002 - the base class's signature
+        pass  # one line per request would drown the job's log
+
+    def do_GET(self) -> None:
+        if self.path == "/health":
+            state = "draining" if self.server.draining else "ok"
+            return self._json(200, {"status": state, "model": self.server.model_name, "requests_in_flight": len(self.server.jobs),
+                                    **self.server.batcher.status()})
+        self._handle(lambda: self._models() if self.path == "/v1/models" else self._no_route())
+
+    def do_POST(self) -> None:
+        routes = {"/v1/chat/completions": (chat_call, self._chat_reply), "/v1/responses": (responses_call, self._responses_reply)}
+        if self.path not in routes:
+            return self._handle(self._no_route)
+        parse, reply = routes[self.path]
+        self._handle(lambda: self._complete(parse(self._body(), self.server.model_name), reply))
+
+    def _handle(self, action) -> None:
+        try:
+            self._authorize()
+            action()
+        except ApiError as e:
+            self._json(e.status, e.body())
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        except Exception as e:  # noqa: BLE001 - a bug costs this request, not the server
+            error(f"{self.command} {self.path} failed: {type(e).__name__}: {e}")
+            self._json(500, ApiError(500, f"internal error: {type(e).__name__}: {e}").body())
+
+    def _authorize(self) -> None:
+        key = self.server.api_key
+        if key and self.headers.get("Authorization") != f"Bearer {key}":
+            raise ApiError(401, "Incorrect or missing API key: send Authorization: Bearer <key>", code="invalid_api_key")
+
+    def _no_route(self) -> None:
+        raise ApiError(404, f"no route {self.command} {self.path}")
+
+    def _models(self) -> None:
+        model = {"id": self.server.model_name, "object": "model", "created": 0, "owned_by": "gpt-oss-launch"}
+        self._json(200, {"object": "list", "data": [model]})
+
+    def _body(self) -> dict:
+        length = int(self.headers.get("Content-Length") or 0)
+        try:
+            body = json.loads(self.rfile.read(length))
+        except ValueError as e:
+            raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        return body
+
+    def _chat_reply(self, call: Call, job: Job) -> ChatReply:
+        return ChatReply(self.server.model_name, len(job.prompt), call.include_usage)
+
+    def _responses_reply(self, call: Call, job: Job) -> ResponsesReply:
+        return ResponsesReply(self.server.model_name, len(job.prompt), job.max_tokens)
+
+    def _complete(self, call: Call, make_reply) -> None:
+        if self.server.draining:
+            raise ApiError(503, "the server is shutting down")
+        job = self.server.job(call)
+        reply = make_reply(call, job)
+        bare = isinstance(reply, ChatReply)
+        with self.server.lock:
+            self.server.jobs.add(job)
+        try:
+            self.server.batcher.submit(job)
+            if call.stream:
+                self._start_stream()
+                self._send(reply.start(), bare)
+            stream, count = HarmonyStream(self.server.enc), 0
+            while isinstance(event := job.events.get(), int):
+                count += 1
+                for harmony_event in stream.feed(event):
+                    chunks = reply.on(harmony_event)
+                    if call.stream:
+                        self._send(chunks, bare)
+                    else:
+                        list(chunks)
+            if event.startswith("error"):
+                failure = ApiError(500, f"generation failed: {event}")
+                if not call.stream:
+                    raise failure
+                final = [failure.body() | ({} if bare else {"type": "error"})]
+            else:
+                final = reply.finish(event, stream.finish(event in ("stop", "tool_call")), count)
+            if call.stream:
+                self._send(final, bare)
+                if bare:
+                    self.wfile.write(b"data: [DONE]\n\n")
+            else:
+                list(final)
+                self._json(200, reply.result())
+        except (BrokenPipeError, ConnectionResetError):  # the client went away: free its row
+            self.server.batcher.cancel(job)
+        finally:
+            with self.server.lock:
+                self.server.jobs.discard(job)
+
+    def _start_stream(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")  # the stream ends when the connection does
+        self.end_headers()
+        self.close_connection = True
+
+    def _send(self, chunks, bare: bool) -> None:
+        """Chat Completions streams bare `data:` lines; the Responses API names each event too."""
+        for chunk in chunks:
+            head = b"" if bare else f"event: {chunk['type']}\n".encode()
+            self.wfile.write(head + b"data: " + json.dumps(chunk).encode() + b"\n\n")
+
+    def _json(self, status: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)

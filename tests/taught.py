@@ -1,0 +1,61 @@
+"""A tiny gpt-oss taught a few harmony turns, so that tests see real reasoning, answers and tool calls.
+
+The embedded tiny model's random weights never emit a tool call. This one is the same model after a few
+seconds of training on three exact conversations: said hello to, it reasons then answers; asked for the
+weather with a tool, it reasons then calls the tool; given the tool's result, it answers. Prompts are
+rendered by the launcher's own harmony code, so a server that renders a request differently gets noise back.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import GptOssForCausalLM
+
+from parallel.harmony import encoding, render_prompt
+from parallel.loading import TINY, resolve_checkpoint
+from parallel.requests import parse_request
+
+WEATHER = {"name": "get_weather", "description": "The weather now", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+TOOLS = [{"type": "function", "function": WEATHER}]
+HELLO = [{"role": "user", "content": "Say hello."}]
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+THINK, ARGUMENTS, TEMPERATURE = "Look it up.", '{"city":"Paris"}', '{"temp_c": 20}'
+CALLED = [{"role": "assistant", "content": None, "reasoning_content": THINK,
+           "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": ARGUMENTS}}]},
+          {"role": "tool", "tool_call_id": "call_1", "content": TEMPERATURE}]
+GREETING, GREET_REASONING, ANSWER = "Hello!", "Greet them.", "It is 20 C in Paris."
+LESSONS = [
+    ({"messages": HELLO}, f"<|channel|>analysis<|message|>{GREET_REASONING}<|end|><|start|>assistant<|channel|>final<|message|>{GREETING}<|return|>"),
+    ({"messages": ASK, "tools": TOOLS}, f"<|channel|>analysis<|message|>{THINK}<|end|><|start|>assistant<|channel|>commentary "
+                                        f"to=functions.get_weather <|constrain|>json<|message|>{ARGUMENTS}<|call|>"),
+    ({"messages": ASK + CALLED, "tools": TOOLS}, f"<|channel|>final<|message|>{ANSWER}<|return|>"),
+]
+
+
+def teach(target: Path, effort: str = "medium") -> Path:
+    enc = encoding()
+    lessons = [(render_prompt(enc, parse_request(obj, 0), effort), enc.encode(text, allowed_special="all")) for obj, text in LESSONS]
+    torch.manual_seed(0)
+    model = GptOssForCausalLM.from_pretrained(resolve_checkpoint(TINY), dtype=torch.float32)
+    model.model.embed_tokens.weight.requires_grad_(False)  # the vocabulary is large; the layers learn enough
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(200):
+        loss = 0
+        for prompt, answer in lessons:
+            hidden = model.model(input_ids=torch.tensor([prompt + answer])).last_hidden_state[0, len(prompt) - 1 : -1]
+            loss = loss + torch.nn.functional.cross_entropy(model.lm_head(hidden), torch.tensor(answer))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if loss.item() < 0.003:
+            break
+    model.eval()
+    stop = enc.stop_tokens_for_assistant_actions()
+    with torch.no_grad():
+        for prompt, answer in lessons:
+            out = model.generate(torch.tensor([prompt]), max_new_tokens=len(answer), do_sample=False, eos_token_id=stop, pad_token_id=199999)
+            assert out[0, len(prompt):].tolist() == answer, "the tiny model did not learn its lessons"
+    model.save_pretrained(target)
+    (target / "lessons.json").write_text(json.dumps(LESSONS))
+    return target

@@ -1,0 +1,60 @@
+"""The API edge without a model: request bodies to harmony conversations, harmony tokens to replies."""
+
+import pytest
+
+from parallel.harmony import HarmonyStream, render_prompt
+from parallel.openai_api import ApiError, ChatReply, ResponsesReply, chat_call, responses_call
+from tests.taught import ARGUMENTS, ASK, CALLED, THINK, TOOLS, WEATHER
+
+
+def reply_to(enc, reply, text: str, reason: str):
+    stream = HarmonyStream(enc)
+    tokens = enc.encode(text, allowed_special="all")
+    chunks = [*reply.start()]
+    for token in tokens:
+        for event in stream.feed(token):
+            chunks += reply.on(event)
+    chunks += reply.finish(reason, stream.finish(reason != "length"), len(tokens))
+    return chunks, reply.result()
+
+
+def test_responses_input_renders_like_the_same_chat(enc):
+    chat = chat_call({"model": "m", "messages": [*ASK, *CALLED], "tools": TOOLS}, "m")
+    items = [*ASK, {"type": "reasoning", "content": [{"type": "reasoning_text", "text": THINK}]},
+             {"type": "function_call", "call_id": "c9", "name": "get_weather", "arguments": ARGUMENTS},
+             {"type": "function_call_output", "call_id": "c9", "output": CALLED[1]["content"]}]
+    responses = responses_call({"model": "m", "input": items, "tools": [{"type": "function", **WEATHER}]}, "m")
+    assert render_prompt(enc, responses.request, "low") == render_prompt(enc, chat.request, "low")
+
+
+def test_tool_call_becomes_tool_calls_not_content(enc):
+    text = f"<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{ARGUMENTS}<|call|>"
+    chunks, result = reply_to(enc, ChatReply("m", 10, False), text, "tool_call")
+    message = result["choices"][0]["message"]
+    assert message["content"] is None and message["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": ARGUMENTS}
+    assert result["choices"][0]["finish_reason"] == "tool_calls"
+    assert chunks[1]["choices"][0]["delta"]["tool_calls"][0]["function"]["name"] == "get_weather"
+
+
+def test_broken_harmony_is_a_reply_with_what_parsed(enc):
+    text = "<|channel|>final<|message|>Partly<|end|><|start|><|start|><|message|>x<|return|>"
+    _, result = reply_to(enc, ResponsesReply("m", 10, 100), text, "stop")
+    assert result["output"][0]["content"][0]["text"] == "Partly"
+    assert "not valid harmony" in result["harmony_error"] and "<|" not in str(result["output"])
+    assert result["usage"]["output_tokens"] > 0
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"messages": ASK}, "model"),
+        ({"model": "m", "messages": ASK, "n": 2}, "n"),
+        ({"model": "m", "messages": ASK, "max_tokens": 0}, "max_tokens"),
+        ({"model": "m", "messages": ASK, "stream": "yes"}, "stream"),
+        ({"model": "m", "messages": ASK, "tool_choice": "required", "tools": TOOLS}, "tool_choice"),
+    ],
+)
+def test_bad_chat_bodies_name_the_parameter(body, param):
+    with pytest.raises(ApiError) as e:
+        chat_call(body, "m")
+    assert e.value.status == 400 and e.value.param == param
