@@ -19,6 +19,7 @@ import torch.distributed as dist
 from parallel.batcher import Batcher, serve_batches
 from parallel.config import ConfigError, load_config
 from parallel.coordinator import Watchdog, open_store
+from parallel.engine import choose_engine
 from parallel.harmony import encoding
 from parallel.layout import LayoutError
 from parallel.loading import load_model, plan_model
@@ -57,10 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as e:  # e.g. model.mxfp4=require where only dequantizing is possible
         error(str(e))
         return 2
+    engine = choose_engine(model, cfg.engine, layout)
     if server:
         batcher.start()
         server.start()
-    serve_batches(mesh, store, model, enc, cfg.generation)
+    serve_batches(mesh, store, model, engine, enc, cfg.generation)
 
     if server:
         log(f"served {batcher.status()['requests']} requests in {batcher.status()['batches']} batches")

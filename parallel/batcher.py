@@ -3,7 +3,7 @@
 Like the batch launcher's coordinator, all of it goes through the job's c10d store, under serve/:
   next           each replica leader bumps it to claim the next batch number, then waits for that batch
   batch/{k}      batch k (prompts, limits, sampling), or {"stop": true}: the replica that claims it ends
-  step/{k}/{i}   the i-th step of batch k, one new token per row; {"end": true} after the last
+  step/{k}/{i}   the i-th step of batch k: [row, token] pairs of the rows that made one; {"end": true} last
   cancel/{k}     rows of batch k whose clients went away, appended as "row,"; ncancel/{k} counts them
 Rank 0 publishes a batch only when a replica is free, so requests that arrive while every replica is busy
 wait and then run together.
@@ -26,6 +26,7 @@ from openai_harmony import HarmonyEncoding
 
 from parallel.config import GenerationConfig
 from parallel.coordinator import open_store
+from parallel.engine import Engine
 from parallel.generation import generate
 from parallel.harmony import pad_token_id, stop_tokens
 from parallel.log import error
@@ -146,8 +147,10 @@ class Batcher(threading.Thread):
             store.delete_key(f"serve/step/{k}/{i}")
             if "end" in step:
                 break
-            for row in list(live):
-                job, token = jobs[row], step["tokens"][row]
+            for row, token in step["tokens"]:
+                if row not in live:
+                    continue
+                job = jobs[row]
                 reason = "cancelled" if job.cancelled else None
                 if reason is None:
                     job.events.put(token)
@@ -178,7 +181,7 @@ class Batcher(threading.Thread):
                 self.store.set(f"serve/batch/{k}", json.dumps({"stop": True}))
 
 
-def serve_batches(mesh: Mesh, store: dist.Store, model, enc: HarmonyEncoding, gen: GenerationConfig) -> None:
+def serve_batches(mesh: Mesh, store: dist.Store, model, engine: Engine | None, enc: HarmonyEncoding, gen: GenerationConfig) -> None:
     """Every rank: run the batches this replica claims until it claims a stop."""
     claimed = None
     while True:
@@ -197,7 +200,7 @@ def serve_batches(mesh: Mesh, store: dist.Store, model, enc: HarmonyEncoding, ge
         k, batch = work[0]
         if batch.get("stop"):
             return
-        _run_batch(mesh, store, model, enc, gen, k, batch)
+        _run_batch(mesh, store, model, engine, enc, gen, k, batch)
 
 
 def _appears(store: dist.Store, key: str, within_s: float) -> bool:
@@ -210,13 +213,14 @@ def _appears(store: dist.Store, key: str, within_s: float) -> bool:
     return True
 
 
-def _run_batch(mesh: Mesh, store: dist.Store, model, enc: HarmonyEncoding, gen: GenerationConfig, k: int, batch: dict) -> None:
+def _run_batch(mesh: Mesh, store: dist.Store, model, engine: Engine | None, enc: HarmonyEncoding, gen: GenerationConfig, k: int,
+               batch: dict) -> None:
     sampling = Sampling(**batch["sampling"])
     steps = itertools.count()
     seen_cancels = 0
     cancelled = [False] * len(batch["prompts"])
 
-    def on_step(tokens: list[int]) -> None:
+    def on_step(tokens: list[tuple[int, int]]) -> None:
         store.set(f"serve/step/{k}/{next(steps)}", json.dumps({"tokens": tokens}))
 
     def check_cancelled() -> list[bool]:
@@ -233,18 +237,14 @@ def _run_batch(mesh: Mesh, store: dist.Store, model, enc: HarmonyEncoding, gen: 
         return mask.tolist()
 
     end = {"end": True}
+    args = (batch["prompts"], batch["max_tokens"], replace(gen, temperature=sampling.temperature, top_p=sampling.top_p))
+    hooks = dict(stop={} if sampling.ignore_eos else stop_tokens(enc), seed=gen.seed + k,
+                 on_step=on_step if mesh.is_leader else None, cancelled=check_cancelled)
     try:
-        generate(
-            model,
-            batch["prompts"],
-            batch["max_tokens"],
-            replace(gen, temperature=sampling.temperature, top_p=sampling.top_p),
-            stop={} if sampling.ignore_eos else stop_tokens(enc),
-            pad_id=pad_token_id(enc),
-            seed=gen.seed + k,
-            on_step=on_step if mesh.is_leader else None,
-            cancelled=check_cancelled,
-        )
+        if engine:
+            engine.generate(*args, **hooks)
+        else:
+            generate(model, *args, pad_id=pad_token_id(enc), **hooks)
     except torch.OutOfMemoryError as e:  # this batch's requests fail; the server keeps serving
         error(f"batch {k} failed: {e}")
         end["error"] = f"out of memory: {e}"

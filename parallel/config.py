@@ -82,6 +82,19 @@ class RuntimeConfig:
     progress: bool = True
 
 
+ENGINE_MODES = ("auto", "always", "never")
+
+
+@dataclass
+class EngineConfig:
+    # `auto`: the fast engine (parallel/engine.py) on GPU where a replica is one rank (dp layouts), else the plain
+    # `model.generate` path; `always` also on CPU (exact there, not fast); `never`: always the plain path.
+    mode: str = "auto"
+    # Sequences decoded together on a replica; a finished one hands its slot to the next request of the batch.
+    slots: int = 128
+    cuda_graphs: bool = True
+
+
 @dataclass
 class ServerConfig:
     # Loopback by default: exposing the model to a network is a decision to make on purpose.
@@ -103,6 +116,7 @@ class JobConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
 
 
@@ -154,6 +168,10 @@ def _check_values(job: JobConfig) -> None:
             problems.append(f"generation.{key} must be >= 1")
     if not 0 <= job.data.shard < job.data.num_shards:
         problems.append(f"data.shard={job.data.shard} must be in [0, data.num_shards={job.data.num_shards})")
+    if job.engine.mode not in ENGINE_MODES:
+        problems.append(f"engine.mode={job.engine.mode!r} is not one of {ENGINE_MODES}")
+    if job.engine.slots < 1:
+        problems.append("engine.slots must be >= 1")
     if not 0 < job.server.port < 65536:
         problems.append(f"server.port={job.server.port} is not a TCP port")
     if job.generation.temperature < 0:

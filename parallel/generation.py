@@ -30,7 +30,7 @@ class _Steps(BaseStreamer):
     """generate() hands the streamer the prompt, then each step's new tokens: the clock for the first token, and
     the hook that streams them."""
 
-    def __init__(self, on_step: Callable[[list[int]], None] | None):
+    def __init__(self, on_step: Callable[[list[tuple[int, int]]], None] | None):
         self.on_step = on_step
         self.start, self.calls, self.first = time.perf_counter(), 0, None
 
@@ -39,7 +39,7 @@ class _Steps(BaseStreamer):
         if self.calls == 2:
             self.first = time.perf_counter() - self.start
         if self.calls > 1 and self.on_step:
-            self.on_step(value.reshape(-1).tolist())
+            self.on_step(list(enumerate(value.reshape(-1).tolist())))
 
     def end(self) -> None:
         pass
@@ -67,12 +67,12 @@ def generate(
     stop: dict[int, str],
     pad_id: int,
     seed: int,
-    on_step: Callable[[list[int]], None] | None = None,
+    on_step: Callable[[list[tuple[int, int]]], None] | None = None,
     cancelled: Callable[[], list[bool]] | None = None,
 ) -> tuple[list[Completion], Timing]:
     """`stop` maps each stop token to the finish reason it means (empty: run every row to its limit). Every rank
     of a replica calls this with the same arguments; the same seed on each keeps their sampled tokens identical.
-    `on_step` gets each step's new token of every row as it is made (finished rows get padding); `cancelled`
+    `on_step` gets each step's (row, token) pairs as they are made (finished rows get padding); `cancelled`
     names the rows to end now and must answer the same on every rank of the replica."""
     ids, mask = left_pad(prompts, pad_id, model.device)
     width = ids.shape[1]

@@ -16,7 +16,7 @@ from transformers.distributed import DistributedConfig
 from transformers.utils import logging as transformers_logging
 
 from parallel.config import JobConfig, ModelConfig
-from parallel.layout import Layout, plan_layout
+from parallel.layout import Layout, LayoutError, plan_layout
 from parallel.log import log, warn
 from parallel.mesh import Mesh
 
@@ -106,6 +106,8 @@ def plan_model(cfg: JobConfig) -> tuple[str, GptOssConfig, Layout]:
         experts=shape.num_local_experts,
         layers=shape.num_hidden_layers,
     )
+    if cfg.engine.mode == "always" and layout.replica_size > 1:
+        raise LayoutError(f"engine.mode=always: the engine runs replicas of one rank (dp layouts), not {layout}; use engine.mode=auto")
     return path, shape, layout
 
 

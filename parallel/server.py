@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import queue
+import select
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -21,10 +24,13 @@ from parallel.log import error, log
 from parallel.openai_api import ApiError, Call, ChatReply, ResponsesReply, chat_call, responses_call
 
 API_KEY_ENV = "GPT_OSS_API_KEY"
+CLIENT_CHECK_S = 0.25
 
 
 class Server(ThreadingHTTPServer):
     daemon_threads = True
+    # The standard library's backlog of 5 resets clients that connect together (a pool of 32 workers does).
+    request_queue_size = 1024
 
     def __init__(self, cfg: JobConfig, enc: HarmonyEncoding, batcher: Batcher, context_length: int):
         super().__init__((cfg.server.host, cfg.server.port), Handler)
@@ -150,13 +156,14 @@ class Handler(BaseHTTPRequestHandler):
         bare = isinstance(reply, ChatReply)
         with self.server.lock:
             self.server.jobs.add(job)
+        self.checked = time.monotonic()
         try:
             self.server.batcher.submit(job)
             if call.stream:
                 self._start_stream()
                 self._send(reply.start(), bare)
             stream, count = HarmonyStream(self.server.enc), 0
-            while isinstance(event := job.events.get(), int):
+            while isinstance(event := self._next_event(job), int):
                 count += 1
                 for harmony_event in stream.feed(event):
                     chunks = reply.on(harmony_event)
@@ -183,6 +190,21 @@ class Handler(BaseHTTPRequestHandler):
         finally:
             with self.server.lock:
                 self.server.jobs.discard(job)
+
+    def _next_event(self, job: Job) -> int | str:
+        """The job's next token or finish reason. Looks at the connection every CLIENT_CHECK_S, so that a client
+        that went away is noticed even when nothing is written to it (a non-streamed request, or output that
+        parses to no delta)."""
+        while True:
+            if time.monotonic() - self.checked > CLIENT_CHECK_S:
+                self.checked = time.monotonic()
+                readable, _, _ = select.select([self.connection], [], [], 0)
+                if readable and not self.connection.recv(1, socket.MSG_PEEK):
+                    raise ConnectionResetError("the client closed the connection")
+            try:
+                return job.events.get(timeout=CLIENT_CHECK_S)
+            except queue.Empty:
+                pass
 
     def _start_stream(self) -> None:
         self.send_response(200)

@@ -205,8 +205,9 @@ def test_client_that_disconnects_frees_its_row(client, server):
 
 
 def test_sigterm_drains_requests_in_flight(taught_model):
-    """Two replicas (dp=2): a request in flight when SIGTERM arrives is answered in full; then every rank exits."""
-    proc, url = start_server(taught_model, "parallel.dp=2")
+    """Two replicas (dp=2) on the engine: a request in flight when SIGTERM arrives is answered in full; then every
+    rank exits."""
+    proc, url = start_server(taught_model, "parallel.dp=2", "engine.mode=always")
     api = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(api.chat.completions.create, model=str(taught_model), messages=HELLO, max_tokens=300,
@@ -217,6 +218,6 @@ def test_sigterm_drains_requests_in_flight(taught_model):
         reply = pending.result(timeout=60)
     assert reply.usage.completion_tokens == 300 and reply.choices[0].finish_reason == "length"
     out, _ = proc.communicate(timeout=60)
-    assert "draining" in out and "served 1 requests" in out, out
+    assert "draining" in out and "served 1 requests" in out and "generation: the engine" in out, out
     with pytest.raises(OSError):
         urllib.request.urlopen(f"{url}/health", timeout=2)

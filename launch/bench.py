@@ -1,0 +1,124 @@
+"""The plain transformers recipe against our engine, in one process, on the same model and prompts.
+
+    python launch/bench.py --config configs/gpt-oss-20b.yaml --batch-sizes 1 128 --new-tokens 256 \
+        --out bench.json model.path=builtin:gpt-oss-20b model.load_format=dummy
+
+For each batch size: harmony-rendered prompts (~65 tokens), every request run to exactly --new-tokens
+(stop tokens ignored, so both sides make the same number of tokens), first the plain path
+(`model.generate`, left-padded, the model's own attention and experts), then the engine (parallel/engine.py),
+each after one short warm-up run. Prints a table (tokens/s, time to first token, peak memory, speed-up,
+fraction of the memory-bandwidth floor) and writes it as JSON. One GPU, the whole model (dp layouts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from parallel.config import merge_config
+from parallel.engine import Engine
+from parallel.generation import generate
+from parallel.harmony import encoding, pad_token_id, render_prompt
+from parallel.loading import load_model, plan_model
+from parallel.log import log
+from parallel.mesh import build_mesh, init_distributed
+from parallel.requests import parse_request
+
+PROMPT = "Write a long story about topic number {}, with a title, three characters and a twist at the end."
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 128])
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--bandwidth-tbs", type=float, default=3.35, help="the GPU's memory bandwidth, for the floor")
+    parser.add_argument("--skip-plain", action="store_true", help="engine only (the plain recipe is slow)")
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+
+    cfg = merge_config(args.config, args.overrides)
+    path, shape, layout = plan_model(cfg)
+    _, device = init_distributed(cfg.runtime.collective_timeout_s)
+    model = load_model(path, shape, cfg.model, layout, build_mesh(layout, device))
+    enc = encoding()
+    engine = Engine(model, slots=max(args.batch_sizes))
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    log(f"{machine}; {describe(shape, model)}; engine: {engine.describe()}")
+
+    rows = []
+    for batch in args.batch_sizes:
+        prompts = [render_prompt(enc, parse_request({"prompt": PROMPT.format(i)}, 0), cfg.generation.reasoning_effort) for i in range(batch)]
+        limits = [args.new_tokens] * batch
+        row = {"batch": batch, "prompt_tokens": sum(map(len, prompts)) // batch, "new_tokens": args.new_tokens}
+        paths = {"engine": lambda p, n: engine.generate(p, n, cfg.generation, stop={}, seed=0)}
+        if not args.skip_plain:
+            paths["plain"] = lambda p, n: generate(model, p, n, cfg.generation, stop={}, pad_id=pad_token_id(enc), seed=0)
+        for name, run in paths.items():
+            run(prompts, [4] * batch)  # warm-up: lazy initialisation, graph capture, cuBLAS heuristics
+            row[name] = measure(lambda: run(prompts, limits), batch * args.new_tokens, device)
+        row["floor_tokens_per_s"] = bandwidth_floor(shape, model, batch, args.bandwidth_tbs)
+        row["engine"]["of_floor"] = round(row["engine"]["tokens_per_s"] / row["floor_tokens_per_s"], 3)
+        if "plain" in row:
+            row["speedup"] = round(row["engine"]["tokens_per_s"] / row["plain"]["tokens_per_s"], 2)
+        rows.append(row)
+        log(json.dumps(row))
+
+    print(table(rows, machine, shape, model, args))
+    if args.out:
+        args.out.write_text(json.dumps({"machine": machine, "model": describe(shape, model), "engine": engine.describe(),
+                                        "attention_plain": model.config._attn_implementation, "rows": rows}, indent=2) + "\n")
+
+
+def measure(run, tokens: int, device: torch.device) -> dict:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    _, timing = run()
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+    return {"tokens_per_s": round(tokens / seconds, 1), "time_to_first_token_s": round(timing.first_token_s, 3),
+            "seconds": round(seconds, 2), "peak_gib": round(peak, 1)}
+
+
+def describe(shape, model) -> str:
+    return (f"gpt-oss {shape.num_hidden_layers} layers x {shape.num_local_experts} experts, "
+            f"{sum(p.numel() for p in model.parameters()) / 1e9:.1f}B params, {model.dtype}")
+
+
+def bandwidth_floor(shape, model, batch: int, tbs: float) -> float:
+    """Tokens/s if a decode step only had to read its weights once at full bandwidth: the dense weights plus
+    the experts a batch of this size touches (expected number, routing uniform)."""
+    expert_params = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    dense = sum(p.numel() for p in model.parameters()) - expert_params
+    per_expert = expert_params / shape.num_hidden_layers / shape.num_local_experts
+    e, k = shape.num_local_experts, shape.num_experts_per_tok
+    touched = e * (1 - (1 - k / e) ** batch)
+    # The embedding table is read one row a token, not whole.
+    dense -= model.model.embed_tokens.weight.numel()
+    step_bytes = (dense + shape.num_hidden_layers * touched * per_expert) * model.dtype.itemsize
+    return round(batch / (step_bytes / (tbs * 1e12)), 1)
+
+
+def table(rows: list[dict], machine: str, shape, model, args) -> str:
+    lines = [f"{machine}, {describe(shape, model)}, random weights, {args.new_tokens} new tokens a request", "",
+             "| batch | prompt tokens | path | tokens/s | time to first token (s) | peak GiB | speed-up | of bandwidth floor |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        for name in ("plain", "engine"):
+            if name in r:
+                m = r[name]
+                extra = (f"{r.get('speedup', '-')}x", f"{m['of_floor']:.0%} of {r['floor_tokens_per_s']:.0f}") if name == "engine" else ("1x", "")
+                lines.append(f"| {r['batch']} | {r['prompt_tokens']} | {name} | {m['tokens_per_s']} | {m['time_to_first_token_s']} | {m['peak_gib']} | {extra[0]} | {extra[1]} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""GPU check of the engine (CI has no GPU; run by hand and record the output in docs/performance.md):
+
+    python tests/gpu/engine_check.py
+
+1. attention with sinks and sliding windows: the logits of a 2-layer gpt-oss (one sliding, one full layer,
+   window 16, 100-token prompt) through the engine's attention, and through flash-attn-4 where installed,
+   against eager attention, relative to a float32 eager reference;
+2. greedy tokens: the engine (continuous batching over fewer slots than prompts) against the plain path
+   (`model.generate`) on the tiny checkpoint, in float32 and in bfloat16 (grouped_mm experts, CUDA graphs).
+Exits non-zero if an error is over bf16 tolerance or the float32 tokens differ.
+"""
+
+import importlib.util
+import sys
+
+import torch
+from transformers import GptOssForCausalLM
+
+from parallel.config import GenerationConfig
+from parallel.engine import Engine
+from parallel.generation import generate
+from parallel.harmony import encoding, pad_token_id, render_prompt, stop_tokens
+from parallel.loading import TINY, resolve_checkpoint
+from parallel.requests import parse_request
+
+TOLERANCE = 2e-2  # bf16 carries 8 bits of mantissa; two layers of it stay well under this
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def attention_errors(path: str, ids: torch.Tensor) -> dict[str, float]:
+    reference = GptOssForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").cuda()
+    with torch.no_grad():
+        truth = reference(ids).logits
+    errors = {}
+    fa4 = importlib.util.find_spec("flash_attn") and importlib.util.find_spec("flash_attn.cute")
+    kinds = ["eager"] + (["flash_attention_4"] if fa4 else [])
+    for kind in kinds:
+        model = GptOssForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation=kind).cuda()
+        with torch.no_grad():
+            errors[f"{kind} (bf16)"] = relative(model(ids).logits, truth)
+    engine = Engine(model, slots=1)
+    engine._reserve(ids.shape[1])
+    with torch.no_grad():
+        # the prompt's first 60 tokens as a prefill, the other 40 one decode step at a time: both code paths
+        logits = [engine.forward(ids[:, :60], slice(0, 1), torch.zeros(1, dtype=torch.long, device="cuda"), 60)]
+        for t in range(60, ids.shape[1]):
+            logits.append(engine._decode(ids[:, t], torch.tensor([t], device="cuda"))[:, None])
+    errors["engine (bf16, prefill + decode)"] = relative(torch.cat(logits, 1), truth)
+    return errors
+
+
+def greedy_matches(path: str, dtype: torch.dtype) -> tuple[int, int, str]:
+    enc = encoding()
+    model = GptOssForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager").cuda().eval()
+    texts = ["Say hello.", "What is 2+2?", "Hi", "Tell me a story about a cat that learned to fly over the sea."] * 3
+    prompts = [render_prompt(enc, parse_request({"prompt": t}, 0), "medium") for t in texts]
+    limits = [24, 5, 30, 12, 7, 24, 3, 18, 24, 9, 30, 2]
+    stop, gen = stop_tokens(enc), GenerationConfig()
+    plain = [generate(model, [p], [n], gen, stop=stop, pad_id=pad_token_id(enc), seed=0)[0][0].tokens for p, n in zip(prompts, limits)]
+    engine = Engine(model, slots=5)
+    fast, _ = engine.generate(prompts, limits, gen, stop=stop, seed=0)
+    return sum(a.tokens == b for a, b in zip(fast, plain)), len(prompts), engine.describe()
+
+
+def main() -> int:
+    path = resolve_checkpoint(TINY)
+    print("torch", torch.__version__, torch.cuda.get_device_name())
+    ids = torch.randint(0, 200000, (1, 100), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    ok = True
+    for name, err in attention_errors(path, ids).items():
+        print(f"attention {name}: relative error of the logits vs float32 eager {err:.2e}")
+        ok &= err < TOLERANCE
+    for dtype in (torch.float32, torch.bfloat16):
+        same, total, how = greedy_matches(path, dtype)
+        print(f"greedy {dtype}: engine ({how}) = plain path on {same}/{total} prompts")
+        ok &= dtype != torch.float32 or same == total
+    print("OK" if ok else "FAILED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

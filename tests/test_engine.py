@@ -1,0 +1,69 @@
+"""The engine on CPU: the same greedy tokens as the plain path, continuous batching, stops, cancellation, choice."""
+
+import json
+
+import pytest
+import torch
+from transformers import GptOssForCausalLM
+
+from parallel.config import EngineConfig, GenerationConfig, merge_config
+from parallel.engine import Engine, choose_engine
+from parallel.generation import generate
+from parallel.harmony import pad_token_id, render_prompt, stop_tokens
+from parallel.layout import Layout, LayoutError
+from parallel.loading import TINY, plan_model, resolve_checkpoint
+from parallel.requests import parse_request
+from tests.conftest import ROOT
+from tests.taught import LESSONS
+
+TEXTS = ["Say hello.", "What is 2+2?", "Hi", "Tell me a story about a cat that learned to fly over the sea."] * 2
+LIMITS = [24, 5, 30, 12, 7, 24, 3, 18]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return GptOssForCausalLM.from_pretrained(resolve_checkpoint(TINY)).eval()
+
+
+def prompts_of(enc, objs):
+    return [render_prompt(enc, parse_request(o, 0), "medium") for o in objs]
+
+
+def test_engine_gives_the_plain_paths_greedy_tokens_with_fewer_slots_than_prompts(enc, tiny):
+    prompts, stop = prompts_of(enc, [{"prompt": t} for t in TEXTS]), stop_tokens(enc)
+    plain = [generate(tiny, [p], [n], GenerationConfig(), stop=stop, pad_id=pad_token_id(enc), seed=0)[0][0] for p, n in zip(prompts, LIMITS)]
+    fast, timing = Engine(tiny, slots=3).generate(prompts, LIMITS, GenerationConfig(), stop=stop, seed=0)
+    assert [c.tokens for c in fast] == [c.tokens for c in plain]
+    assert [c.finish_reason for c in fast] == [c.finish_reason for c in plain]
+    assert timing.first_token_s > 0
+
+
+def test_engine_ends_rows_at_harmony_stop_tokens(enc, taught_model):
+    model = GptOssForCausalLM.from_pretrained(taught_model).eval()
+    lessons = [(obj, enc.encode(text, allowed_special="all")) for obj, text in LESSONS]
+    fast, _ = Engine(model, slots=2).generate(prompts_of(enc, [o for o, _ in lessons]), [64] * 3, GenerationConfig(), stop=stop_tokens(enc), seed=0)
+    assert [c.tokens for c in fast] == [answer for _, answer in lessons]
+    assert [c.finish_reason for c in fast] == ["stop", "tool_call", "stop"]
+
+
+def test_cancelled_rows_end_and_waiting_ones_never_start(enc, tiny):
+    prompts = prompts_of(enc, [{"prompt": t} for t in TEXTS[:3]])
+    steps = []
+    gone = lambda: [len(steps) >= 3, True, False]  # noqa: E731 - row 0 leaves after 3 steps, row 1 before it starts
+    fast, _ = Engine(tiny, slots=1).generate(prompts, [20] * 3, GenerationConfig(), stop={}, seed=0, on_step=steps.append, cancelled=gone)
+    assert [len(c.tokens) for c in fast] == [3, 0, 20]
+    assert {row for step in steps for row, _ in step} == {0, 2}
+
+
+def test_engine_is_chosen_on_gpu_only_unless_asked(tiny):
+    one = Layout(dp=1, pp=1, tp=1, ep=1)
+    assert choose_engine(tiny, EngineConfig(mode="auto"), one) is None  # CPU
+    assert isinstance(choose_engine(tiny, EngineConfig(mode="always", slots=4), one), Engine)
+    assert choose_engine(tiny, EngineConfig(mode="always"), Layout(dp=1, pp=1, tp=2, ep=1)) is None
+
+
+def test_engine_on_with_tensor_parallel_is_refused_before_loading(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = merge_config(ROOT / "configs" / "tiny.yaml", ["parallel.tp=2", "engine.mode=always"])
+    with pytest.raises(LayoutError, match="engine.mode=always"):
+        plan_model(cfg)
