@@ -47,7 +47,7 @@ def main() -> None:
     _, device = init_distributed(cfg.runtime.collective_timeout_s)
     model = load_model(path, shape, cfg.model, layout, build_mesh(layout, device))
     enc = encoding()
-    engine = Engine(model, slots=max(args.batch_sizes))
+    engine = Engine(model, max(args.batch_sizes), cfg.engine.cuda_graphs, cfg.engine.compile)
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     log(f"{machine}; {describe(shape, model)}; engine: {engine.describe()}")
 

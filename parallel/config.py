@@ -93,6 +93,8 @@ class EngineConfig:
     # Sequences decoded together on a replica; a finished one hands its slot to the next request of the batch.
     slots: int = 128
     cuda_graphs: bool = True
+    # torch.compile the decode step's pieces inside the graphs (GPU): fewer, fused kernels a step.
+    compile: bool = True
 
 
 @dataclass

@@ -39,24 +39,30 @@ def _buckets(slots: int) -> list[int]:
 
 
 class Engine:
-    def __init__(self, model, slots: int, cuda_graphs: bool = True):
+    def __init__(self, model, slots: int, cuda_graphs: bool = True, compile: bool = True):
         config = model.config
         self.model, self.layers = model, model.model.layers
         self.device, self.dtype = model.device, model.dtype
         self.slots = slots
         self.heads, self.kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        self.top_k, self.experts = config.num_experts_per_tok, config.num_local_experts
+        self.top_k = config.num_experts_per_tok
         self.limit, self.alpha = config.swiglu_limit, config.swiglu_alpha
         self.windows = [config.sliding_window if t == "sliding_attention" else None for t in config.layer_types]
         # grouped_mm runs bf16 on Hopper and anything on CPU; elsewhere a loop over the experts hit.
         self.grouped = GROUPED_MM is not None and (self.device.type == "cpu" or self.dtype == torch.bfloat16)
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda" and self.grouped
+        self.weights = [self._weights(i) for i in range(len(self.layers))]
+        # The decode step's pieces compiled (fusing the norms, rotary, softmax, SwiGLU): GPU and grouped_mm only.
+        self.compile = compile and self.cuda_graphs
+        if self.compile:
+            self._compiled = (torch.compile(_qkv), torch.compile(_attend_and_experts))
         self.max_len = 0
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def describe(self) -> str:
         moe = "grouped_mm" if self.grouped else "expert loop"
-        return f"{self.slots} slots, KV cache for {self.max_len} tokens, experts via {moe}, CUDA graphs {'on' if self.cuda_graphs else 'off'}"
+        return (f"{self.slots} slots, KV cache for {self.max_len} tokens, experts via {moe}, CUDA graphs "
+                f"{'on' if self.cuda_graphs else 'off'}, torch.compile {'on' if self.compile else 'off'}")
 
     # -- cache and graphs ---------------------------------------------------------------------------------
 
@@ -94,21 +100,36 @@ class Engine:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm up outside the graph: lazy inits and autotuning happen here
             for _ in range(2):
-                self.forward(tokens[:, None], slice(0, bucket), positions, self.max_len)
+                self.forward(tokens[:, None], slice(0, bucket), positions, self.max_len, self.compile)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            logits = self.forward(tokens[:, None], slice(0, bucket), positions, self.max_len)[:, -1]
+            logits = self.forward(tokens[:, None], slice(0, bucket), positions, self.max_len, self.compile)[:, -1]
         return graph, tokens, positions, logits
 
     # -- the model ----------------------------------------------------------------------------------------
 
+    def _weights(self, i: int) -> tuple[tuple, tuple]:
+        """Layer i's tensors for _qkv and _attend_and_experts: passing tensors, not modules, lets one compiled
+        graph serve every layer."""
+        layer = self.layers[i]
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv = (layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon, attn.q_proj.weight, attn.q_proj.bias,
+               attn.k_proj.weight, attn.k_proj.bias, attn.v_proj.weight, attn.v_proj.bias)
+        rest = (attn.sinks, attn.scaling, attn.o_proj.weight, attn.o_proj.bias, layer.post_attention_layernorm.weight,
+                layer.post_attention_layernorm.variance_epsilon, mlp.router.weight, mlp.router.bias,
+                mlp.experts.gate_up_proj, mlp.experts.gate_up_proj_bias, mlp.experts.down_proj, mlp.experts.down_proj_bias,
+                self.top_k, self.limit, self.alpha, self.grouped)
+        return qkv, rest
+
     @torch.no_grad()
-    def forward(self, ids: torch.Tensor, rows, start: torch.Tensor, kv_len: int) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, rows, start: torch.Tensor, kv_len: int, compiled: bool = False) -> torch.Tensor:
         """Logits for ids (B, T) of the cache rows `rows` (a slice, or a tensor of slot indices), whose first
-        token sits at position start[b]. Writes the tokens' keys and values into the cache."""
+        token sits at position start[b]. Writes the tokens' keys and values into the cache. `compiled`: the
+        decode step's torch.compile'd pieces (one shape a bucket)."""
         batch, width = ids.shape
         inner = self.model.model
+        qkv, rest = (self._compiled if compiled else (_qkv, _attend_and_experts))
         x = inner.embed_tokens(ids)
         positions = start[:, None] + torch.arange(width, device=ids.device)
         cos, sin = inner.rotary_emb(x, positions)
@@ -118,58 +139,15 @@ class Engine:
         for window in set(self.windows):
             allowed = causal if window is None else causal & (keys > positions[..., None] - window)
             masks[window] = torch.zeros(allowed.shape, dtype=torch.float32, device=ids.device).masked_fill_(~allowed, float("-inf"))
-        for i, layer in enumerate(self.layers):
-            x = x + self._attention(layer.self_attn, layer.input_layernorm(x), cos, sin, i, rows, positions, masks[self.windows[i]], kv_len)
-            h = layer.post_attention_layernorm(x)
-            x = x + self._experts(layer.mlp, h.reshape(batch * width, -1)).view_as(h)
+        index = torch.arange(self.slots, device=ids.device)[rows] if isinstance(rows, slice) else rows
+        for i in range(len(self.layers)):
+            weights_qkv, weights_rest = self.weights[i]
+            q, k, v = qkv(x, cos, sin, self.head_dim, *weights_qkv)
+            # The cache is written here, outside the compiled pieces, so that no compiled graph mutates it.
+            self.k_cache[i][index[:, None], :, positions] = k.transpose(1, 2)
+            self.v_cache[i][index[:, None], :, positions] = v.transpose(1, 2)
+            x = rest(x, q, self.k_cache[i][rows, :, :kv_len], self.v_cache[i][rows, :, :kv_len], masks[self.windows[i]], *weights_rest)
         return self.model.lm_head(inner.norm(x))
-
-    def _attention(self, attn, h, cos, sin, i, rows, positions, mask, kv_len):
-        batch, width, _ = h.shape
-        q = attn.q_proj(h).view(batch, width, -1, self.head_dim).transpose(1, 2)
-        k = attn.k_proj(h).view(batch, width, -1, self.head_dim).transpose(1, 2)
-        v = attn.v_proj(h).view(batch, width, -1, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        k_cache, v_cache = self.k_cache[i], self.v_cache[i]
-        index = torch.arange(k_cache.shape[0], device=h.device)[rows] if isinstance(rows, slice) else rows
-        k_cache[index[:, None], :, positions] = k.transpose(1, 2)
-        v_cache[index[:, None], :, positions] = v.transpose(1, 2)
-        keys, values = (k_cache[rows, :, :kv_len], v_cache[rows, :, :kv_len])
-        groups = self.heads // self.kv_heads
-        q = q.view(batch, self.kv_heads, groups, width, self.head_dim)
-        scores = torch.einsum("bkgtd,bksd->bkgts", q.float(), keys.float()) * attn.scaling + mask[:, None, None]
-        sinks = attn.sinks.float().view(1, self.kv_heads, groups, 1, 1).expand(batch, -1, -1, width, 1)
-        probs = torch.softmax(torch.cat([scores, sinks], dim=-1), dim=-1)[..., :-1]
-        out = torch.einsum("bkgts,bksd->bkgtd", probs.to(values.dtype), values)
-        return attn.o_proj(out.reshape(batch, self.heads, width, self.head_dim).transpose(1, 2).reshape(batch, width, -1))
-
-    def _experts(self, mlp, x: torch.Tensor) -> torch.Tensor:
-        """Each token through its top-k experts: rows sorted by expert, one grouped GEMM per projection."""
-        _, weights, chosen = mlp.router(x)
-        experts = mlp.experts
-        flat = chosen.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        token = order // self.top_k
-        sorted_experts = flat[order]
-        rows = x[token]
-        if self.grouped:
-            counts = torch.zeros(self.experts, dtype=torch.int32, device=x.device).scatter_add_(0, flat.int(), torch.ones_like(flat, dtype=torch.int32))
-            offsets = torch.cumsum(counts, 0, dtype=torch.int32)
-            gate_up = GROUPED_MM(rows, experts.gate_up_proj, offs=offsets) + experts.gate_up_proj_bias[sorted_experts]
-            out = GROUPED_MM(self._swiglu(gate_up), experts.down_proj, offs=offsets) + experts.down_proj_bias[sorted_experts]
-        else:
-            out = torch.empty_like(rows)
-            for e in sorted_experts.unique().tolist():
-                hit = sorted_experts == e
-                gate_up = rows[hit] @ experts.gate_up_proj[e] + experts.gate_up_proj_bias[e]
-                out[hit] = self._swiglu(gate_up) @ experts.down_proj[e] + experts.down_proj_bias[e]
-        out = out * weights.reshape(-1)[order, None].to(out.dtype)
-        return torch.zeros_like(x).index_add_(0, token, out)
-
-    def _swiglu(self, gate_up: torch.Tensor) -> torch.Tensor:
-        gate = gate_up[..., ::2].clamp(max=self.limit)
-        up = gate_up[..., 1::2].clamp(min=-self.limit, max=self.limit)
-        return (up + 1) * gate * torch.sigmoid(gate * self.alpha)
 
     # -- continuous batching ------------------------------------------------------------------------------
 
@@ -287,6 +265,69 @@ def choose_engine(model, cfg: EngineConfig, layout: Layout) -> Engine | None:
             f"the engine runs replicas of one rank, not {layout}" if layout.replica_size > 1 else "engine.mode=auto uses it on GPU only")
         log(f"generation: plain model.generate ({why})")
         return None
-    engine = Engine(model, cfg.slots, cfg.cuda_graphs)
+    engine = Engine(model, cfg.slots, cfg.cuda_graphs, cfg.compile)
     log(f"generation: the engine ({engine.describe()})")
     return engine
+
+
+# -- one layer, as functions of tensors (compiled for decoding) ------------------------------------------------
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """GptOssRMSNorm: normalised in float32, scaled by the weight, back in the input's dtype."""
+    h = x.float()
+    return (weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps))).to(x.dtype)
+
+
+def _qkv(x, cos, sin, head_dim: int, norm, eps, wq, bq, wk, bk, wv, bv):
+    batch, width, _ = x.shape
+    h = _rms_norm(x, norm, eps)
+    q, k, v = (F.linear(h, w, b).view(batch, width, -1, head_dim).transpose(1, 2) for w, b in ((wq, bq), (wk, bk), (wv, bv)))
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    return q, k, v
+
+
+def _attend_and_experts(x, q, keys, values, mask, sinks, scaling, wo, bo, norm, eps, router_w, router_b,
+                        gate_up, gate_up_bias, down, down_bias, top_k: int, limit: float, alpha: float, grouped: bool):
+    """The rest of a layer after the cache write: attention with sinks over the cache rows, then the experts."""
+    batch, heads, width, head_dim = q.shape
+    kv_heads = keys.shape[1]
+    q = q.view(batch, kv_heads, heads // kv_heads, width, head_dim)
+    scores = torch.einsum("bkgtd,bksd->bkgts", q, keys).float() * scaling + mask[:, None, None]
+    sink = sinks.float().view(1, kv_heads, heads // kv_heads, 1, 1).expand(batch, -1, -1, width, 1)
+    probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    out = torch.einsum("bkgts,bksd->bkgtd", probs.to(values.dtype), values)
+    x = x + F.linear(out.reshape(batch, heads, width, head_dim).transpose(1, 2).reshape(batch, width, -1), wo, bo)
+    h = _rms_norm(x, norm, eps).reshape(batch * width, -1)
+    return x + _experts(h, router_w, router_b, gate_up, gate_up_bias, down, down_bias, top_k, limit, alpha, grouped).view_as(x)
+
+
+def _experts(x, router_w, router_b, gate_up, gate_up_bias, down, down_bias, top_k: int, limit: float, alpha: float, grouped: bool):
+    """Each token through its top-k experts (softmax over the chosen k, as GptOssTopKRouter): rows sorted by
+    expert, one grouped GEMM per projection, then each token's rows weighted and summed."""
+    top, chosen = torch.topk(F.linear(x, router_w, router_b), top_k, dim=-1)
+    weights = torch.softmax(top, dim=1, dtype=top.dtype)
+    flat = chosen.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    token = order // top_k
+    expert = flat[order]
+    rows = x[token]
+    if grouped:
+        counts = torch.zeros(gate_up.shape[0], dtype=torch.int32, device=x.device).scatter_add_(0, flat.int(), torch.ones_like(flat, dtype=torch.int32))
+        offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+        hidden = _swiglu(GROUPED_MM(rows, gate_up, offs=offsets) + gate_up_bias[expert], limit, alpha)
+        out = GROUPED_MM(hidden, down, offs=offsets) + down_bias[expert]
+    else:  # one matmul pair per expert hit (a host sync each): float32 on GPU, or no grouped_mm
+        out = torch.empty_like(rows)
+        for e in expert.unique().tolist():
+            hit = expert == e
+            out[hit] = _swiglu(rows[hit] @ gate_up[e] + gate_up_bias[e], limit, alpha) @ down[e] + down_bias[e]
+    out = out * weights.reshape(-1)[order, None].to(out.dtype)
+    return torch.zeros_like(x).index_add_(0, token, out)
+
+
+def _swiglu(gate_up: torch.Tensor, limit: float, alpha: float) -> torch.Tensor:
+    """gpt-oss's clamped SwiGLU over interleaved gate/up columns."""
+    gate = gate_up[..., ::2].clamp(max=limit)
+    up = gate_up[..., 1::2].clamp(min=-limit, max=limit)
+    return (up + 1) * gate * torch.sigmoid(gate * alpha)
