@@ -66,9 +66,10 @@ class Engine:
 
     # -- cache and graphs ---------------------------------------------------------------------------------
 
-    def _reserve(self, max_len: int) -> None:
-        """A cache for sequences of max_len tokens (rounded up); growing it drops the graphs captured for the old."""
-        max_len = -(-max_len // 256) * 256
+    def reserve(self, max_len: int) -> None:
+        """A cache for sequences of max_len tokens; growing it drops the graphs captured for the old. One spare
+        position at the end, which no sequence reaches, takes the writes of graph warm-ups."""
+        max_len = -(-(max_len + 1) // 256) * 256
         if max_len <= self.max_len:
             return
         self.graphs.clear()
@@ -95,7 +96,8 @@ class Engine:
 
     def _capture(self, bucket: int):
         tokens = torch.zeros(bucket, dtype=torch.long, device=self.device)
-        positions = torch.zeros(bucket, dtype=torch.long, device=self.device)
+        # Warming up runs the step for real: its keys go to the spare last position, not over a live sequence's.
+        positions = torch.full((bucket,), self.max_len - 1, dtype=torch.long, device=self.device)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm up outside the graph: lazy inits and autotuning happen here
@@ -167,7 +169,7 @@ class Engine:
         that ends hands its slot to the next prompt. `on_step` gets each step's (row, token) pairs; rows that
         `cancelled()` names end at once. Timing.first_token_s is the mean over rows of their first token's time."""
         start = time.perf_counter()
-        self._reserve(max(len(p) + n for p, n in zip(prompts, max_new_tokens)))
+        self.reserve(max(len(p) + n for p, n in zip(prompts, max_new_tokens)))
         generator = torch.Generator(self.device).manual_seed(seed)
         waiting = list(range(len(prompts)))
         tokens: list[list[int]] = [[] for _ in prompts]

@@ -7,7 +7,8 @@
    against eager attention, relative to a float32 eager reference;
 2. greedy tokens: the engine (continuous batching over fewer slots than prompts) against the plain path
    (`model.generate`) on the tiny checkpoint, in float32 and in bfloat16 (grouped_mm experts, CUDA graphs).
-Exits non-zero if an error is over bf16 tolerance or the float32 tokens differ.
+Exits non-zero if a fast path's error is over 1.5x eager bf16's own, if the float32 tokens differ, or if
+fewer than 3 in 4 bf16 prompts match (bf16 rounding may flip a near tie, not most answers).
 """
 
 import importlib.util
@@ -23,7 +24,9 @@ from parallel.harmony import encoding, pad_token_id, render_prompt, stop_tokens
 from parallel.loading import TINY, resolve_checkpoint
 from parallel.requests import parse_request
 
-TOLERANCE = 2e-2  # bf16 carries 8 bits of mantissa; two layers of it stay well under this
+# bf16 rounding alone moves this model's wide logits by eager bf16's error against float32; a fast path may
+# differ from float32 by that much again, not more.
+TOLERANCE = 1.5
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -42,7 +45,7 @@ def attention_errors(path: str, ids: torch.Tensor) -> dict[str, float]:
         with torch.no_grad():
             errors[f"{kind} (bf16)"] = relative(model(ids).logits, truth)
     engine = Engine(model, slots=1)
-    engine._reserve(ids.shape[1])
+    engine.reserve(ids.shape[1])
     with torch.no_grad():
         # the prompt's first 60 tokens as a prefill, the other 40 one decode step at a time: both code paths
         logits = [engine.forward(ids[:, :60], slice(0, 1), torch.zeros(1, dtype=torch.long, device="cuda"), 60)]
@@ -70,13 +73,14 @@ def main() -> int:
     print("torch", torch.__version__, torch.cuda.get_device_name())
     ids = torch.randint(0, 200000, (1, 100), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     ok = True
-    for name, err in attention_errors(path, ids).items():
+    errors = attention_errors(path, ids)
+    for name, err in errors.items():
         print(f"attention {name}: relative error of the logits vs float32 eager {err:.2e}")
-        ok &= err < TOLERANCE
+        ok &= err <= TOLERANCE * errors["eager (bf16)"]
     for dtype in (torch.float32, torch.bfloat16):
         same, total, how = greedy_matches(path, dtype)
         print(f"greedy {dtype}: engine ({how}) = plain path on {same}/{total} prompts")
-        ok &= dtype != torch.float32 or same == total
+        ok &= same == total if dtype == torch.float32 else same >= 0.75 * total
     print("OK" if ok else "FAILED")
     return 0 if ok else 1
 
