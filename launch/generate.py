@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     if mesh.rank == 0:
         writer = Writer(out, len(batches), n_requests, cfg.runtime.collective_timeout_s, cfg.output.echo, cfg.runtime.progress)
         writer.start()
-    engine = choose_engine(model, cfg.engine, layout)
+    engine = choose_engine(model, cfg.engine, layout, mesh.replica_group)
     serve_replica(mesh, store, batch_runner(model, engine, enc, cfg.generation, cfg.output.raw))
     store.set(f"peak_gib/{mesh.rank}", str(peak_memory_gib(device)))
 

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as e:  # e.g. model.mxfp4=require where only dequantizing is possible
         error(str(e))
         return 2
-    engine = choose_engine(model, cfg.engine, layout)
+    engine = choose_engine(model, cfg.engine, layout, mesh.replica_group)
     if server:
         batcher.start()
         server.start()

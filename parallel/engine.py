@@ -5,7 +5,8 @@ gpt-fast), with
   - MoE experts as one grouped GEMM per projection over the tokens sorted by expert (torch's grouped_mm),
     with the SwiGLU clamp and the routing weights applied on the sorted rows;
   - continuous batching: a row that finishes frees its slot, and the next waiting request is prefilled into it.
-It runs one replica that holds the whole model (data-parallel layouts); other layouts use `generate`.
+It runs every layout but pipelines: a replica of one rank, or one spanning ranks with tensor-parallel
+attention and/or expert-parallel experts (this rank's shards, partial sums all-reduced in the replica).
 The math is transformers' GptOss, step for step (RMSNorm, YaRN rotary, attention with sinks and sliding
 windows, top-k router with softmax over the chosen experts, clamped SwiGLU); tests hold it to the plain path.
 """
@@ -16,13 +17,15 @@ import time
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 from transformers.models.gpt_oss.modeling_gpt_oss import apply_rotary_pos_emb
 
 from parallel.config import EngineConfig, GenerationConfig
 from parallel.generation import Completion, Timing, _cut
 from parallel.layout import Layout
-from parallel.log import log
+from parallel.log import log, warn
 
 GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 # A prefill forward holds B x heads x T x T attention scores in float32: keep them under this many bytes.
@@ -39,12 +42,27 @@ def _buckets(slots: int) -> list[int]:
 
 
 class Engine:
-    def __init__(self, model, slots: int, cuda_graphs: bool = True, compile: bool = True):
+    """`group`: the replica's process group when the replica spans ranks (tp and/or ep, no pp). Every rank of
+    the replica runs the same loop on the same tokens: attention heads and experts are this rank's shards,
+    and the partial sums after o_proj (tp) and after the experts (ep) are all-reduced in the group."""
+
+    def __init__(self, model, slots: int, cuda_graphs: bool = True, compile: bool = True, group=None):
         config = model.config
         self.model, self.layers = model, model.model.layers
         self.device, self.dtype = model.device, model.dtype
-        self.slots = slots
-        self.heads, self.kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.slots, self.group = slots, group
+        self.head_dim = config.head_dim
+        attn = self.layers[0].self_attn
+        self.heads = _local(attn.q_proj.weight).shape[0] // self.head_dim  # this rank's share under tp
+        self.kv_heads = _local(attn.k_proj.weight).shape[0] // self.head_dim
+        self.tp = self.heads < config.num_attention_heads
+        local_experts = _local(self.layers[0].mlp.experts.gate_up_proj).shape[0]
+        self.ep = local_experts < config.num_local_experts
+        # transformers shards the experts in order along the expert dimension of the replica's ranks.
+        self.first_expert = dist.get_rank(group) * local_experts if self.ep else 0
+        vocab = config.vocab_size
+        if _local(model.model.embed_tokens.weight).shape[0] != vocab or _local(model.lm_head.weight).shape[0] != vocab:
+            raise NotImplementedError("the engine needs the embeddings and lm_head whole on every rank")
         self.top_k = config.num_experts_per_tok
         self.limit, self.alpha = config.swiglu_limit, config.swiglu_alpha
         self.windows = [config.sliding_window if t == "sliding_attention" else None for t in config.layer_types]
@@ -55,14 +73,16 @@ class Engine:
         # The decode step's pieces compiled (fusing the norms, rotary, softmax, SwiGLU): GPU and grouped_mm only.
         self.compile = compile and self.cuda_graphs
         if self.compile:
-            self._compiled = (torch.compile(_qkv), torch.compile(_attend_and_experts))
+            self._compiled = (torch.compile(_qkv), torch.compile(_attend), torch.compile(_experts_block))
         self.max_len = 0
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def describe(self) -> str:
         moe = "grouped_mm" if self.grouped else "expert loop"
+        shards = [f"{self.heads} heads a rank" if self.tp else "", "experts split" if self.ep else ""]
         return (f"{self.slots} slots, KV cache for {self.max_len} tokens, experts via {moe}, CUDA graphs "
-                f"{'on' if self.cuda_graphs else 'off'}, torch.compile {'on' if self.compile else 'off'}")
+                f"{'on' if self.cuda_graphs else 'off'}, torch.compile {'on' if self.compile else 'off'}"
+                + "".join(f", {x}" for x in shards if x))
 
     # -- cache and graphs ---------------------------------------------------------------------------------
 
@@ -111,18 +131,19 @@ class Engine:
 
     # -- the model ----------------------------------------------------------------------------------------
 
-    def _weights(self, i: int) -> tuple[tuple, tuple]:
-        """Layer i's tensors for _qkv and _attend_and_experts: passing tensors, not modules, lets one compiled
-        graph serve every layer."""
+    def _weights(self, i: int) -> tuple[tuple, tuple, tuple]:
+        """Layer i's local tensors for _qkv, _attend and _experts_block: passing tensors, not modules, lets one
+        compiled graph serve every layer."""
         layer = self.layers[i]
-        attn, mlp = layer.self_attn, layer.mlp
-        qkv = (layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon, attn.q_proj.weight, attn.q_proj.bias,
-               attn.k_proj.weight, attn.k_proj.bias, attn.v_proj.weight, attn.v_proj.bias)
-        rest = (attn.sinks, attn.scaling, attn.o_proj.weight, attn.o_proj.bias, layer.post_attention_layernorm.weight,
-                layer.post_attention_layernorm.variance_epsilon, mlp.router.weight, mlp.router.bias,
-                mlp.experts.gate_up_proj, mlp.experts.gate_up_proj_bias, mlp.experts.down_proj, mlp.experts.down_proj_bias,
-                self.top_k, self.limit, self.alpha, self.grouped)
-        return qkv, rest
+        attn, mlp, experts = layer.self_attn, layer.mlp, layer.mlp.experts
+        qkv = tuple(map(_local, (layer.input_layernorm.weight, attn.q_proj.weight, attn.q_proj.bias,
+                                 attn.k_proj.weight, attn.k_proj.bias, attn.v_proj.weight, attn.v_proj.bias)))
+        attend = (_local(attn.sinks), attn.scaling, _local(attn.o_proj.weight))
+        moe = (_local(attn.o_proj.bias), _local(layer.post_attention_layernorm.weight), _local(mlp.router.weight),
+               _local(mlp.router.bias), *map(_local, (experts.gate_up_proj, experts.gate_up_proj_bias, experts.down_proj,
+                                                      experts.down_proj_bias)),
+               self.first_expert, self.top_k, self.limit, self.alpha, self.grouped)
+        return qkv, attend, moe
 
     @torch.no_grad()
     def forward(self, ids: torch.Tensor, rows, start: torch.Tensor, kv_len: int, compiled: bool = False) -> torch.Tensor:
@@ -131,7 +152,8 @@ class Engine:
         decode step's torch.compile'd pieces (one shape a bucket)."""
         batch, width = ids.shape
         inner = self.model.model
-        qkv, rest = (self._compiled if compiled else (_qkv, _attend_and_experts))
+        qkv, attend, experts_block = self._compiled if compiled else (_qkv, _attend, _experts_block)
+        eps = self.layers[0].input_layernorm.variance_epsilon
         x = inner.embed_tokens(ids)
         positions = start[:, None] + torch.arange(width, device=ids.device)
         cos, sin = inner.rotary_emb(x, positions)
@@ -143,12 +165,19 @@ class Engine:
             masks[window] = torch.zeros(allowed.shape, dtype=torch.float32, device=ids.device).masked_fill_(~allowed, float("-inf"))
         index = torch.arange(self.slots, device=ids.device)[rows] if isinstance(rows, slice) else rows
         for i in range(len(self.layers)):
-            weights_qkv, weights_rest = self.weights[i]
-            q, k, v = qkv(x, cos, sin, self.head_dim, *weights_qkv)
-            # The cache is written here, outside the compiled pieces, so that no compiled graph mutates it.
+            weights_qkv, weights_attend, weights_moe = self.weights[i]
+            q, k, v = qkv(x, cos, sin, self.head_dim, eps, *weights_qkv)
+            # The cache is written and the partial sums reduced here, outside the compiled pieces: no compiled
+            # graph mutates the cache or holds a collective.
             self.k_cache[i][index[:, None], :, positions] = k.transpose(1, 2)
             self.v_cache[i][index[:, None], :, positions] = v.transpose(1, 2)
-            x = rest(x, q, self.k_cache[i][rows, :, :kv_len], self.v_cache[i][rows, :, :kv_len], masks[self.windows[i]], *weights_rest)
+            out = attend(q, self.k_cache[i][rows, :, :kv_len], self.v_cache[i][rows, :, :kv_len], masks[self.windows[i]], *weights_attend)
+            if self.tp:
+                dist.all_reduce(out, group=self.group)
+            x, moe = experts_block(x, out, eps, *weights_moe)
+            if self.ep:
+                dist.all_reduce(moe, group=self.group)
+            x = x + moe
         return self.model.lm_head(inner.norm(x))
 
     # -- continuous batching ------------------------------------------------------------------------------
@@ -259,15 +288,19 @@ class Engine:
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def choose_engine(model, cfg: EngineConfig, layout: Layout) -> Engine | None:
+def choose_engine(model, cfg: EngineConfig, layout: Layout, group=None) -> Engine | None:
     """The engine where it runs and is wanted (plan_model already refused engine.mode=always where it cannot run);
     the log says which path generates."""
-    if cfg.mode == "never" or layout.replica_size > 1 or (cfg.mode == "auto" and model.device.type != "cuda"):
+    if cfg.mode == "never" or layout.pp > 1 or (cfg.mode == "auto" and model.device.type != "cuda"):
         why = {"never": "engine.mode=never"}.get(cfg.mode) or (
-            f"the engine runs replicas of one rank, not {layout}" if layout.replica_size > 1 else "engine.mode=auto uses it on GPU only")
+            "the engine does not run pipeline stages" if layout.pp > 1 else "engine.mode=auto uses it on GPU only")
         log(f"generation: plain model.generate ({why})")
         return None
-    engine = Engine(model, cfg.slots, cfg.cuda_graphs, cfg.compile)
+    try:
+        engine = Engine(model, cfg.slots, cfg.cuda_graphs, cfg.compile, group)
+    except NotImplementedError as e:
+        warn(f"generation: plain model.generate ({e})")
+        return None
     log(f"generation: the engine ({engine.describe()})")
     return engine
 
@@ -281,7 +314,12 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     return (weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps))).to(x.dtype)
 
 
-def _qkv(x, cos, sin, head_dim: int, norm, eps, wq, bq, wk, bk, wv, bv):
+def _local(t):
+    """This rank's part of a parameter (transformers' tp/ep shards are DTensors); plain tensors as they are."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _qkv(x, cos, sin, head_dim: int, eps: float, norm, wq, bq, wk, bk, wv, bv):
     batch, width, _ = x.shape
     h = _rms_norm(x, norm, eps)
     q, k, v = (F.linear(h, w, b).view(batch, width, -1, head_dim).transpose(1, 2) for w, b in ((wq, bq), (wk, bk), (wv, bv)))
@@ -289,9 +327,8 @@ def _qkv(x, cos, sin, head_dim: int, norm, eps, wq, bq, wk, bk, wv, bv):
     return q, k, v
 
 
-def _attend_and_experts(x, q, keys, values, mask, sinks, scaling, wo, bo, norm, eps, router_w, router_b,
-                        gate_up, gate_up_bias, down, down_bias, top_k: int, limit: float, alpha: float, grouped: bool):
-    """The rest of a layer after the cache write: attention with sinks over the cache rows, then the experts."""
+def _attend(q, keys, values, mask, sinks, scaling: float, wo):
+    """Attention with sinks over the cache rows, through o_proj without its bias: under tp, a partial sum."""
     batch, heads, width, head_dim = q.shape
     kv_heads = keys.shape[1]
     q = q.view(batch, kv_heads, heads // kv_heads, width, head_dim)
@@ -299,32 +336,46 @@ def _attend_and_experts(x, q, keys, values, mask, sinks, scaling, wo, bo, norm, 
     sink = sinks.float().view(1, kv_heads, heads // kv_heads, 1, 1).expand(batch, -1, -1, width, 1)
     probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
     out = torch.einsum("bkgts,bksd->bkgtd", probs.to(values.dtype), values)
-    x = x + F.linear(out.reshape(batch, heads, width, head_dim).transpose(1, 2).reshape(batch, width, -1), wo, bo)
-    h = _rms_norm(x, norm, eps).reshape(batch * width, -1)
-    return x + _experts(h, router_w, router_b, gate_up, gate_up_bias, down, down_bias, top_k, limit, alpha, grouped).view_as(x)
+    return F.linear(out.reshape(batch, heads, width, head_dim).transpose(1, 2).reshape(batch, width, -1), wo)
 
 
-def _experts(x, router_w, router_b, gate_up, gate_up_bias, down, down_bias, top_k: int, limit: float, alpha: float, grouped: bool):
+def _experts_block(x, attended, eps: float, bo, norm, router_w, router_b, gate_up, gate_up_bias, down, down_bias,
+                   first_expert: int, top_k: int, limit: float, alpha: float, grouped: bool):
+    """The residual after attention, and the experts' output for it (under ep, this rank's experts' part)."""
+    x = x + attended + bo
+    batch, width, hidden = x.shape
+    h = _rms_norm(x, norm, eps).reshape(batch * width, hidden)
+    return x, _experts(h, router_w, router_b, gate_up, gate_up_bias, down, down_bias, first_expert, top_k, limit, alpha, grouped).view_as(x)
+
+
+def _experts(x, router_w, router_b, gate_up, gate_up_bias, down, down_bias, first_expert: int, top_k: int,
+             limit: float, alpha: float, grouped: bool):
     """Each token through its top-k experts (softmax over the chosen k, as GptOssTopKRouter): rows sorted by
-    expert, one grouped GEMM per projection, then each token's rows weighted and summed."""
+    expert, one grouped GEMM per projection, then each token's rows weighted and summed. This rank holds the
+    experts [first_expert, first_expert + len(gate_up)); rows routed elsewhere sort last and count zero."""
     top, chosen = torch.topk(F.linear(x, router_w, router_b), top_k, dim=-1)
-    weights = torch.softmax(top, dim=1, dtype=top.dtype)
-    flat = chosen.reshape(-1)
+    weights = torch.softmax(top, dim=1, dtype=top.dtype).reshape(-1)
+    local = gate_up.shape[0]
+    flat = chosen.reshape(-1) - first_expert
+    here = (flat >= 0) & (flat < local)
+    flat = torch.where(here, flat, local)
     order = torch.argsort(flat, stable=True)
     token = order // top_k
-    expert = flat[order]
+    expert = flat[order].clamp(max=local - 1)
     rows = x[token]
     if grouped:
-        counts = torch.zeros(gate_up.shape[0], dtype=torch.int32, device=x.device).scatter_add_(0, flat.int(), torch.ones_like(flat, dtype=torch.int32))
-        offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+        counts = torch.zeros(local + 1, dtype=torch.int32, device=x.device).scatter_add_(0, flat.int(), torch.ones_like(flat, dtype=torch.int32))
+        offsets = torch.cumsum(counts[:local], 0, dtype=torch.int32)
         hidden = _swiglu(GROUPED_MM(rows, gate_up, offs=offsets) + gate_up_bias[expert], limit, alpha)
         out = GROUPED_MM(hidden, down, offs=offsets) + down_bias[expert]
     else:  # one matmul pair per expert hit (a host sync each): float32 on GPU, or no grouped_mm
-        out = torch.empty_like(rows)
-        for e in expert.unique().tolist():
-            hit = expert == e
-            out[hit] = _swiglu(rows[hit] @ gate_up[e] + gate_up_bias[e], limit, alpha) @ down[e] + down_bias[e]
-    out = out * weights.reshape(-1)[order, None].to(out.dtype)
+        out = torch.zeros_like(rows)
+        for e in flat[order].unique().tolist():
+            hit = flat[order] == e
+            if e < local:
+                out[hit] = _swiglu(rows[hit] @ gate_up[e] + gate_up_bias[e], limit, alpha) @ down[e] + down_bias[e]
+    # rows of other ranks' experts (past the last offset) hold whatever the GEMM left there: zero them.
+    out = torch.where(here[order, None], out * weights[order, None].to(out.dtype), 0)
     return torch.zeros_like(x).index_add_(0, token, out)
 
 

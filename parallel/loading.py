@@ -106,8 +106,8 @@ def plan_model(cfg: JobConfig) -> tuple[str, GptOssConfig, Layout]:
         experts=shape.num_local_experts,
         layers=shape.num_hidden_layers,
     )
-    if cfg.engine.mode == "always" and layout.replica_size > 1:
-        raise LayoutError(f"engine.mode=always: the engine runs replicas of one rank (dp layouts), not {layout}; use engine.mode=auto")
+    if cfg.engine.mode == "always" and layout.pp > 1:
+        raise LayoutError(f"engine.mode=always: the engine does not run pipeline stages ({layout}); use engine.mode=auto")
     return path, shape, layout
 
 

@@ -59,11 +59,11 @@ def test_engine_is_chosen_on_gpu_only_unless_asked(tiny):
     one = Layout(dp=1, pp=1, tp=1, ep=1)
     assert choose_engine(tiny, EngineConfig(mode="auto"), one) is None  # CPU
     assert isinstance(choose_engine(tiny, EngineConfig(mode="always", slots=4), one), Engine)
-    assert choose_engine(tiny, EngineConfig(mode="always"), Layout(dp=1, pp=1, tp=2, ep=1)) is None
+    assert choose_engine(tiny, EngineConfig(mode="always"), Layout(dp=1, pp=2, tp=1, ep=1)) is None
 
 
-def test_engine_on_with_tensor_parallel_is_refused_before_loading(monkeypatch):
+def test_engine_always_with_pipeline_stages_is_refused_before_loading(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    cfg = merge_config(ROOT / "configs" / "tiny.yaml", ["parallel.tp=2", "engine.mode=always"])
+    cfg = merge_config(ROOT / "configs" / "tiny.yaml", ["parallel.pp=2", "engine.mode=always"])
     with pytest.raises(LayoutError, match="engine.mode=always"):
         plan_model(cfg)

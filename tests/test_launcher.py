@@ -54,6 +54,9 @@ LAYOUTS = [
     (2, ["parallel.ep=2"]),
     (2, ["parallel.dp=2"]),
     (2, ["parallel.dp=2", "engine.mode=always", "engine.slots=1"]),  # continuous batching through one slot
+    (2, ["parallel.tp=2", "engine.mode=always"]),
+    (2, ["parallel.ep=2", "engine.mode=always"]),
+    (4, ["parallel.tp=2", "parallel.ep=2", "parallel.dp=2", "engine.mode=always"]),
     (2, ["parallel.pp=2"]),
     (4, ["parallel.dp=2", "parallel.tp=2"]),
 ]

@@ -57,8 +57,8 @@ def stop_server(proc) -> str:
 
 @pytest.fixture(scope="module")
 def server(taught_model):
-    """tp=2, the API key from the environment."""
-    proc, url = start_server(taught_model, "parallel.tp=2", "generation.batch_size=16", env={"GPT_OSS_API_KEY": KEY})
+    """tp=2 through the engine (what a GPU gets by default), the API key from the environment."""
+    proc, url = start_server(taught_model, "parallel.tp=2", "engine.mode=always", "generation.batch_size=16", env={"GPT_OSS_API_KEY": KEY})
     yield url
     stop_server(proc)
 
@@ -205,9 +205,9 @@ def test_client_that_disconnects_frees_its_row(client, server):
 
 
 def test_sigterm_drains_requests_in_flight(taught_model):
-    """Two replicas (dp=2) on the engine: a request in flight when SIGTERM arrives is answered in full; then every
-    rank exits."""
-    proc, url = start_server(taught_model, "parallel.dp=2", "engine.mode=always")
+    """Two replicas (dp=2) on the plain path: a request in flight when SIGTERM arrives is answered in full; then
+    every rank exits."""
+    proc, url = start_server(taught_model, "parallel.dp=2", "engine.mode=never")
     api = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(api.chat.completions.create, model=str(taught_model), messages=HELLO, max_tokens=300,
@@ -218,6 +218,6 @@ def test_sigterm_drains_requests_in_flight(taught_model):
         reply = pending.result(timeout=60)
     assert reply.usage.completion_tokens == 300 and reply.choices[0].finish_reason == "length"
     out, _ = proc.communicate(timeout=60)
-    assert "draining" in out and "served 1 requests" in out and "generation: the engine" in out, out
+    assert "draining" in out and "served 1 requests" in out and "generation: plain" in out, out
     with pytest.raises(OSError):
         urllib.request.urlopen(f"{url}/health", timeout=2)
