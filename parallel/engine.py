@@ -28,8 +28,10 @@ from parallel.layout import Layout
 from parallel.log import log, warn
 
 GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-# A prefill forward holds B x heads x T x T attention scores in float32: keep them under this many bytes.
+# A prefill chunk holds B x heads x chunk x T attention scores in float32: chunks are cut to keep them under
+# this many bytes, so a long prompt is prefilled in pieces rather than running out of memory.
 PREFILL_SCORES_BYTES = 2**30
+# Prompts admitted together: at most this many tokens (padded) in one prefill.
 PREFILL_TOKENS = 16384
 
 
@@ -104,7 +106,7 @@ class Engine:
         """Logits of one new token for slots [0, len(tokens)), at their positions, through a graph if on."""
         n = tokens.shape[0]
         if not self.cuda_graphs:
-            return self.forward(tokens[:, None], slice(0, n), positions, self.max_len)[:, -1]
+            return self.forward(tokens[:, None], slice(0, n), positions, self.max_len)
         bucket = next(b for b in _buckets(self.slots) if b >= n)
         if bucket not in self.graphs:
             self.graphs[bucket] = self._capture(bucket)
@@ -126,7 +128,7 @@ class Engine:
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            logits = self.forward(tokens[:, None], slice(0, bucket), positions, self.max_len, self.compile)[:, -1]
+            logits = self.forward(tokens[:, None], slice(0, bucket), positions, self.max_len, self.compile)
         return graph, tokens, positions, logits
 
     # -- the model ----------------------------------------------------------------------------------------
@@ -146,10 +148,11 @@ class Engine:
         return qkv, attend, moe
 
     @torch.no_grad()
-    def forward(self, ids: torch.Tensor, rows, start: torch.Tensor, kv_len: int, compiled: bool = False) -> torch.Tensor:
-        """Logits for ids (B, T) of the cache rows `rows` (a slice, or a tensor of slot indices), whose first
-        token sits at position start[b]. Writes the tokens' keys and values into the cache. `compiled`: the
-        decode step's torch.compile'd pieces (one shape a bucket)."""
+    def forward(self, ids: torch.Tensor, rows, start: torch.Tensor, kv_len: int, compiled: bool = False,
+                take: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, vocab) after token take[b] (default: the last) of ids (B, T), for the cache rows `rows` (a
+        slice, or a tensor of slot indices), whose first token sits at position start[b]. Writes the tokens'
+        keys and values into the cache. `compiled`: the decode step's torch.compile'd pieces."""
         batch, width = ids.shape
         inner = self.model.model
         qkv, attend, experts_block = self._compiled if compiled else (_qkv, _attend, _experts_block)
@@ -178,6 +181,7 @@ class Engine:
             if self.ep:
                 dist.all_reduce(moe, group=self.group)
             x = x + moe
+        x = x[:, -1] if take is None else x[torch.arange(batch, device=ids.device), take]
         return self.model.lm_head(inner.norm(x))
 
     # -- continuous batching ------------------------------------------------------------------------------
@@ -260,21 +264,29 @@ class Engine:
                 break
             width = max(len(prompts[r]) for r in [*admitted.values(), waiting[0]])
             count = len(admitted) + 1
-            if admitted and (count * width > PREFILL_TOKENS or count * self.heads * width * width * 4 > PREFILL_SCORES_BYTES):
+            if admitted and count * width > PREFILL_TOKENS:
                 break
             admitted[slot] = waiting.pop(0)
             slot_row[slot] = admitted[slot]
         return admitted
 
     def _prefill(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
-        """Right-padded prompts into their slots; the logits after each one's last token. Padding writes keys
-        past a prompt's end, which decoding overwrites before any query can see them."""
+        """Right-padded prompts into their slots, in chunks of positions small enough for the attention scores;
+        the logits after each one's last token. Padding writes keys past a prompt's end, which decoding
+        overwrites before any query can see them."""
         width = max(map(len, prompts))
         ids = torch.tensor([p + [0] * (width - len(p)) for p in prompts], device=self.device)
         rows = torch.tensor(slots, device=self.device)
-        logits = self.forward(ids, rows, torch.zeros(len(prompts), dtype=torch.long, device=self.device), width)
         last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
-        return logits[torch.arange(len(prompts), device=self.device), last]
+        chunk = max(16, min(width, PREFILL_SCORES_BYTES // (len(prompts) * self.heads * width * 4)))
+        logits = None
+        for begin in range(0, width, chunk):
+            end = min(begin + chunk, width)
+            start = torch.full((len(prompts),), begin, dtype=torch.long, device=self.device)
+            out = self.forward(ids[:, begin:end], rows, start, end, take=(last - begin).clamp(0, end - begin - 1))
+            ends_here = ((last >= begin) & (last < end))[:, None]
+            logits = out if logits is None else torch.where(ends_here, out, logits)
+        return logits
 
     @staticmethod
     def _sample(logits: torch.Tensor, gen: GenerationConfig, generator: torch.Generator) -> torch.Tensor:

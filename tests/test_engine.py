@@ -7,6 +7,7 @@ import torch
 from transformers import GptOssForCausalLM
 
 from parallel.config import EngineConfig, GenerationConfig, merge_config
+import parallel.engine as engine_module
 from parallel.engine import Engine, choose_engine
 from parallel.generation import generate
 from parallel.harmony import pad_token_id, render_prompt, stop_tokens
@@ -36,6 +37,14 @@ def test_engine_gives_the_plain_paths_greedy_tokens_with_fewer_slots_than_prompt
     assert [c.tokens for c in fast] == [c.tokens for c in plain]
     assert [c.finish_reason for c in fast] == [c.finish_reason for c in plain]
     assert timing.first_token_s > 0
+
+
+def test_prompts_prefilled_in_chunks_give_the_same_tokens(enc, tiny, monkeypatch):
+    monkeypatch.setattr(engine_module, "PREFILL_SCORES_BYTES", 1)  # chunks of 16 positions, the smallest
+    prompts, stop = prompts_of(enc, [{"prompt": t} for t in TEXTS[:4]]), stop_tokens(enc)
+    plain = [generate(tiny, [p], [12], GenerationConfig(), stop=stop, pad_id=pad_token_id(enc), seed=0)[0][0].tokens for p in prompts]
+    fast, _ = Engine(tiny, slots=4).generate(prompts, [12] * 4, GenerationConfig(), stop=stop, seed=0)
+    assert max(map(len, prompts)) > 4 * 16 and [c.tokens for c in fast] == plain
 
 
 def test_engine_ends_rows_at_harmony_stop_tokens(enc, taught_model):
