@@ -1,13 +1,10 @@
 """The engine on CPU: the same greedy tokens as the plain path, continuous batching, stops, cancellation, choice."""
 
-import json
-
 import pytest
-import torch
 from transformers import GptOssForCausalLM
 
-from parallel.config import EngineConfig, GenerationConfig, merge_config
 import parallel.engine as engine_module
+from parallel.config import EngineConfig, GenerationConfig, merge_config
 from parallel.engine import Engine, choose_engine
 from parallel.generation import generate
 from parallel.harmony import pad_token_id, render_prompt, stop_tokens
@@ -45,6 +42,13 @@ def test_prompts_prefilled_in_chunks_give_the_same_tokens(enc, tiny, monkeypatch
     plain = [generate(tiny, [p], [12], GenerationConfig(), stop=stop, pad_id=pad_token_id(enc), seed=0)[0][0].tokens for p in prompts]
     fast, _ = Engine(tiny, slots=4).generate(prompts, [12] * 4, GenerationConfig(), stop=stop, seed=0)
     assert max(map(len, prompts)) > 4 * 16 and [c.tokens for c in fast] == plain
+
+
+def test_sampling_is_reproducible_for_a_seed(enc, tiny):
+    prompts, gen = prompts_of(enc, [{"prompt": t} for t in TEXTS[:3]]), GenerationConfig(temperature=1.0, top_p=0.9)
+    engine = Engine(tiny, slots=2)
+    runs = [[c.tokens for c in engine.generate(prompts, [16] * 3, gen, stop={}, seed=seed)[0]] for seed in (7, 7, 8)]
+    assert runs[0] == runs[1] != runs[2]
 
 
 def test_engine_ends_rows_at_harmony_stop_tokens(enc, taught_model):
