@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     engine = choose_engine(model, cfg.engine, layout, mesh.replica_group)
     if server:
+        batcher.joins = engine is not None
         batcher.start()
         server.start()
     serve_batches(mesh, store, model, engine, enc, cfg.generation)

@@ -6,7 +6,8 @@ Like the batch launcher's coordinator, all of it goes through the job's c10d sto
   step/{k}/{i}   the i-th step of batch k: [row, token] pairs of the rows that made one; {"end": true} last
   cancel/{k}     rows of batch k whose clients went away, appended as "row,"; ncancel/{k} counts them
 Rank 0 publishes a batch only when a replica is free, so requests that arrive while every replica is busy
-wait and then run together.
+wait and then run together. With the engine, a replica is never full: a batch published while it runs joins
+the engine's rows at once (continuous batching across requests), so rank 0 publishes whatever waits.
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ class Batcher(threading.Thread):
         self.in_flight = 0
         self.next_batch = 0
         self.stopping = False
+        self.joins = False  # set when the replicas run the engine, which takes new batches while it runs
         self.stats = {"batches": 0, "largest_batch": 0, "requests": 0}
 
     def submit(self, job: Job) -> None:
@@ -107,7 +109,7 @@ class Batcher(threading.Thread):
     def run(self) -> None:
         while True:
             with self.cond:
-                self.cond.wait_for(lambda: self.stopping or (self.waiting and self.in_flight < self.replicas))
+                self.cond.wait_for(lambda: self.stopping or (self.waiting and (self.joins or self.in_flight < self.replicas)))
                 if self.stopping:
                     return
                 # Requests sent together (a client's concurrent calls) should share the batch.
@@ -182,14 +184,18 @@ class Batcher(threading.Thread):
 
 
 def serve_batches(mesh: Mesh, store: dist.Store, model, engine: Engine | None, enc: HarmonyEncoding, gen: GenerationConfig) -> None:
-    """Every rank: run the batches this replica claims until it claims a stop."""
-    claimed = None
+    """Every rank: run the batches this replica claims until it claims a stop. With the engine, batches published
+    while one runs join it (continuous batching across requests); one it claims but cannot join comes back as
+    `held` and runs next."""
+    claimed = held = None
     while True:
         work = [None]
         if mesh.is_leader:
-            if claimed is None:
+            if held is None and claimed is None:
                 claimed = store.add("serve/next", 1) - 1
-            if _appears(store, f"serve/batch/{claimed}", IDLE_BEAT_S):
+            if held is not None:
+                work, held = [held], None
+            elif _appears(store, f"serve/batch/{claimed}", IDLE_BEAT_S):
                 work, claimed = [(claimed, json.loads(store.get(f"serve/batch/{claimed}")))], None
             else:  # nothing yet: say so, so that the replica's next collective is not late
                 work = ["idle"]
@@ -200,7 +206,9 @@ def serve_batches(mesh: Mesh, store: dist.Store, model, engine: Engine | None, e
         k, batch = work[0]
         if batch.get("stop"):
             return
-        _run_batch(mesh, store, model, engine, enc, gen, k, batch)
+        run = _Run(mesh, store, model, engine, enc, gen, k, batch, claimed)
+        run.go()
+        claimed, held = run.claimed, run.held
 
 
 def _appears(store: dist.Store, key: str, within_s: float) -> bool:
@@ -213,41 +221,82 @@ def _appears(store: dist.Store, key: str, within_s: float) -> bool:
     return True
 
 
-def _run_batch(mesh: Mesh, store: dist.Store, model, engine: Engine | None, enc: HarmonyEncoding, gen: GenerationConfig, k: int,
-               batch: dict) -> None:
-    sampling = Sampling(**batch["sampling"])
-    steps = itertools.count()
-    seen_cancels = 0
-    cancelled = [False] * len(batch["prompts"])
+class _Run:
+    """One generate call on a replica: batch k, plus (engine only) the batches of the same sampling that are
+    published while it runs. Engine rows are numbered across the joined batches; `rows` maps them back."""
 
-    def on_step(tokens: list[tuple[int, int]]) -> None:
-        store.set(f"serve/step/{k}/{next(steps)}", json.dumps({"tokens": tokens}))
+    def __init__(self, mesh: Mesh, store: dist.Store, model, engine: Engine | None, enc: HarmonyEncoding,
+                 gen: GenerationConfig, k: int, batch: dict, claimed: int | None):
+        self.mesh, self.store, self.model, self.engine, self.enc, self.gen = mesh, store, model, engine, enc, gen
+        self.k, self.batch, self.sampling = k, batch, Sampling(**batch["sampling"])
+        self.claimed, self.held = claimed, None  # the leader's claim on the next batch, and one it could not join
+        self.rows: list[tuple[int, int]] = []  # run row -> (batch, row in it)
+        self.steps: dict[int, itertools.count] = {}
+        self.cancels_seen: dict[int, int] = {}
+        self.first_row: dict[int, int] = {}
+        self.cancelled: list[bool] = []
 
-    def check_cancelled() -> list[bool]:
-        nonlocal seen_cancels
-        if mesh.is_leader and store.add(f"serve/ncancel/{k}", 0) != seen_cancels:
-            rows = store.get(f"serve/cancel/{k}").decode().rstrip(",").split(",")
-            seen_cancels = len(rows)
-            for row in rows:
-                cancelled[int(row)] = True
-        if mesh.replica_group is None:
-            return cancelled
-        mask = torch.tensor(cancelled, device=model.device)
-        dist.broadcast(mask, src=mesh.leader, group=mesh.replica_group)
+    def _add(self, k: int, batch: dict) -> list[tuple[list[int], int]]:
+        self.first_row[k], self.steps[k], self.cancels_seen[k] = len(self.rows), itertools.count(), 0
+        self.rows += [(k, r) for r in range(len(batch["prompts"]))]
+        self.cancelled += [False] * len(batch["prompts"])
+        return list(zip(batch["prompts"], batch["max_tokens"]))
+
+    def go(self) -> None:
+        rows = self._add(self.k, self.batch)
+        prompts, limits = [p for p, _ in rows], [n for _, n in rows]
+        gen = replace(self.gen, temperature=self.sampling.temperature, top_p=self.sampling.top_p)
+        hooks = dict(stop={} if self.sampling.ignore_eos else stop_tokens(self.enc), seed=self.gen.seed + self.k,
+                     on_step=self.on_step if self.mesh.is_leader else None, cancelled=self.check_cancelled)
+        end = {"end": True}
+        try:
+            if self.engine:
+                self.engine.generate(prompts, limits, gen, incoming=self.incoming, **hooks)
+            else:
+                generate(self.model, prompts, limits, gen, pad_id=pad_token_id(self.enc), **hooks)
+        except torch.OutOfMemoryError as e:  # these requests fail; the server keeps serving
+            error(f"batches {sorted(self.steps)} failed: {e}")
+            end["error"] = f"out of memory: {e}"
+            torch.cuda.empty_cache()
+        if self.mesh.is_leader:
+            for k, steps in self.steps.items():
+                self.store.set(f"serve/step/{k}/{next(steps)}", json.dumps(end))
+
+    def on_step(self, pairs: list[tuple[int, int]]) -> None:
+        by_batch: dict[int, list] = {}
+        for row, token in pairs:
+            k, r = self.rows[row]
+            by_batch.setdefault(k, []).append((r, token))
+        for k, tokens in by_batch.items():
+            self.store.set(f"serve/step/{k}/{next(self.steps[k])}", json.dumps({"tokens": tokens}))
+
+    def incoming(self) -> list[tuple[list[int], int]]:
+        """A batch published since the last step joins if it samples the same way; any other is held for later."""
+        new = [None]
+        if self.mesh.is_leader and self.held is None:
+            if self.claimed is None:
+                self.claimed = self.store.add("serve/next", 1) - 1
+            if self.store.check([f"serve/batch/{self.claimed}"]):
+                batch = json.loads(self.store.get(f"serve/batch/{self.claimed}"))
+                if batch.get("stop") or Sampling(**batch["sampling"]) != self.sampling:
+                    self.held = (self.claimed, batch)
+                else:
+                    new = [(self.claimed, batch)]
+                self.claimed = None
+        if self.mesh.replica_group is not None:
+            dist.broadcast_object_list(new, src=self.mesh.leader, group=self.mesh.replica_group)
+        return self._add(*new[0]) if new[0] else []
+
+    def check_cancelled(self) -> list[bool]:
+        if self.mesh.is_leader:
+            for k, seen in self.cancels_seen.items():
+                if self.store.add(f"serve/ncancel/{k}", 0) != seen:
+                    rows = self.store.get(f"serve/cancel/{k}").decode().rstrip(",").split(",")
+                    self.cancels_seen[k] = len(rows)
+                    for r in rows:
+                        self.cancelled[self.first_row[k] + int(r)] = True
+        if self.mesh.replica_group is None:
+            return self.cancelled
+        mask = torch.tensor(self.cancelled, device=self.model.device)
+        dist.broadcast(mask, src=self.mesh.leader, group=self.mesh.replica_group)
         return mask.tolist()
-
-    end = {"end": True}
-    args = (batch["prompts"], batch["max_tokens"], replace(gen, temperature=sampling.temperature, top_p=sampling.top_p))
-    hooks = dict(stop={} if sampling.ignore_eos else stop_tokens(enc), seed=gen.seed + k,
-                 on_step=on_step if mesh.is_leader else None, cancelled=check_cancelled)
-    try:
-        if engine:
-            engine.generate(*args, **hooks)
-        else:
-            generate(model, *args, pad_id=pad_token_id(enc), **hooks)
-    except torch.OutOfMemoryError as e:  # this batch's requests fail; the server keeps serving
-        error(f"batch {k} failed: {e}")
-        end["error"] = f"out of memory: {e}"
-        torch.cuda.empty_cache()
-    if mesh.is_leader:
-        store.set(f"serve/step/{k}/{next(steps)}", json.dumps(end))

@@ -197,11 +197,15 @@ class Engine:
         seed: int,
         on_step: Callable[[list[tuple[int, int]]], None] | None = None,
         cancelled: Callable[[], list[bool]] | None = None,
+        incoming: Callable[[], list[tuple[list[int], int]]] | None = None,
     ) -> tuple[list[Completion], Timing]:
         """Like generation.generate, with continuous batching: up to `slots` rows decode together, and a row
         that ends hands its slot to the next prompt. `on_step` gets each step's (row, token) pairs; rows that
-        `cancelled()` names end at once. Timing.first_token_s is the mean over rows of their first token's time."""
+        `cancelled()` names end at once; `incoming()` hands over more (prompt, max_new_tokens) rows while it
+        runs (a server's new requests), numbered on from the last. Every rank of a replica must see the same
+        from `cancelled` and `incoming`. Timing.first_token_s is the mean over rows of their first token's time."""
         start = time.perf_counter()
+        prompts, max_new_tokens = list(prompts), list(max_new_tokens)
         self.reserve(max(len(p) + n for p, n in zip(prompts, max_new_tokens)))
         generator = torch.Generator(self.device).manual_seed(seed)
         waiting = list(range(len(prompts)))
@@ -228,24 +232,33 @@ class Engine:
                 if token in stop or len(tokens[row]) >= max_new_tokens[row]:
                     finish(slot)
 
-        while waiting or any(r is not None for r in slot_row):
+        while True:
+            for prompt, limit in incoming() if incoming else []:
+                prompts.append(prompt)
+                max_new_tokens.append(limit)
+                tokens.append([])
+                first.append(0.0)
+                waiting.append(len(prompts) - 1)
             if cancelled:
                 gone = cancelled()
                 waiting = [r for r in waiting if not gone[r]]
                 for slot, row in enumerate(slot_row):
                     if row is not None and gone[row]:
                         finish(slot)
+            busy = any(r is not None for r in slot_row)
+            if not waiting and not busy:
+                break
+            if waiting and not busy:  # a row longer than the cache: grow it while no sequence lives in it
+                self.reserve(len(prompts[waiting[0]]) + max_new_tokens[waiting[0]])
             free = [s for s, r in enumerate(slot_row) if r is None]
-            if waiting and free:
-                admitted = self._admit(waiting, free, prompts, slot_row)
+            admitted = self._admit(waiting, free, prompts, max_new_tokens, slot_row) if waiting and free else {}
+            if admitted:
                 logits = self._prefill([prompts[r] for r in admitted.values()], list(admitted))
                 chosen = self._sample(logits, gen, generator).tolist()
                 for slot, token in zip(admitted, chosen):
                     position[slot], next_token[slot], alive[slot] = len(prompts[slot_row[slot]]), token, 1
                 emit(list(zip(admitted, chosen)))
                 continue
-            if not any(r is not None for r in slot_row):
-                break
             live = max(s for s, r in enumerate(slot_row) if r is not None) + 1
             logits = self._decode(next_token[:live], position[:live])
             chosen = self._sample(logits, gen, generator)
@@ -255,12 +268,12 @@ class Engine:
         completions = [_cut(t, n, stop) for t, n in zip(tokens, max_new_tokens)]
         return completions, Timing(first_token_s=sum(first) / len(first), batch_s=time.perf_counter() - start)
 
-    def _admit(self, waiting: list[int], free: list[int], prompts, slot_row) -> dict[int, int]:
-        """Waiting rows into free slots, as many as one prefill forward holds (lowest slots first, so the
-        decode graphs stay small)."""
+    def _admit(self, waiting: list[int], free: list[int], prompts, limits, slot_row) -> dict[int, int]:
+        """Waiting rows into free slots, in order, as many as one prefill holds and the cache fits (lowest slots
+        first, so the decode graphs stay small)."""
         admitted: dict[int, int] = {}
         for slot in free:
-            if not waiting:
+            if not waiting or len(prompts[waiting[0]]) + limits[waiting[0]] >= self.max_len:
                 break
             width = max(len(prompts[r]) for r in [*admitted.values(), waiting[0]])
             count = len(admitted) + 1

@@ -51,6 +51,17 @@ def test_sampling_is_reproducible_for_a_seed(enc, tiny):
     assert runs[0] == runs[1] != runs[2]
 
 
+def test_rows_handed_over_while_running_are_generated_and_grow_the_cache(enc, tiny):
+    prompts, stop = prompts_of(enc, [{"prompt": t} for t in TEXTS[:3]]), stop_tokens(enc)
+    limits = [5, 8, 300]  # the last needs a longer cache than the first two: it waits for them, then it grows
+    late = [[(prompts[1], limits[1]), (prompts[2], limits[2])]]
+    calls = iter([[], [], *late])
+    engine = Engine(tiny, slots=2)
+    fast, _ = engine.generate(prompts[:1], limits[:1], GenerationConfig(), stop=stop, seed=0, incoming=lambda: next(calls, []))
+    plain = [generate(tiny, [p], [n], GenerationConfig(), stop=stop, pad_id=pad_token_id(enc), seed=0)[0][0].tokens for p, n in zip(prompts, limits)]
+    assert [c.tokens for c in fast] == plain and engine.max_len > 256
+
+
 def test_engine_ends_rows_at_harmony_stop_tokens(enc, taught_model):
     model = GptOssForCausalLM.from_pretrained(taught_model).eval()
     lessons = [(obj, enc.encode(text, allowed_special="all")) for obj, text in LESSONS]

@@ -192,6 +192,17 @@ def test_wrong_api_key_is_refused(client, server):
     assert code == 401 and reply["error"]["code"] == "invalid_api_key"
 
 
+def test_a_request_joins_while_a_long_one_is_generating(client):
+    """Continuous batching across requests: the short request does not wait for the long one to end."""
+    api, model = client
+    long = api.chat.completions.create(model=model, messages=HELLO, max_tokens=3000, stream=True, extra_body={"ignore_eos": True})
+    with ThreadPoolExecutor(1) as pool:
+        streamed = pool.submit(lambda: sum(1 for _ in long))
+        short = api.chat.completions.create(model=model, messages=HELLO, max_tokens=20, extra_body={"ignore_eos": True})
+        assert short.usage.completion_tokens == 20 and not streamed.done()
+        long.close()
+
+
 def test_client_that_disconnects_frees_its_row(client, server):
     api, model = client
     stream = api.chat.completions.create(model=model, messages=HELLO, max_tokens=3000, stream=True, extra_body={"ignore_eos": True})
