@@ -18,7 +18,6 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -59,12 +58,6 @@ class Job:
     batch: int | None = None
     row: int = 0
     cancelled: bool = False
-
-    def tokens(self) -> Iterator[int]:
-        """Yields the tokens as they come and returns the finish reason."""
-        while isinstance(event := self.events.get(), int):
-            yield event
-        return event
 
 
 class Batcher(threading.Thread):
