@@ -19,8 +19,8 @@ import torch.distributed as dist
 
 from parallel.config import ConfigError, load_config, to_yaml
 from parallel.coordinator import Totals, Watchdog, Writer, exit_on_signals, open_store, publish, serve_replica
-from parallel.engine import choose_engine
-from parallel.harmony import encoding
+from parallel.engine import choose_generator
+from parallel.harmony import encoding, pad_token_id
 from parallel.layout import LayoutError
 from parallel.loading import load_model, plan_model
 from parallel.log import error, log
@@ -71,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     if mesh.rank == 0:
         writer = Writer(out, len(batches), n_requests, cfg.runtime.collective_timeout_s, cfg.output.echo, cfg.runtime.progress)
         writer.start()
-    engine = choose_engine(model, cfg.engine, layout, mesh.replica_group)
-    serve_replica(mesh, store, batch_runner(model, engine, enc, cfg.generation, cfg.output.raw))
+    generator = choose_generator(model, cfg.engine, layout, pad_token_id(enc), mesh.replica_group)
+    serve_replica(mesh, store, batch_runner(generator, enc, cfg.generation, cfg.output.raw))
     store.set(f"peak_gib/{mesh.rank}", str(peak_memory_gib(device)))
 
     if writer:

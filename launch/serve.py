@@ -19,8 +19,8 @@ import torch.distributed as dist
 from parallel.batcher import Batcher, serve_batches
 from parallel.config import ConfigError, load_config
 from parallel.coordinator import Watchdog, open_store
-from parallel.engine import choose_engine
-from parallel.harmony import encoding
+from parallel.engine import choose_generator
+from parallel.harmony import encoding, pad_token_id
 from parallel.layout import LayoutError
 from parallel.loading import load_model, plan_model
 from parallel.log import error, log
@@ -58,12 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as e:  # e.g. model.mxfp4=require where only dequantizing is possible
         error(str(e))
         return 2
-    engine = choose_engine(model, cfg.engine, layout, mesh.replica_group)
+    generator = choose_generator(model, cfg.engine, layout, pad_token_id(enc), mesh.replica_group)
     if server:
-        batcher.joins = engine is not None
+        batcher.joins = generator.joins
         batcher.start()
         server.start()
-    serve_batches(mesh, store, model, engine, enc, cfg.generation)
+    serve_batches(mesh, store, generator, enc, cfg.generation)
 
     if server:
         log(f"served {batcher.status()['requests']} requests in {batcher.status()['batches']} batches")

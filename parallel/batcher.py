@@ -27,8 +27,8 @@ from openai_harmony import HarmonyEncoding
 from parallel.config import GenerationConfig
 from parallel.coordinator import open_store
 from parallel.engine import Engine
-from parallel.generation import generate
-from parallel.harmony import pad_token_id, stop_tokens
+from parallel.generation import Plain
+from parallel.harmony import stop_tokens
 from parallel.log import error
 from parallel.mesh import Mesh
 
@@ -176,7 +176,7 @@ class Batcher(threading.Thread):
                 self.store.set(f"serve/batch/{k}", json.dumps({"stop": True}))
 
 
-def serve_batches(mesh: Mesh, store: dist.Store, model, engine: Engine | None, enc: HarmonyEncoding, gen: GenerationConfig) -> None:
+def serve_batches(mesh: Mesh, store: dist.Store, generator: Engine | Plain, enc: HarmonyEncoding, gen: GenerationConfig) -> None:
     """Every rank: run the batches this replica claims until it claims a stop. With the engine, batches published
     while one runs join it (continuous batching across requests); one it claims but cannot join comes back as
     `held` and runs next."""
@@ -199,7 +199,7 @@ def serve_batches(mesh: Mesh, store: dist.Store, model, engine: Engine | None, e
         k, batch = work[0]
         if batch.get("stop"):
             return
-        run = _Run(mesh, store, model, engine, enc, gen, k, batch, claimed)
+        run = _Run(mesh, store, generator, enc, gen, k, batch, claimed)
         run.go()
         claimed, held = run.claimed, run.held
 
@@ -218,9 +218,9 @@ class _Run:
     """One generate call on a replica: batch k, plus (engine only) the batches of the same sampling that are
     published while it runs. Engine rows are numbered across the joined batches; `rows` maps them back."""
 
-    def __init__(self, mesh: Mesh, store: dist.Store, model, engine: Engine | None, enc: HarmonyEncoding,
+    def __init__(self, mesh: Mesh, store: dist.Store, generator: Engine | Plain, enc: HarmonyEncoding,
                  gen: GenerationConfig, k: int, batch: dict, claimed: int | None):
-        self.mesh, self.store, self.model, self.engine, self.enc, self.gen = mesh, store, model, engine, enc, gen
+        self.mesh, self.store, self.generator, self.enc, self.gen = mesh, store, generator, enc, gen
         self.k, self.batch, self.sampling = k, batch, Sampling(**batch["sampling"])
         self.claimed, self.held = claimed, None  # the leader's claim on the next batch, and one it could not join
         self.rows: list[tuple[int, int]] = []  # run row -> (batch, row in it)
@@ -241,12 +241,11 @@ class _Run:
         gen = replace(self.gen, temperature=self.sampling.temperature, top_p=self.sampling.top_p)
         hooks = dict(stop={} if self.sampling.ignore_eos else stop_tokens(self.enc), seed=self.gen.seed + self.k,
                      on_step=self.on_step if self.mesh.is_leader else None, cancelled=self.check_cancelled)
+        if self.generator.joins:
+            hooks["incoming"] = self.incoming
         end = {"end": True}
         try:
-            if self.engine:
-                self.engine.generate(prompts, limits, gen, incoming=self.incoming, **hooks)
-            else:
-                generate(self.model, prompts, limits, gen, pad_id=pad_token_id(self.enc), **hooks)
+            self.generator.generate(prompts, limits, gen, **hooks)
         except torch.OutOfMemoryError as e:  # these requests fail; the server keeps serving
             error(f"batches {sorted(self.steps)} failed: {e}")
             end["error"] = f"out of memory: {e}"
@@ -290,6 +289,6 @@ class _Run:
                         self.cancelled[self.first_row[k] + int(r)] = True
         if self.mesh.replica_group is None:
             return self.cancelled
-        mask = torch.tensor(self.cancelled, device=self.model.device)
+        mask = torch.tensor(self.cancelled, device=self.generator.device)
         dist.broadcast(mask, src=self.mesh.leader, group=self.mesh.replica_group)
         return mask.tolist()

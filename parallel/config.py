@@ -87,7 +87,7 @@ ENGINE_MODES = ("auto", "always", "never")
 
 @dataclass
 class EngineConfig:
-    # `auto`: the fast engine (parallel/engine.py) on GPU where a replica is one rank (dp layouts), else the plain
+    # `auto`: the fast engine (parallel/engine.py) on GPU for every layout but pipelines, else the plain
     # `model.generate` path; `always` also on CPU (exact there, not fast); `never`: always the plain path.
     mode: str = "auto"
     # Sequences decoded together on a replica; a finished one hands its slot to the next request of the batch.

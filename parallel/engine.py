@@ -23,7 +23,7 @@ from torch.distributed.tensor import DTensor
 from transformers.models.gpt_oss.modeling_gpt_oss import apply_rotary_pos_emb
 
 from parallel.config import EngineConfig, GenerationConfig
-from parallel.generation import Completion, Timing, _cut
+from parallel.generation import Completion, Plain, Timing, _cut
 from parallel.layout import Layout
 from parallel.log import log, warn
 
@@ -44,9 +44,11 @@ def _buckets(slots: int) -> list[int]:
 
 
 class Engine:
-    """`group`: the replica's process group when the replica spans ranks (tp and/or ep, no pp). Every rank of
+    """Generates like generation.generate, and takes new rows while it runs (`joins`). `group`: the replica's process group when the replica spans ranks (tp and/or ep, no pp). Every rank of
     the replica runs the same loop on the same tokens: attention heads and experts are this rank's shards,
     and the partial sums after o_proj (tp) and after the experts (ep) are all-reduced in the group."""
+
+    joins = True
 
     def __init__(self, model, slots: int, cuda_graphs: bool = True, compile: bool = True, group=None):
         config = model.config
@@ -313,19 +315,19 @@ class Engine:
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def choose_engine(model, cfg: EngineConfig, layout: Layout, group=None) -> Engine | None:
-    """The engine where it runs and is wanted (plan_model already refused engine.mode=always where it cannot run);
-    the log says which path generates."""
+def choose_generator(model, cfg: EngineConfig, layout: Layout, pad_id: int, group=None) -> Engine | Plain:
+    """The engine where it runs and is wanted (plan_model already refused engine.mode=always where it cannot run),
+    else the plain path; the log says which generates."""
     if cfg.mode == "never" or layout.pp > 1 or (cfg.mode == "auto" and model.device.type != "cuda"):
         why = {"never": "engine.mode=never"}.get(cfg.mode) or (
             "the engine does not run pipeline stages" if layout.pp > 1 else "engine.mode=auto uses it on GPU only")
         log(f"generation: plain model.generate ({why})")
-        return None
+        return Plain(model, pad_id)
     try:
         engine = Engine(model, cfg.slots, cfg.cuda_graphs, cfg.compile, group)
     except NotImplementedError as e:
         warn(f"generation: plain model.generate ({e})")
-        return None
+        return Plain(model, pad_id)
     log(f"generation: the engine ({engine.describe()})")
     return engine
 

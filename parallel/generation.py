@@ -93,6 +93,19 @@ def generate(
     return completions, Timing(first_token_s=steps.first or 0.0, batch_s=time.perf_counter() - steps.start)
 
 
+class Plain:
+    """The plain path behind the same interface as the engine: `model.generate` on left-padded batches. It
+    cannot take rows while it runs (`joins`)."""
+
+    joins = False
+
+    def __init__(self, model, pad_id: int):
+        self.model, self.pad_id, self.device = model, pad_id, model.device
+
+    def generate(self, prompts, max_new_tokens, gen: GenerationConfig, **hooks) -> tuple[list[Completion], Timing]:
+        return generate(self.model, prompts, max_new_tokens, gen, pad_id=self.pad_id, **hooks)
+
+
 def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids padded on the left to one width, and the attention mask that hides the padding."""
     width = max(len(p) for p in prompts)

@@ -8,8 +8,8 @@ from openai_harmony import HarmonyEncoding
 
 from parallel.config import GenerationConfig
 from parallel.engine import Engine
-from parallel.generation import generate
-from parallel.harmony import pad_token_id, parse_completion, render_prompt, stop_tokens
+from parallel.generation import Plain
+from parallel.harmony import parse_completion, render_prompt, stop_tokens
 from parallel.records import OutputFile, error_record, record_key, result_record
 from parallel.requests import Request
 
@@ -52,17 +52,13 @@ def plan_work(
     return batches, errors
 
 
-def batch_runner(model, engine: Engine | None, enc: HarmonyEncoding, gen: GenerationConfig, keep_raw: bool) -> Callable[[list[dict], int], list[dict]]:
+def batch_runner(generator: Engine | Plain, enc: HarmonyEncoding, gen: GenerationConfig, keep_raw: bool) -> Callable[[list[dict], int], list[dict]]:
     """run(batch, k): generate batch k (seeded by gen.seed and k) and turn each completion into its record."""
     stop = stop_tokens(enc)
-    pad = pad_token_id(enc)
 
     def run(batch: list[dict], k: int) -> list[dict]:
         prompts, limits = [item["prompt"] for item in batch], [item["max_new_tokens"] for item in batch]
-        if engine:
-            completions, timing = engine.generate(prompts, limits, gen, stop=stop, seed=gen.seed + k)
-        else:
-            completions, timing = generate(model, prompts, limits, gen, stop=stop, pad_id=pad, seed=gen.seed + k)
+        completions, timing = generator.generate(prompts, limits, gen, stop=stop, seed=gen.seed + k)
         return [
             result_record(
                 item["id"],

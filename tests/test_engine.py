@@ -5,8 +5,8 @@ from transformers import GptOssForCausalLM
 
 import parallel.engine as engine_module
 from parallel.config import EngineConfig, GenerationConfig, merge_config
-from parallel.engine import Engine, choose_engine
-from parallel.generation import generate
+from parallel.engine import Engine, choose_generator
+from parallel.generation import Plain, generate
 from parallel.harmony import pad_token_id, render_prompt, stop_tokens
 from parallel.layout import Layout, LayoutError
 from parallel.loading import TINY, plan_model, resolve_checkpoint
@@ -16,6 +16,7 @@ from tests.taught import LESSONS
 
 TEXTS = ["Say hello.", "What is 2+2?", "Hi", "Tell me a story about a cat that learned to fly over the sea."] * 2
 LIMITS = [24, 5, 30, 12, 7, 24, 3, 18]
+PAD = 199999
 
 
 @pytest.fixture(scope="module")
@@ -81,9 +82,9 @@ def test_cancelled_rows_end_and_waiting_ones_never_start(enc, tiny):
 
 def test_engine_is_chosen_on_gpu_only_unless_asked(tiny):
     one = Layout(dp=1, pp=1, tp=1, ep=1)
-    assert choose_engine(tiny, EngineConfig(mode="auto"), one) is None  # CPU
-    assert isinstance(choose_engine(tiny, EngineConfig(mode="always", slots=4), one), Engine)
-    assert choose_engine(tiny, EngineConfig(mode="always"), Layout(dp=1, pp=2, tp=1, ep=1)) is None
+    assert isinstance(choose_generator(tiny, EngineConfig(mode="auto"), one, PAD), Plain)  # CPU
+    assert isinstance(choose_generator(tiny, EngineConfig(mode="always", slots=4), one, PAD), Engine)
+    assert isinstance(choose_generator(tiny, EngineConfig(mode="always"), Layout(dp=1, pp=2, tp=1, ep=1), PAD), Plain)
 
 
 def test_engine_always_with_pipeline_stages_is_refused_before_loading(monkeypatch):
