@@ -60,6 +60,8 @@ class Engine:
         self.heads = _local(attn.q_proj.weight).shape[0] // self.head_dim  # this rank's share under tp
         self.kv_heads = _local(attn.k_proj.weight).shape[0] // self.head_dim
         self.tp = self.heads < config.num_attention_heads
+        if not isinstance(getattr(self.layers[0].mlp.experts, "gate_up_proj", None), torch.Tensor):
+            raise NotImplementedError("the engine runs float experts; MXFP4 experts run natively on the plain path")
         local_experts = _local(self.layers[0].mlp.experts.gate_up_proj).shape[0]
         self.ep = local_experts < config.num_local_experts
         # transformers shards the experts in order along the expert dimension of the replica's ranks.

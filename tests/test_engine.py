@@ -92,3 +92,12 @@ def test_engine_always_with_pipeline_stages_is_refused_before_loading(monkeypatc
     cfg = merge_config(ROOT / "configs" / "tiny.yaml", ["parallel.pp=2", "engine.mode=always"])
     with pytest.raises(LayoutError, match="engine.mode=always"):
         plan_model(cfg)
+
+
+def test_experts_without_float_weights_fall_back_to_the_plain_path():
+    """transformers' native MXFP4 experts hold gate_up_proj_blocks/_scales, not gate_up_proj: the engine steps aside."""
+    model = GptOssForCausalLM.from_pretrained(resolve_checkpoint(TINY)).eval()
+    experts = model.model.layers[0].mlp.experts
+    experts.gate_up_proj_blocks = experts.gate_up_proj
+    del experts.gate_up_proj
+    assert isinstance(choose_generator(model, EngineConfig(mode="always"), Layout(dp=1, pp=1, tp=1, ep=1), PAD), Plain)
