@@ -3,10 +3,10 @@
     python launch/bench.py --config configs/gpt-oss-20b.yaml --batch-sizes 1 128 --new-tokens 256 \
         --out bench.json model.path=builtin:gpt-oss-20b model.load_format=dummy
 
-For each batch size: harmony-rendered prompts (~65 tokens), every request run to exactly --new-tokens
+For each batch size: harmony-rendered prompts (~80 tokens), every request run to exactly --new-tokens
 (stop tokens ignored, so both sides make the same number of tokens), first the plain path
-(`model.generate`, left-padded, the model's own attention and experts), then the engine (parallel/engine.py),
-each after one short warm-up run. Prints a table (tokens/s, time to first token, peak memory, speed-up,
+(`model.generate`, left-padded, the model's own attention and experts), then the engine (parallel/engine.py)
+with a slot a request, once per decode attention in --attention, each after one short warm-up run. Prints a table (tokens/s, time to first token, peak memory, speed-up,
 fraction of the memory-bandwidth floor) and writes it as JSON. One GPU, the whole model (dp layouts).
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from parallel.config import merge_config
+from parallel.config import ENGINE_ATTENTIONS, merge_config
 from parallel.engine import Engine
 from parallel.generation import generate
 from parallel.harmony import encoding, pad_token_id, render_prompt
@@ -38,6 +38,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--bandwidth-tbs", type=float, default=3.35, help="the GPU's memory bandwidth, for the floor")
     parser.add_argument("--skip-plain", action="store_true", help="engine only (the plain recipe is slow)")
+    parser.add_argument("--attention", nargs="+", default=["auto"], choices=ENGINE_ATTENTIONS,
+                        help="the engine's decode attentions to measure, a column each")
     parser.add_argument("--out", type=Path)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
@@ -47,43 +49,50 @@ def main() -> None:
     _, device = init_distributed(cfg.runtime.collective_timeout_s)
     model = load_model(path, shape, cfg.model, layout, build_mesh(layout, device))
     enc = encoding()
-    engine = Engine(model, max(args.batch_sizes), cfg.engine.cuda_graphs, cfg.engine.compile)
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    log(f"{machine}; {describe(shape, model)}; engine: {engine.describe()}")
+    log(f"{machine}; {describe(shape, model)}")
 
     rows = []
     for batch in args.batch_sizes:
         prompts = [render_prompt(enc, parse_request({"prompt": PROMPT.format(i)}, 0), cfg.generation.reasoning_effort) for i in range(batch)]
         limits = [args.new_tokens] * batch
-        row = {"batch": batch, "prompt_tokens": sum(map(len, prompts)) // batch, "new_tokens": args.new_tokens}
-        paths = {"engine": lambda p, n: engine.generate(p, n, cfg.generation, stop={}, seed=0)}
+        row = {"batch": batch, "prompt_tokens": sum(map(len, prompts)) // batch, "new_tokens": args.new_tokens, "paths": {},
+               "floor_tokens_per_s": bandwidth_floor(shape, model, batch, args.bandwidth_tbs)}
         if not args.skip_plain:
-            paths["plain"] = lambda p, n: generate(model, p, n, cfg.generation, stop={}, pad_id=pad_token_id(enc), seed=0)
-        engine.reserve(row["prompt_tokens"] + 8 + args.new_tokens)  # the cache the measured run needs, before warming up
-        for name, run in paths.items():
-            run(prompts, [4] * batch)  # warm-up: lazy initialisation, graph capture, compilation, cuBLAS heuristics
-            row[name] = measure(lambda: run(prompts, limits), batch * args.new_tokens, device)
-        row["floor_tokens_per_s"] = bandwidth_floor(shape, model, batch, args.bandwidth_tbs)
-        row["engine"]["of_floor"] = round(row["engine"]["tokens_per_s"] / row["floor_tokens_per_s"], 3)
-        if "plain" in row:
-            row["speedup"] = round(row["engine"]["tokens_per_s"] / row["plain"]["tokens_per_s"], 2)
+            plain = lambda p, n: generate(model, p, n, cfg.generation, stop={}, pad_id=pad_token_id(enc), seed=0)  # noqa: E731
+            row["paths"]["plain"] = measure(plain, prompts, limits, device)
+        for attention in args.attention:
+            # A fresh engine a column, its cache sized for this run before warming up; the last one's freed first.
+            engine = Engine(model, batch, cfg.engine.cuda_graphs, cfg.engine.compile, attention=attention, cache_gib=cfg.engine.cache_gib)
+            engine.reserve(max(map(len, prompts)) + args.new_tokens)
+            name = "engine" if len(args.attention) == 1 else f"engine ({attention} attention)"
+            result = measure(lambda p, n: engine.generate(p, n, cfg.generation, stop={}, seed=0), prompts, limits, device)
+            result["of_floor"] = round(result["tokens_per_s"] / row["floor_tokens_per_s"], 3)
+            if "plain" in row["paths"]:
+                result["speedup"] = round(result["tokens_per_s"] / row["paths"]["plain"]["tokens_per_s"], 2)
+            row["paths"][name] = {**result, "engine": engine.describe()}
+            del engine
         rows.append(row)
         log(json.dumps(row))
 
     print(table(rows, machine, shape, model, args))
     if args.out:
-        args.out.write_text(json.dumps({"machine": machine, "model": describe(shape, model), "engine": engine.describe(),
+        args.out.write_text(json.dumps({"machine": machine, "model": describe(shape, model),
                                         "attention_plain": model.config._attn_implementation, "rows": rows}, indent=2) + "\n")
 
 
-def measure(run, tokens: int, device: torch.device) -> dict:
+def measure(run, prompts: list[list[int]], limits: list[int], device: torch.device) -> dict:
+    """One timed run of run(prompts, limits), after a 4-token warm-up (lazy initialisation, graph capture,
+    compilation, cuBLAS heuristics)."""
+    run(prompts, [4] * len(prompts))
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    _, timing = run()
+    _, timing = run(prompts, limits)
     seconds = time.perf_counter() - start
+    tokens = sum(limits)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
     return {"tokens_per_s": round(tokens / seconds, 1), "time_to_first_token_s": round(timing.first_token_s, 3),
             "seconds": round(seconds, 2), "peak_gib": round(peak, 1)}
@@ -113,11 +122,9 @@ def table(rows: list[dict], machine: str, shape, model, args) -> str:
              "| batch | prompt tokens | path | tokens/s | time to first token (s) | peak GiB | speed-up | of bandwidth floor |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        for name in ("plain", "engine"):
-            if name in r:
-                m = r[name]
-                extra = (f"{r.get('speedup', '-')}x", f"{m['of_floor']:.0%} of {r['floor_tokens_per_s']:.0f}") if name == "engine" else ("1x", "")
-                lines.append(f"| {r['batch']} | {r['prompt_tokens']} | {name} | {m['tokens_per_s']} | {m['time_to_first_token_s']} | {m['peak_gib']} | {extra[0]} | {extra[1]} |")
+        for name, m in r["paths"].items():
+            extra = ("1x", "") if name == "plain" else (f"{m.get('speedup', '-')}x", f"{m['of_floor']:.0%} of {r['floor_tokens_per_s']:.0f}")
+            lines.append(f"| {r['batch']} | {r['prompt_tokens']} | {name} | {m['tokens_per_s']} | {m['time_to_first_token_s']} | {m['peak_gib']} | {extra[0]} | {extra[1]} |")
     return "\n".join(lines)
 
 

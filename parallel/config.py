@@ -83,6 +83,7 @@ class RuntimeConfig:
 
 
 ENGINE_MODES = ("auto", "always", "never")
+ENGINE_ATTENTIONS = ("auto", "triton", "torch")
 
 
 @dataclass
@@ -95,6 +96,12 @@ class EngineConfig:
     cuda_graphs: bool = True
     # torch.compile the decode step's pieces inside the graphs (GPU): fewer, fused kernels a step.
     compile: bool = True
+    # Decode attention: `auto` is our Triton kernel on GPU (reads only live keys) where triton is installed,
+    # else torch; `torch` reads every cached position (the reference).
+    attention: str = "auto"
+    # GiB for the KV cache; None: the GPU's free memory after loading, less some headroom. Fewer sequences
+    # decode at a time when `slots` of the longest do not fit.
+    cache_gib: float | None = None
 
 
 @dataclass
@@ -174,6 +181,10 @@ def _check_values(job: JobConfig) -> None:
         problems.append(f"engine.mode={job.engine.mode!r} is not one of {ENGINE_MODES}")
     if job.engine.slots < 1:
         problems.append("engine.slots must be >= 1")
+    if job.engine.attention not in ENGINE_ATTENTIONS:
+        problems.append(f"engine.attention={job.engine.attention!r} is not one of {ENGINE_ATTENTIONS}")
+    if job.engine.cache_gib is not None and job.engine.cache_gib <= 0:
+        problems.append("engine.cache_gib must be > 0")
     if not 0 < job.server.port < 65536:
         problems.append(f"server.port={job.server.port} is not a TCP port")
     if job.generation.temperature < 0:

@@ -4,6 +4,9 @@ gpt-fast), with
   - the decode step captured in CUDA graphs (one per power-of-two count of slots), so a step is one launch;
   - MoE experts as one grouped GEMM per projection over the tokens sorted by expert (torch's grouped_mm),
     with the SwiGLU clamp and the routing weights applied on the sorted rows;
+  - decode attention through a Triton kernel of ours (parallel/decode_attention.py) that reads each sequence's
+    live keys only, within its window on sliding layers;
+  - a KV cache sized to the memory left after loading: fewer sequences at a time when long ones do not fit;
   - continuous batching: a row that finishes frees its slot, and the next waiting request is prefilled into it.
 It runs every layout but pipelines: a replica of one rank, or one spanning ranks with tensor-parallel
 attention and/or expert-parallel experts (this rank's shards, partial sums all-reduced in the replica).
@@ -13,6 +16,8 @@ windows, top-k router with softmax over the chosen experts, clamped SwiGLU); tes
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import time
 from collections.abc import Callable
 
@@ -33,6 +38,10 @@ GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", Non
 PREFILL_SCORES_BYTES = 2**30
 # Prompts admitted together: at most this many tokens (padded) in one prefill.
 PREFILL_TOKENS = 16384
+# GPU memory the KV cache leaves free: prefill activations (PREFILL_TOKENS rows through the experts, one chunk
+# of scores), logits, the CUDA graphs' pools, NCCL's buffers.
+CACHE_HEADROOM_BYTES = 6 * 2**30
+ATTENTIONS = ("auto", "triton", "torch")
 
 
 def _buckets(slots: int) -> list[int]:
@@ -50,11 +59,13 @@ class Engine:
 
     joins = True
 
-    def __init__(self, model, slots: int, cuda_graphs: bool = True, compile: bool = True, group=None):
+    def __init__(self, model, slots: int, cuda_graphs: bool = True, compile: bool = True, group=None,
+                 attention: str = "auto", cache_gib: float | None = None):
         config = model.config
         self.model, self.layers = model, model.model.layers
         self.device, self.dtype = model.device, model.dtype
-        self.slots, self.group = slots, group
+        self.slots, self.group, self.cache_gib = slots, group, cache_gib
+        self.rows = slots  # the slots the cache holds now: fewer than `slots` when long sequences do not all fit
         self.head_dim = config.head_dim
         attn = self.layers[0].self_attn
         self.heads = _local(attn.q_proj.weight).shape[0] // self.head_dim  # this rank's share under tp
@@ -78,6 +89,10 @@ class Engine:
         self.weights = [self._weights(i) for i in range(len(self.layers))]
         # The decode step's pieces compiled (fusing the norms, rotary, softmax, SwiGLU): GPU and grouped_mm only.
         self.compile = compile and self.cuda_graphs
+        self.kernel = _decode_kernel(attention, self.device)
+        if self.kernel:
+            from parallel.decode_attention import decode_attention
+            self._decode_attention = decode_attention
         if self.compile:
             self._compiled = (torch.compile(_qkv), torch.compile(_attend), torch.compile(_experts_block))
         self.max_len = 0
@@ -86,32 +101,52 @@ class Engine:
     def describe(self) -> str:
         moe = "grouped_mm" if self.grouped else "expert loop"
         shards = [f"{self.heads} heads a rank" if self.tp else "", "experts split" if self.ep else ""]
-        return (f"{self.slots} slots, KV cache for {self.max_len} tokens, experts via {moe}, CUDA graphs "
+        attention = "Triton kernel (live keys only)" if self.kernel else "torch (every cached position)"
+        return (f"{self.slots} slots, KV cache for {self.max_len} tokens, decode attention via {attention}, "
+                f"experts via {moe}, CUDA graphs "
                 f"{'on' if self.cuda_graphs else 'off'}, torch.compile {'on' if self.compile else 'off'}"
                 + "".join(f", {x}" for x in shards if x))
 
     # -- cache and graphs ---------------------------------------------------------------------------------
 
     def reserve(self, max_len: int) -> None:
-        """A cache for sequences of max_len tokens; growing it drops the graphs captured for the old. One spare
-        position at the end, which no sequence reaches, takes the writes of graph warm-ups."""
+        """A cache for sequences of max_len tokens, as many of them as fit (up to `slots`); growing it drops the
+        graphs captured for the old. One spare position at the end, which no sequence reaches, takes the writes
+        of graph warm-ups. Call it while no sequence lives in the cache."""
         max_len = -(-(max_len + 1) // 256) * 256
         if max_len <= self.max_len:
             return
         self.graphs.clear()
         self.k_cache = self.v_cache = None
-        torch.cuda.empty_cache() if self.device.type == "cuda" else None
-        shape = (len(self.layers), self.slots, self.kv_heads, max_len, self.head_dim)
+        per_row = 2 * len(self.layers) * self.kv_heads * max_len * self.head_dim * self.dtype.itemsize
+        budget = self._cache_budget()
+        rows = min(self.slots, budget // per_row)
+        if rows < 1:
+            raise MemoryError(f"engine: the KV cache of one {max_len}-token sequence needs {per_row / 2**30:.2f} GiB, "
+                              f"{budget / 2**30:.2f} GiB is available (engine.cache_gib; or lower generation.max_new_tokens)")
+        if rows < self.slots:
+            warn(f"engine: {self.slots} sequences of {max_len} tokens need {self.slots * per_row / 2**30:.1f} GiB of KV "
+                 f"cache, {budget / 2**30:.1f} GiB is available: {rows} decode at a time")
+        shape = (len(self.layers), rows, self.kv_heads, max_len, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.max_len = max_len
+        self.max_len, self.rows = max_len, rows
+
+    def _cache_budget(self) -> int:
+        """Bytes for the KV cache: engine.cache_gib, else on GPU what is free less CACHE_HEADROOM_BYTES."""
+        if self.cache_gib is not None:
+            return int(self.cache_gib * 2**30)
+        if self.device.type != "cuda":
+            return 2**62
+        torch.cuda.empty_cache()
+        return torch.cuda.mem_get_info(self.device)[0] - CACHE_HEADROOM_BYTES
 
     def _decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Logits of one new token for slots [0, len(tokens)), at their positions, through a graph if on."""
         n = tokens.shape[0]
         if not self.cuda_graphs:
             return self.forward(tokens[:, None], slice(0, n), positions, self.max_len)
-        bucket = next(b for b in _buckets(self.slots) if b >= n)
+        bucket = next(b for b in _buckets(self.rows) if b >= n)
         if bucket not in self.graphs:
             self.graphs[bucket] = self._capture(bucket)
         graph, static_tokens, static_positions, logits = self.graphs[bucket]
@@ -164,13 +199,9 @@ class Engine:
         x = inner.embed_tokens(ids)
         positions = start[:, None] + torch.arange(width, device=ids.device)
         cos, sin = inner.rotary_emb(x, positions)
-        keys = torch.arange(kv_len, device=ids.device)
-        causal = keys <= positions[..., None]  # (B, T, kv_len)
-        masks = {}
-        for window in set(self.windows):
-            allowed = causal if window is None else causal & (keys > positions[..., None] - window)
-            masks[window] = torch.zeros(allowed.shape, dtype=torch.float32, device=ids.device).masked_fill_(~allowed, float("-inf"))
-        index = torch.arange(self.slots, device=ids.device)[rows] if isinstance(rows, slice) else rows
+        kernel = self.kernel and width == 1 and isinstance(rows, slice)  # a decode step over slots [a, b)
+        masks = {} if kernel else self._masks(positions, kv_len)
+        index = torch.arange(self.rows, device=ids.device)[rows] if isinstance(rows, slice) else rows
         for i in range(len(self.layers)):
             weights_qkv, weights_attend, weights_moe = self.weights[i]
             q, k, v = qkv(x, cos, sin, self.head_dim, eps, *weights_qkv)
@@ -178,7 +209,13 @@ class Engine:
             # graph mutates the cache or holds a collective.
             self.k_cache[i][index[:, None], :, positions] = k.transpose(1, 2)
             self.v_cache[i][index[:, None], :, positions] = v.transpose(1, 2)
-            out = attend(q, self.k_cache[i][rows, :, :kv_len], self.v_cache[i][rows, :, :kv_len], masks[self.windows[i]], *weights_attend)
+            if kernel:
+                sinks, scaling, wo = weights_attend
+                out = self._decode_attention(q[:, :, 0], self.k_cache[i][rows], self.v_cache[i][rows], start + 1, sinks,
+                                             scaling, self.windows[i])
+                out = F.linear(out.reshape(batch, 1, -1), wo)
+            else:
+                out = attend(q, self.k_cache[i][rows, :, :kv_len], self.v_cache[i][rows, :, :kv_len], masks[self.windows[i]], *weights_attend)
             if self.tp:
                 dist.all_reduce(out, group=self.group)
             x, moe = experts_block(x, out, eps, *weights_moe)
@@ -187,6 +224,16 @@ class Engine:
             x = x + moe
         x = x[:, -1] if take is None else x[torch.arange(batch, device=ids.device), take]
         return self.model.lm_head(inner.norm(x))
+
+    def _masks(self, positions: torch.Tensor, kv_len: int) -> dict[int | None, torch.Tensor]:
+        """Additive masks (B, T, kv_len) for torch attention, one per window size: causal, and within the window."""
+        keys = torch.arange(kv_len, device=positions.device)
+        causal = keys <= positions[..., None]
+        masks = {}
+        for window in set(self.windows):
+            allowed = causal if window is None else causal & (keys > positions[..., None] - window)
+            masks[window] = torch.zeros(allowed.shape, dtype=torch.float32, device=positions.device).masked_fill_(~allowed, float("-inf"))
+        return masks
 
     # -- continuous batching ------------------------------------------------------------------------------
 
@@ -254,7 +301,7 @@ class Engine:
                 break
             if waiting and not busy:  # a row longer than the cache: grow it while no sequence lives in it
                 self.reserve(len(prompts[waiting[0]]) + max_new_tokens[waiting[0]])
-            free = [s for s, r in enumerate(slot_row) if r is None]
+            free = [s for s in range(self.rows) if slot_row[s] is None]
             admitted = self._admit(waiting, free, prompts, max_new_tokens, slot_row) if waiting and free else {}
             if admitted:
                 logits = self._prefill([prompts[r] for r in admitted.values()], list(admitted))
@@ -326,7 +373,7 @@ def choose_generator(model, cfg: EngineConfig, layout: Layout, pad_id: int, grou
         log(f"generation: plain model.generate ({why})")
         return Plain(model, pad_id)
     try:
-        engine = Engine(model, cfg.slots, cfg.cuda_graphs, cfg.compile, group)
+        engine = Engine(model, cfg.slots, cfg.cuda_graphs, cfg.compile, group, cfg.attention, cfg.cache_gib)
     except NotImplementedError as e:
         warn(f"generation: plain model.generate ({e})")
         return Plain(model, pad_id)
@@ -335,6 +382,16 @@ def choose_generator(model, cfg: EngineConfig, layout: Layout, pad_id: int, grou
 
 
 # -- one layer, as functions of tensors (compiled for decoding) ------------------------------------------------
+
+
+def _decode_kernel(choice: str, device: torch.device) -> bool:
+    """Whether decode attention runs through the Triton kernel: `auto` on GPU where triton is installed."""
+    runs = importlib.util.find_spec("triton") is not None and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+    if choice == "triton" and not runs:
+        raise ValueError("engine.attention=triton needs triton and a GPU (or TRITON_INTERPRET=1 on CPU)")
+    if choice == "auto" and device.type == "cuda" and not runs:
+        warn("engine: triton is not installed; decode attention runs in torch, reading every cached position")
+    return runs and (choice == "triton" or (choice == "auto" and device.type == "cuda"))
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -4,10 +4,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-import torch
-from safetensors.torch import load_file, save_file
-from transformers.integrations.mxfp4 import FP4_VALUES
+# CI has no GPU: Triton kernels run in Triton's interpreter, which must be chosen before triton is first imported.
+if not Path("/dev/nvidia0").exists():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+from transformers.integrations.mxfp4 import FP4_VALUES  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_VOCAB = ROOT.parent / "shared" / "tokenizer"
