@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -59,19 +60,19 @@ def main() -> None:
         row = {"batch": batch, "prompt_tokens": sum(map(len, prompts)) // batch, "new_tokens": args.new_tokens, "paths": {},
                "floor_tokens_per_s": bandwidth_floor(shape, model, batch, args.bandwidth_tbs)}
         if not args.skip_plain:
-            plain = lambda p, n: generate(model, p, n, cfg.generation, stop={}, pad_id=pad_token_id(enc), seed=0)  # noqa: E731
+            plain = partial(generate, model, gen=cfg.generation, stop={}, pad_id=pad_token_id(enc), seed=0)
             row["paths"]["plain"] = measure(plain, prompts, limits, device)
         for attention in args.attention:
-            # A fresh engine a column, its cache sized for this run before warming up; the last one's freed first.
+            # A fresh engine a column (rebinding frees the last one's cache), its cache sized for this run before
+            # warming up.
             engine = Engine(model, batch, cfg.engine.cuda_graphs, cfg.engine.compile, attention=attention, cache_gib=cfg.engine.cache_gib)
             engine.reserve(max(map(len, prompts)) + args.new_tokens)
             name = "engine" if len(args.attention) == 1 else f"engine ({attention} attention)"
-            result = measure(lambda p, n: engine.generate(p, n, cfg.generation, stop={}, seed=0), prompts, limits, device)
+            result = measure(partial(engine.generate, gen=cfg.generation, stop={}, seed=0), prompts, limits, device)
             result["of_floor"] = round(result["tokens_per_s"] / row["floor_tokens_per_s"], 3)
             if "plain" in row["paths"]:
                 result["speedup"] = round(result["tokens_per_s"] / row["paths"]["plain"]["tokens_per_s"], 2)
             row["paths"][name] = {**result, "engine": engine.describe()}
-            del engine
         rows.append(row)
         log(json.dumps(row))
 

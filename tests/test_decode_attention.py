@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import GptOssForCausalLM
 
-import parallel.decode_attention as decode_attention
+from parallel import decode_attention
 from parallel.config import ConfigError, GenerationConfig, merge_config
 from parallel.engine import Engine
 from parallel.generation import generate

@@ -30,8 +30,8 @@ from parallel.generation import generate
 from parallel.harmony import encoding, pad_token_id, render_prompt, stop_tokens
 from parallel.loading import TINY, resolve_checkpoint
 from parallel.requests import parse_request
-from tests.taught import LESSONS, teach
 from tests.attention_reference import torch_attention
+from tests.taught import LESSONS, teach
 
 # bf16 rounding alone moves this model's wide logits by eager bf16's error against float32; a fast path may
 # differ from float32 by that much again, not more.
