@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from parallel.config import ENGINE_ATTENTIONS, merge_config
+from parallel.config import ENGINE_ATTENTIONS, merge_config, parse_args_and_overrides
 from parallel.engine import Engine
 from parallel.generation import generate
 from parallel.harmony import encoding, pad_token_id, render_prompt
@@ -43,7 +43,7 @@ def main() -> None:
                         help="the engine's decode attentions to measure, a column each")
     parser.add_argument("--out", type=Path)
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
+    args = parse_args_and_overrides(parser)
 
     cfg = merge_config(args.config, args.overrides)
     path, shape, layout = plan_model(cfg)

@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from parallel.config import parse_args_and_overrides
+
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "Write a long story about topic number {}."
 FIELDS = ["layout", "gpus", "batch_size", "requests", "generated_tokens", "tokens_per_s", "tokens_per_s_per_gpu",
@@ -171,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-plain", action="store_true", help="skip the plain transformers baseline")
     parser.add_argument("--out", required=True)
     parser.add_argument("overrides", nargs="*", help="launcher key=value overrides, e.g. model.path=builtin:gpt-oss-20b")
-    args = parser.parse_args(argv)
+    args = parse_args_and_overrides(parser, argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 

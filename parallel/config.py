@@ -7,6 +7,8 @@ wrong type fails with omegaconf's message, which names the key.
 from __future__ import annotations
 
 import argparse
+import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,8 +30,9 @@ class ModelConfig:
     attn_implementation: str = "auto"
     # `dummy`: random weights of the model's shape built in place, no checkpoint read (for benchmarks).
     load_format: str = "auto"
-    # MXFP4 checkpoints: `auto` runs them natively where transformers' kernels can be had, else dequantized
-    # (with a warning); `require` fails instead of dequantizing; `dequantize` always dequantizes.
+    # MXFP4 checkpoints: `auto` dequantizes them to bf16 where the engine will generate and they fit a GPU with
+    # room to spare (the engine runs float experts), else runs them natively where transformers' kernels can be
+    # had, else dequantizes (with a warning); `require` fails instead of dequantizing; `dequantize` always does.
     mxfp4: str = "auto"
 
 
@@ -140,6 +143,21 @@ def load_config(argv: list[str] | None = None, required: tuple[str, ...] = ()) -
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. parallel.tp=2")
     args = parser.parse_args(argv)
     return merge_config(args.config, args.overrides, required)
+
+
+# A `key=value` override names a key inside a section (model.path=...): other words with `=` (a scaling
+# study's layouts, tp=2) are arguments.
+OVERRIDE = re.compile(r"^\w+(\.\w+)+=")
+
+
+def parse_args_and_overrides(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """parser's arguments, with every `section.key=value` word anywhere in argv as `overrides`: an option that
+    takes a list (`--batch-sizes 1 128 model.path=...`) would otherwise swallow the overrides after it."""
+    argv = sys.argv[1:] if argv is None else argv
+    overrides = [a for a in argv if OVERRIDE.match(a)]
+    args = parser.parse_args([a for a in argv if not OVERRIDE.match(a)])
+    args.overrides = overrides
+    return args
 
 
 def merge_config(path: str | Path, overrides: list[str] = (), required: tuple[str, ...] = ()) -> JobConfig:

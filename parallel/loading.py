@@ -15,7 +15,7 @@ from transformers import AutoConfig, GptOssConfig, GptOssForCausalLM, Mxfp4Confi
 from transformers.distributed import DistributedConfig
 from transformers.utils import logging as transformers_logging
 
-from parallel.config import JobConfig, ModelConfig
+from parallel.config import EngineConfig, JobConfig, ModelConfig
 from parallel.layout import Layout, LayoutError, plan_layout
 from parallel.log import log, warn
 from parallel.mesh import Mesh
@@ -27,6 +27,10 @@ SHAPES = {
     "builtin:gpt-oss-20b": dict(num_hidden_layers=24, num_local_experts=32),
     "builtin:gpt-oss-120b": dict(num_hidden_layers=36, num_local_experts=128),
 }
+
+# The share of a GPU that bf16 weights may take when MXFP4 experts are dequantized for the engine: the rest is
+# the engine's KV cache and working memory.
+DEQUANTIZED_SHARE = 0.85
 
 # transformers 5.23 ships no tensor-parallel rules for gpt-oss's attention (only embeddings and lm_head), so
 # tp > 1 shards the heads here, the way its other attention-sink models do. Experts follow parallel.ep.
@@ -94,7 +98,8 @@ def resolve_checkpoint(path: str) -> str:
 
 def plan_model(cfg: JobConfig) -> tuple[str, GptOssConfig, Layout]:
     """Everything about the model that can be wrong with a job, found before a process group or a weight
-    exists: the source, its config, and a layout that fits the world size and the model's shape."""
+    exists: the source, its config, and a layout that fits the world size and the model's shape. Settles
+    model.mxfp4=auto for an MXFP4 checkpoint that the engine will run (settle_mxfp4)."""
     check_source(cfg.model)
     path = resolve_checkpoint(cfg.model.path)
     shape = read_model_config(path)
@@ -108,7 +113,42 @@ def plan_model(cfg: JobConfig) -> tuple[str, GptOssConfig, Layout]:
     )
     if cfg.engine.mode == "always" and layout.pp > 1:
         raise LayoutError(f"engine.mode=always: the engine does not run pipeline stages ({layout}); use engine.mode=auto")
+    if is_mxfp4(shape) and cfg.model.mxfp4 == "auto":
+        cfg.model.mxfp4 = settle_mxfp4(cfg.engine, shape, layout, gpu_bytes())
     return path, shape, layout
+
+
+def settle_mxfp4(engine: EngineConfig, shape: GptOssConfig, layout: Layout, gpu_bytes: int | None) -> str:
+    """model.mxfp4=auto for an MXFP4 checkpoint: `dequantize` where the engine will generate and the experts
+    in bf16 fit a rank with room to spare (the engine runs float experts only, and through it the model is far
+    faster than natively MXFP4 through model.generate); else `auto`, which runs MXFP4 natively where
+    transformers' kernels can be had. `gpu_bytes`: one GPU's memory, None without a GPU."""
+    engine_runs = layout.pp == 1 and (engine.mode == "always" or (engine.mode == "auto" and gpu_bytes is not None))
+    if not engine_runs:
+        return "auto"
+    need = bf16_bytes_a_rank(shape, layout)
+    if gpu_bytes is not None and need > DEQUANTIZED_SHARE * gpu_bytes:
+        warn(f"MXFP4 experts stay MXFP4 where transformers' kernels can be had: in bf16 the model needs "
+             f"{need / 2**30:.0f} GiB a rank ({layout}), over {DEQUANTIZED_SHARE:.0%} of a GPU's "
+             f"{gpu_bytes / 2**30:.0f} GiB, so the plain path generates (the engine runs bf16 experts; more "
+             f"parallel.ep ranks would fit them)")
+        return "auto"
+    log(f"MXFP4 experts dequantized to bf16 for the engine ({need / 2**30:.0f} GiB a rank)")
+    return "dequantize"
+
+
+def bf16_bytes_a_rank(shape: GptOssConfig, layout: Layout) -> int:
+    """The model's bytes in bf16 on one rank: experts split over ep ranks, attention and embeddings over tp."""
+    hidden, inner, layers = shape.hidden_size, shape.intermediate_size, shape.num_hidden_layers
+    experts = layers * shape.num_local_experts * (3 * hidden * inner + 2 * inner + hidden)
+    q, kv = shape.num_attention_heads * shape.head_dim, shape.num_key_value_heads * shape.head_dim
+    attention = layers * (2 * hidden * q + 2 * hidden * kv + q + 2 * kv + hidden + shape.num_attention_heads)
+    rest = 2 * shape.vocab_size * hidden + layers * (hidden * shape.num_local_experts + shape.num_local_experts + 2 * hidden)
+    return 2 * (experts // layout.ep + (attention + rest) // layout.tp)
+
+
+def gpu_bytes() -> int | None:
+    return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
 
 
 def read_model_config(path: str) -> GptOssConfig:

@@ -4,7 +4,11 @@ import pytest
 import torch
 from transformers import GptOssForCausalLM
 
+from parallel.config import EngineConfig, merge_config
+from parallel.layout import Layout
+from parallel.loading import plan_model, read_model_config, settle_mxfp4
 from tests.conftest import ROOT, launch, read_records
+
 
 def test_loading_dequantizes_to_the_published_values(mxfp4_checkpoints):
     checkpoints = mxfp4_checkpoints
@@ -43,3 +47,26 @@ def test_requiring_native_mxfp4_fails_where_it_cannot_run(mxfp4_checkpoints, tmp
                  prompts=ROOT / "examples" / "prompts.jsonl")
     assert run.returncode == 2
     assert "model.mxfp4=require, but MXFP4 experts were dequantized" in run.stderr
+
+
+@pytest.mark.parametrize(("model", "layout", "gpu_gb", "settled"), [
+    ("builtin:gpt-oss-20b", {"tp": 1, "ep": 1}, 80, "dequantize"),  # 39 GiB in bf16: the engine, on one H100
+    ("builtin:gpt-oss-120b", {"tp": 2, "ep": 1}, 141, "auto"),  # every rank holds all experts: 216 GiB
+    ("builtin:gpt-oss-120b", {"tp": 1, "ep": 4}, 80, "dequantize"),  # experts split four ways: 56 GiB a rank
+])
+def test_mxfp4_experts_are_dequantized_for_the_engine_where_bf16_fits_a_gpu(model, layout, gpu_gb, settled):
+    shape = read_model_config(model)
+    assert settle_mxfp4(EngineConfig(), shape, Layout(dp=1, pp=1, **layout), gpu_gb * 10**9) == settled
+
+
+def test_mxfp4_experts_stay_as_they_are_where_the_engine_does_not_run():
+    shape, one = read_model_config("builtin:gpt-oss-20b"), Layout(dp=1, pp=1, tp=1, ep=1)
+    assert settle_mxfp4(EngineConfig(mode="auto"), shape, one, None) == "auto"  # no GPU: the plain path
+    assert settle_mxfp4(EngineConfig(mode="never"), shape, one, 80 * 10**9) == "auto"
+    assert settle_mxfp4(EngineConfig(mode="auto"), shape, Layout(dp=1, pp=2, tp=1, ep=1), 80 * 10**9) == "auto"
+
+
+def test_planning_an_mxfp4_checkpoint_for_the_engine_settles_on_dequantizing(mxfp4_checkpoints):
+    cfg = merge_config(ROOT / "configs" / "tiny.yaml", [f"model.path={mxfp4_checkpoints['mxfp4']}", "engine.mode=always"])
+    plan_model(cfg)
+    assert cfg.model.mxfp4 == "dequantize"
