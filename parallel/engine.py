@@ -77,9 +77,10 @@ class Engine:
         self.ep = local_experts < config.num_local_experts
         # transformers shards the experts in order along the expert dimension of the replica's ranks.
         self.first_expert = dist.get_rank(group) * local_experts if self.ep else 0
-        vocab = config.vocab_size
-        if _local(model.model.embed_tokens.weight).shape[0] != vocab or _local(model.lm_head.weight).shape[0] != vocab:
-            raise NotImplementedError("the engine needs the embeddings and lm_head whole on every rank")
+        # lm_head may be split by vocabulary (transformers' tp plan): its module gathers the logits. The embedding
+        # is looked up locally, so it must be whole.
+        if _local(model.model.embed_tokens.weight).shape[0] != config.vocab_size:
+            raise NotImplementedError("the engine needs the embeddings whole on every rank")
         self.top_k = config.num_experts_per_tok
         self.limit, self.alpha = config.swiglu_limit, config.swiglu_alpha
         self.windows = [config.sliding_window if t == "sliding_attention" else None for t in config.layer_types]

@@ -54,7 +54,7 @@ LAYOUTS = [
     (2, ["parallel.ep=2"]),
     (2, ["parallel.dp=2"]),
     (2, ["parallel.dp=2", "engine.mode=always", "engine.slots=1"]),  # continuous batching through one slot
-    (2, ["parallel.tp=2", "engine.mode=always"]),
+    (2, ["parallel.tp=2", "engine.mode=always", "engine.attention=triton"]),  # the decode kernel on each rank's heads
     (2, ["parallel.ep=2", "engine.mode=always"]),
     (4, ["parallel.tp=2", "parallel.ep=2", "parallel.dp=2", "engine.mode=always"]),
     (2, ["parallel.pp=2"]),
@@ -68,6 +68,8 @@ def test_every_layout_matches_single_process_greedy(tmp_path, prompts, reference
     run = launch(out, *overrides, f"generation.max_new_tokens={MAX_NEW}", "generation.batch_size=2", "output.raw=true",
                  nproc=nproc, prompts=prompts)
     assert run.returncode == 0, run.stdout + run.stderr
+    assert ("generation: the engine" in run.stderr) == ("engine.mode=always" in overrides)  # not the fallback
+    assert ("decode attention via Triton kernel" in run.stderr) == ("engine.attention=triton" in overrides)
     records = {r["index"]: r for r in read_records(out)}
     assert sorted(records) == list(range(1, len(GOOD) + len(BAD) + 1))
     for index, expected in enumerate(reference.values(), start=1):

@@ -60,7 +60,7 @@ def server(taught_model):
     """tp=2 through the engine (what a GPU gets by default), the API key from the environment."""
     proc, url = start_server(taught_model, "parallel.tp=2", "engine.mode=always", "generation.batch_size=16", env={"GPT_OSS_API_KEY": KEY})
     yield url
-    stop_server(proc)
+    assert "generation: the engine" in stop_server(proc)  # the engine served, not the plain fallback
 
 
 @pytest.fixture(scope="module")
