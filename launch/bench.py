@@ -45,10 +45,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     args = parse_args_and_overrides(parser)
 
-    cfg = merge_config(args.config, args.overrides)
-    path, shape, layout = plan_model(cfg)
-    _, device = init_distributed(cfg.runtime.collective_timeout_s)
-    model = load_model(path, shape, cfg.model, layout, build_mesh(layout, device))
+    cfg, shape, model, device = load(args.config, args.overrides)
     enc = encoding()
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     log(f"{machine}; {describe(shape, model)}")
@@ -80,6 +77,14 @@ def main() -> None:
     if args.out:
         args.out.write_text(json.dumps({"machine": machine, "model": describe(shape, model),
                                         "attention_plain": model.config._attn_implementation, "rows": rows}, indent=2) + "\n")
+
+
+def load(config: str, overrides: list[str]):
+    """The job's config, the model's shape, the model (one process: the whole model) and its device."""
+    cfg = merge_config(config, overrides)
+    path, shape, layout = plan_model(cfg)
+    _, device = init_distributed(cfg.runtime.collective_timeout_s)
+    return cfg, shape, load_model(path, shape, cfg.model, layout, build_mesh(layout, device)), device
 
 
 def measure(run, prompts: list[list[int]], limits: list[int], device: torch.device) -> dict:

@@ -11,10 +11,9 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from parallel.config import merge_config, parse_args_and_overrides
+from launch.bench import load
+from parallel.config import parse_args_and_overrides
 from parallel.engine import Engine
-from parallel.loading import load_model, plan_model
-from parallel.mesh import build_mesh, init_distributed
 
 
 def main() -> None:
@@ -26,10 +25,7 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=12)
     parser.add_argument("overrides", nargs="*")
     args = parse_args_and_overrides(parser)
-    cfg = merge_config(args.config, args.overrides)
-    path, shape, layout = plan_model(cfg)
-    _, device = init_distributed(cfg.runtime.collective_timeout_s)
-    model = load_model(path, shape, cfg.model, layout, build_mesh(layout, device))
+    cfg, shape, model, device = load(args.config, args.overrides)
     for batch in args.batch_sizes:
         engine = Engine(model, batch, attention=cfg.engine.attention)
         engine.reserve(args.position + 1)
