@@ -18,13 +18,12 @@ import torch
 import torch.distributed as dist
 
 from parallel.config import ConfigError, load_config, to_yaml
-from parallel.coordinator import Totals, Watchdog, Writer, exit_on_signals, open_store, publish, serve_replica
+from parallel.coordinator import Totals, Writer, exit_on_signals, join_job, publish, serve_replica
 from parallel.engine import choose_generator
 from parallel.harmony import encoding, pad_token_id
 from parallel.layout import LayoutError
 from parallel.loading import load_model, plan_model
 from parallel.log import error, log
-from parallel.mesh import build_mesh, init_distributed
 from parallel.records import OutputFile, read_requests
 from parallel.work import batch_runner, plan_work
 
@@ -41,11 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         error(str(e))
         return 2
 
-    world_size, device = init_distributed(cfg.runtime.collective_timeout_s)
-    mesh = build_mesh(layout, device)
-    watchdog = Watchdog(mesh, cfg.runtime.heartbeat_timeout_s)
-    watchdog.start()
-    store = open_store(cfg.runtime.collective_timeout_s)
+    mesh, watchdog, store = join_job(layout, cfg.runtime)
     enc = encoding()
 
     writer = None
@@ -73,12 +68,12 @@ def main(argv: list[str] | None = None) -> int:
         writer.start()
     generator = choose_generator(model, cfg.engine, layout, pad_token_id(enc), mesh.replica_group)
     serve_replica(mesh, store, batch_runner(generator, enc, cfg.generation, cfg.output.raw))
-    store.set(f"peak_gib/{mesh.rank}", str(peak_memory_gib(device)))
+    store.set(f"peak_gib/{mesh.rank}", str(peak_memory_gib(mesh.device)))
 
     if writer:
         writer.finish()
-        metrics = summarize(writer.totals, world_size, str(layout), time.monotonic() - start, time.monotonic() - gen_start)
-        metrics["peak_gpu_memory_gib"] = max(float(store.get(f"peak_gib/{r}")) for r in range(world_size)) or None
+        metrics = summarize(writer.totals, mesh.world_size, str(layout), time.monotonic() - start, time.monotonic() - gen_start)
+        metrics["peak_gpu_memory_gib"] = max(float(store.get(f"peak_gib/{r}")) for r in range(mesh.world_size)) or None
         metrics["rejected_lines"] = len(rejected)
         Path(f"{cfg.data.output}.metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         log(json.dumps(metrics))

@@ -18,13 +18,12 @@ import torch.distributed as dist
 
 from parallel.batcher import Batcher, serve_batches
 from parallel.config import ConfigError, load_config
-from parallel.coordinator import Watchdog, open_store
+from parallel.coordinator import join_job
 from parallel.engine import choose_generator
 from parallel.harmony import encoding, pad_token_id
 from parallel.layout import LayoutError
 from parallel.loading import load_model, plan_model
 from parallel.log import error, log
-from parallel.mesh import build_mesh, init_distributed
 from parallel.server import Server
 
 
@@ -36,11 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         error(str(e))
         return 2
 
-    world_size, device = init_distributed(cfg.runtime.collective_timeout_s)
-    mesh = build_mesh(layout, device)
-    watchdog = Watchdog(mesh, cfg.runtime.heartbeat_timeout_s)
-    watchdog.start()
-    store = open_store(cfg.runtime.collective_timeout_s)
+    mesh, watchdog, store = join_job(layout, cfg.runtime)
     enc = encoding()
 
     server = None

@@ -141,7 +141,7 @@ def load_config(argv: list[str] | None = None, required: tuple[str, ...] = ()) -
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", required=True, help="YAML file under configs/")
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. parallel.tp=2")
-    args = parser.parse_args(argv)
+    args = parse_args_and_overrides(parser, argv)
     return merge_config(args.config, args.overrides, required)
 
 
@@ -151,12 +151,13 @@ OVERRIDE = re.compile(r"^\w+(\.\w+)+=")
 
 
 def parse_args_and_overrides(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
-    """parser's arguments, with every `section.key=value` word anywhere in argv as `overrides`: an option that
-    takes a list (`--batch-sizes 1 128 model.path=...`) would otherwise swallow the overrides after it."""
+    """parser's arguments, with every `section.key=value` word anywhere in argv as `overrides` (after any other
+    words the parser's own `overrides` took, which merge_config then refuses by name): an option that takes a
+    list (`--batch-sizes 1 128 model.path=...`) would otherwise swallow the overrides after it."""
     argv = sys.argv[1:] if argv is None else argv
     overrides = [a for a in argv if OVERRIDE.match(a)]
     args = parser.parse_args([a for a in argv if not OVERRIDE.match(a)])
-    args.overrides = overrides
+    args.overrides = [*getattr(args, "overrides", []), *overrides]
     return args
 
 

@@ -22,13 +22,25 @@ from datetime import timedelta
 import torch.distributed as dist
 from tqdm import tqdm
 
+from parallel.config import RuntimeConfig
+from parallel.layout import Layout
 from parallel.log import error
-from parallel.mesh import Mesh
+from parallel.mesh import Mesh, build_mesh, init_distributed
 from parallel.records import OutputFile
 
 HEARTBEAT_PERIOD_S = 1.0
 POLL_S = 0.05
 STOP_WAIT_S = 10.0
+
+
+def join_job(layout: Layout, runtime: RuntimeConfig) -> tuple[Mesh, Watchdog, dist.Store]:
+    """This rank in the job: the process group, its place on the mesh, its heartbeat watchdog (started) and a
+    connection to the job's store."""
+    _, device = init_distributed(runtime.collective_timeout_s)
+    mesh = build_mesh(layout, device)
+    watchdog = Watchdog(mesh, runtime.heartbeat_timeout_s)
+    watchdog.start()
+    return mesh, watchdog, open_store(runtime.collective_timeout_s)
 
 
 def open_store(timeout_s: float) -> dist.Store:

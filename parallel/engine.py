@@ -41,7 +41,6 @@ PREFILL_TOKENS = 16384
 # GPU memory the KV cache leaves free: prefill activations (PREFILL_TOKENS rows through the experts, one chunk
 # of scores), logits, the CUDA graphs' pools, NCCL's buffers.
 CACHE_HEADROOM_BYTES = 6 * 2**30
-ATTENTIONS = ("auto", "triton", "torch")
 
 
 def _buckets(slots: int) -> list[int]:
@@ -202,6 +201,7 @@ class Engine:
         cos, sin = inner.rotary_emb(x, positions)
         kernel = self.kernel and width == 1 and isinstance(rows, slice)  # a decode step over slots [a, b)
         masks = {} if kernel else self._masks(positions, kv_len)
+        lengths = start + 1  # the keys a sequence has in the cache once this step's are written (the kernel's)
         index = torch.arange(self.rows, device=ids.device)[rows] if isinstance(rows, slice) else rows
         for i in range(len(self.layers)):
             weights_qkv, weights_attend, weights_moe = self.weights[i]
@@ -212,7 +212,7 @@ class Engine:
             self.v_cache[i][index[:, None], :, positions] = v.transpose(1, 2)
             if kernel:
                 sinks, scaling, wo = weights_attend
-                out = self._decode_attention(q[:, :, 0], self.k_cache[i][rows], self.v_cache[i][rows], start + 1, sinks,
+                out = self._decode_attention(q[:, :, 0], self.k_cache[i][rows], self.v_cache[i][rows], lengths, sinks,
                                              scaling, self.windows[i])
                 out = F.linear(out.reshape(batch, 1, -1), wo)
             else:
