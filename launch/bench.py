@@ -21,13 +21,13 @@ from pathlib import Path
 import torch
 
 from parallel.config import ENGINE_ATTENTIONS, merge_config, parse_args_and_overrides
-from parallel.engine import Engine
-from parallel.generation import generate
-from parallel.harmony import encoding, pad_token_id, render_prompt
-from parallel.loading import load_model, plan_model
+from parallel.distributed.loading import load_model, plan_model
+from parallel.distributed.mesh import build_mesh, init_distributed
+from parallel.engine.engine import Engine
+from parallel.engine.plain import generate
 from parallel.log import log
-from parallel.mesh import build_mesh, init_distributed
-from parallel.requests import parse_request
+from parallel.protocol.harmony import encoding, pad_token_id, render_prompt
+from parallel.protocol.requests import parse_request
 
 PROMPT = "Write a long story about topic number {}, with a title, three characters and a twist at the end."
 

@@ -17,15 +17,17 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from parallel.batch.coordinator import publish, serve_replica
+from parallel.batch.output import OutputFile, read_requests
+from parallel.batch.planning import batch_runner, plan_work
+from parallel.batch.writer import Totals, Writer
 from parallel.config import ConfigError, load_config, to_yaml
-from parallel.coordinator import Totals, Writer, exit_on_signals, join_job, publish, serve_replica
-from parallel.engine import choose_generator
-from parallel.harmony import encoding, pad_token_id
-from parallel.layout import LayoutError
-from parallel.loading import load_model, plan_model
+from parallel.distributed.layout import LayoutError
+from parallel.distributed.loading import load_model, plan_model
+from parallel.distributed.runtime import exit_on_signals, join_job
+from parallel.engine.choice import choose_generator
 from parallel.log import error, log
-from parallel.records import OutputFile, read_requests
-from parallel.work import batch_runner, plan_work
+from parallel.protocol.harmony import encoding, pad_token_id
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,11 +42,11 @@ def main(argv: list[str] | None = None) -> int:
         error(str(e))
         return 2
 
-    mesh, watchdog, store = join_job(layout, cfg.runtime)
+    place, watchdog, store = join_job(layout, cfg.runtime)
     enc = encoding()
 
     writer = None
-    if mesh.rank == 0:
+    if place.rank == 0:
         out = OutputFile(cfg.data.output)
         Path(f"{cfg.data.output}.config.yaml").write_text(to_yaml(cfg))
         requests = read_requests(cfg.data.input, cfg.data.shard, cfg.data.num_shards)
@@ -55,25 +57,25 @@ def main(argv: list[str] | None = None) -> int:
             f"{len(out.done) - len(rejected)} already in {cfg.data.output}")
         publish(store, batches)
     # Read at signal time: rank 0 before its writer exists has nothing in flight.
-    exit_on_signals(lambda: writer.stop() if writer else f"rank {mesh.rank} stopping")
+    exit_on_signals(lambda: writer.stop() if writer else f"rank {place.rank} stopping")
 
     try:
-        model = load_model(path, shape, cfg.model, layout, mesh)
+        model = load_model(path, shape, cfg.model, layout, place)
     except RuntimeError as e:  # e.g. model.mxfp4=require where only dequantizing is possible
         error(str(e))
         return 2
     gen_start = time.monotonic()
-    if mesh.rank == 0:
+    if place.rank == 0:
         writer = Writer(out, len(batches), n_requests, cfg.runtime.collective_timeout_s, cfg.output.echo, cfg.runtime.progress)
         writer.start()
-    generator = choose_generator(model, cfg.engine, layout, pad_token_id(enc), mesh.replica_group)
-    serve_replica(mesh, store, batch_runner(generator, enc, cfg.generation, cfg.output.raw))
-    store.set(f"peak_gib/{mesh.rank}", str(peak_memory_gib(mesh.device)))
+    generator = choose_generator(model, cfg.engine, layout, pad_token_id(enc), place.replica_group)
+    serve_replica(place, store, batch_runner(generator, enc, cfg.generation, cfg.output.raw))
+    store.set(f"peak_gib/{place.rank}", str(peak_memory_gib(place.device)))
 
     if writer:
         writer.finish()
-        metrics = summarize(writer.totals, mesh.world_size, str(layout), time.monotonic() - start, time.monotonic() - gen_start)
-        metrics["peak_gpu_memory_gib"] = max(float(store.get(f"peak_gib/{r}")) for r in range(mesh.world_size)) or None
+        metrics = summarize(writer.totals, place.world_size, str(layout), time.monotonic() - start, time.monotonic() - gen_start)
+        metrics["peak_gpu_memory_gib"] = max(float(store.get(f"peak_gib/{r}")) for r in range(place.world_size)) or None
         metrics["rejected_lines"] = len(rejected)
         Path(f"{cfg.data.output}.metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         log(json.dumps(metrics))

@@ -65,13 +65,12 @@ def run_point(args, layout: str, batch: int, workdir: Path) -> dict:
 def plain_recipe(args) -> list[dict]:
     """The cookbook recipe on the same random model and prompts: one process, model.generate, eager attention."""
     import torch
-
     from transformers import GptOssForCausalLM
     from transformers.utils import logging as transformers_logging
 
     from parallel.config import merge_config
-    from parallel.harmony import encoding
-    from parallel.loading import read_model_config, resolve_checkpoint
+    from parallel.distributed.checkpoint import read_model_config, resolve_checkpoint
+    from parallel.protocol.harmony import encoding
 
     cfg = merge_config(args.config, args.overrides)
     config = read_model_config(resolve_checkpoint(cfg.model.path))
@@ -92,9 +91,9 @@ def plain_recipe(args) -> list[dict]:
 def _time_plain(model, enc, device, batch: int, new_tokens: int) -> dict:
     import torch
 
-    from parallel.generation import left_pad
-    from parallel.harmony import pad_token_id, render_prompt
-    from parallel.requests import parse_line
+    from parallel.engine.plain import left_pad
+    from parallel.protocol.harmony import pad_token_id, render_prompt
+    from parallel.protocol.requests import parse_line
 
     prompts = [render_prompt(enc, parse_line(json.dumps({"prompt": PROMPT.format(i)}), i + 1), "medium") for i in range(batch)]
     pad = pad_token_id(enc)

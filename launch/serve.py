@@ -16,15 +16,16 @@ import threading
 
 import torch.distributed as dist
 
-from parallel.batcher import Batcher, serve_batches
 from parallel.config import ConfigError, load_config
-from parallel.coordinator import join_job
-from parallel.engine import choose_generator
-from parallel.harmony import encoding, pad_token_id
-from parallel.layout import LayoutError
-from parallel.loading import load_model, plan_model
+from parallel.distributed.layout import LayoutError
+from parallel.distributed.loading import load_model, plan_model
+from parallel.distributed.runtime import join_job
+from parallel.engine.choice import choose_generator
 from parallel.log import error, log
-from parallel.server import Server
+from parallel.protocol.harmony import encoding, pad_token_id
+from parallel.serve.batcher import Batcher
+from parallel.serve.http import Server
+from parallel.serve.replica import serve_batches
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,11 +36,11 @@ def main(argv: list[str] | None = None) -> int:
         error(str(e))
         return 2
 
-    mesh, watchdog, store = join_job(layout, cfg.runtime)
+    place, watchdog, store = join_job(layout, cfg.runtime)
     enc = encoding()
 
     server = None
-    if mesh.rank == 0:
+    if place.rank == 0:
         batcher = Batcher(enc, layout.dp, cfg.generation.batch_size, cfg.runtime.collective_timeout_s)
         try:  # bind before loading: a port in use fails in a second, not after the weights
             server = Server(cfg, enc, batcher, shape.max_position_embeddings)
@@ -49,16 +50,16 @@ def main(argv: list[str] | None = None) -> int:
     drain_on_signals(server)
 
     try:
-        model = load_model(path, shape, cfg.model, layout, mesh)
+        model = load_model(path, shape, cfg.model, layout, place)
     except RuntimeError as e:  # e.g. model.mxfp4=require where only dequantizing is possible
         error(str(e))
         return 2
-    generator = choose_generator(model, cfg.engine, layout, pad_token_id(enc), mesh.replica_group)
+    generator = choose_generator(model, cfg.engine, layout, pad_token_id(enc), place.replica_group)
     if server:
         batcher.joins = generator.joins
         batcher.start()
         server.start()
-    serve_batches(mesh, store, generator, enc, cfg.generation)
+    serve_batches(place, store, generator, enc, cfg.generation)
 
     if server:
         log(f"served {batcher.status()['requests']} requests in {batcher.status()['batches']} batches")

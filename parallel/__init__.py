@@ -1,1 +1,1 @@
-"""Building blocks of the gpt-oss launcher: config, layout, mesh, loading, harmony, coordinator."""
+"""gpt-oss on many GPUs with transformers: config, distributed setup, the engine, harmony protocol, batch jobs, serving."""

@@ -2,7 +2,7 @@
 
 import torch
 
-from parallel.engine import _attend
+from parallel.engine.forward import attend
 
 
 def torch_attention(q, k_cache, v_cache, lengths, sinks, scaling, window):
@@ -12,5 +12,5 @@ def torch_attention(q, k_cache, v_cache, lengths, sinks, scaling, window):
     keys, positions = torch.arange(k_cache.shape[2], device=q.device), (lengths - 1)[:, None, None]
     allowed = (keys <= positions) & (keys > positions - (window or k_cache.shape[2]))
     mask = torch.zeros(allowed.shape, device=q.device).masked_fill(~allowed, float("-inf"))
-    identity = torch.eye(heads * dim, dtype=q.dtype, device=q.device)  # _attend ends in o_proj: none here
-    return _attend(q[:, :, None], k_cache[:batch], v_cache[:batch], mask, sinks, scaling, identity).view(batch, heads, dim)
+    identity = torch.eye(heads * dim, dtype=q.dtype, device=q.device)  # attend ends in o_proj: none here
+    return attend(q[:, :, None], k_cache[:batch], v_cache[:batch], mask, sinks, scaling, identity).view(batch, heads, dim)

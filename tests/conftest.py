@@ -32,7 +32,7 @@ def model_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def enc():
-    from parallel.harmony import encoding
+    from parallel.protocol.harmony import encoding
 
     return encoding()
 
@@ -76,7 +76,7 @@ def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 @pytest.fixture(scope="session")
 def mxfp4_checkpoints(tmp_path_factory):
     """The tiny model as an MXFP4 checkpoint, and as a float checkpoint of the weights that one dequantizes to."""
-    from parallel.loading import TINY, resolve_checkpoint
+    from parallel.distributed.checkpoint import TINY, resolve_checkpoint
 
     src = resolve_checkpoint(TINY)
     weights = load_file(f"{src}/model.safetensors")

@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 from transformers import GptOssForCausalLM
 
-from parallel.harmony import encoding, render_prompt
-from parallel.loading import TINY, resolve_checkpoint
-from parallel.requests import parse_request
+from parallel.distributed.checkpoint import TINY, resolve_checkpoint
+from parallel.protocol.harmony import encoding, render_prompt
+from parallel.protocol.requests import parse_request
 
 WEATHER = {"name": "get_weather", "description": "The weather now", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
 TOOLS = [{"type": "function", "function": WEATHER}]

@@ -7,13 +7,13 @@ import pytest
 import torch
 from transformers import GptOssForCausalLM
 
-from parallel import decode_attention
+from parallel.engine.kernels import decode_attention
 from parallel.config import ConfigError, GenerationConfig, merge_config
-from parallel.engine import Engine
-from parallel.generation import generate
-from parallel.harmony import pad_token_id, render_prompt, stop_tokens
-from parallel.loading import TINY, resolve_checkpoint
-from parallel.requests import parse_request
+from parallel.distributed.checkpoint import TINY, resolve_checkpoint
+from parallel.engine.engine import Engine
+from parallel.engine.plain import generate
+from parallel.protocol.harmony import pad_token_id, render_prompt, stop_tokens
+from parallel.protocol.requests import parse_request
 from tests.attention_reference import torch_attention
 from tests.conftest import ROOT
 

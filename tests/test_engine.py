@@ -3,14 +3,16 @@
 import pytest
 from transformers import GptOssForCausalLM
 
-import parallel.engine as engine_module
+import parallel.engine.engine as engine_module
 from parallel.config import EngineConfig, GenerationConfig, merge_config
-from parallel.engine import Engine, choose_generator
-from parallel.generation import Plain, generate
-from parallel.harmony import pad_token_id, render_prompt, stop_tokens
-from parallel.layout import Layout, LayoutError
-from parallel.loading import TINY, plan_model, resolve_checkpoint
-from parallel.requests import parse_request
+from parallel.distributed.checkpoint import TINY, resolve_checkpoint
+from parallel.distributed.layout import Layout, LayoutError
+from parallel.distributed.loading import plan_model
+from parallel.engine.choice import choose_generator
+from parallel.engine.engine import Engine
+from parallel.engine.plain import Plain, generate
+from parallel.protocol.harmony import pad_token_id, render_prompt, stop_tokens
+from parallel.protocol.requests import parse_request
 from tests.conftest import ROOT
 from tests.taught import LESSONS
 

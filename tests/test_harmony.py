@@ -1,7 +1,7 @@
 import json
 
-from parallel.harmony import conversation, parse_completion, render_prompt
-from parallel.requests import parse_line
+from parallel.protocol.harmony import conversation, parse_completion, render_prompt
+from parallel.protocol.requests import parse_line
 
 WEATHER_TOOL = {
     "type": "function",

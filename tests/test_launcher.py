@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import GptOssForCausalLM
 
-from parallel.harmony import render_prompt
-from parallel.loading import TINY, resolve_checkpoint
-from parallel.requests import parse_line
+from parallel.distributed.checkpoint import TINY, resolve_checkpoint
+from parallel.protocol.harmony import render_prompt
+from parallel.protocol.requests import parse_line
 from tests.conftest import launch, read_records, write_jsonl
 
 TOOL = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object", "properties": {}}}}

@@ -1,6 +1,6 @@
 import pytest
 
-from parallel.layout import LayoutError, plan_layout
+from parallel.distributed.layout import LayoutError, plan_layout
 
 GPT_OSS_120B = dict(heads=64, kv_heads=8, experts=128, layers=36)
 

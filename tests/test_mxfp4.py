@@ -5,8 +5,10 @@ import torch
 from transformers import GptOssForCausalLM
 
 from parallel.config import EngineConfig, merge_config
-from parallel.layout import Layout
-from parallel.loading import plan_model, read_model_config, settle_mxfp4
+from parallel.distributed.checkpoint import read_model_config
+from parallel.distributed.layout import Layout
+from parallel.distributed.loading import plan_model
+from parallel.distributed.mxfp4 import settle_mxfp4
 from tests.conftest import ROOT, launch, read_records
 
 

@@ -2,8 +2,14 @@
 
 import pytest
 
-from parallel.harmony import HarmonyStream, render_prompt
-from parallel.openai_api import ApiError, ChatReply, ResponsesReply, chat_call, responses_call
+from parallel.protocol.harmony import HarmonyStream, render_prompt
+from parallel.serve.openai_api import (
+    ApiError,
+    ChatReply,
+    ResponsesReply,
+    chat_call,
+    responses_call,
+)
 from tests.taught import ARGUMENTS, ASK, CALLED, THINK, TOOLS, WEATHER
 
 

@@ -1,7 +1,7 @@
 import pytest
 
-from parallel.records import OutputFile, read_requests
-from parallel.requests import RequestError, parse_line
+from parallel.batch.output import OutputFile, read_requests
+from parallel.protocol.requests import RequestError, parse_line
 from tests.conftest import write_jsonl
 
 

@@ -15,7 +15,18 @@ import openai
 import pytest
 
 from tests.conftest import ROOT
-from tests.taught import ANSWER, ARGUMENTS, ASK, CALLED, GREET_REASONING, GREETING, HELLO, THINK, TOOLS, WEATHER
+from tests.taught import (
+    ANSWER,
+    ARGUMENTS,
+    ASK,
+    CALLED,
+    GREET_REASONING,
+    GREETING,
+    HELLO,
+    THINK,
+    TOOLS,
+    WEATHER,
+)
 
 KEY = "sesame"
 

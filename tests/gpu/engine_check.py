@@ -24,12 +24,12 @@ import torch
 from transformers import GptOssForCausalLM
 
 from parallel.config import GenerationConfig
-from parallel.decode_attention import decode_attention
-from parallel.engine import Engine
-from parallel.generation import generate
-from parallel.harmony import encoding, pad_token_id, render_prompt, stop_tokens
-from parallel.loading import TINY, resolve_checkpoint
-from parallel.requests import parse_request
+from parallel.distributed.checkpoint import TINY, resolve_checkpoint
+from parallel.engine.engine import Engine
+from parallel.engine.kernels.decode_attention import decode_attention
+from parallel.engine.plain import generate
+from parallel.protocol.harmony import encoding, pad_token_id, render_prompt, stop_tokens
+from parallel.protocol.requests import parse_request
 from tests.attention_reference import torch_attention
 from tests.taught import LESSONS, teach
 

@@ -13,7 +13,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from launch.bench import load
 from parallel.config import parse_args_and_overrides
-from parallel.engine import Engine
+from parallel.engine.engine import Engine
 
 
 def main() -> None:

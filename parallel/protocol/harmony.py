@@ -25,7 +25,7 @@ from openai_harmony import (
     load_harmony_encoding,
 )
 
-from parallel.requests import Request, message_text
+from parallel.protocol.requests import Request, message_text
 
 FUNCTIONS = "functions."
 # gpt-oss pads with <|endoftext|>; it never appears inside a rendered conversation.

@@ -1,4 +1,4 @@
-"""The input file in, the output file out: output records, resume, and safe appends."""
+"""The input file in, the output file out: reading requests line by line, appending records safely, resume."""
 
 from __future__ import annotations
 
@@ -7,10 +7,9 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from parallel.generation import Completion
-from parallel.harmony import Parsed
+from parallel.batch.records import error_record, record_key
 from parallel.log import warn
-from parallel.requests import Request, RequestError, parse_line
+from parallel.protocol.requests import Request, RequestError, parse_line
 
 
 def read_requests(path: str, shard: int = 0, num_shards: int = 1) -> Iterator[Request | dict]:
@@ -44,43 +43,6 @@ def _claimed_id(line: str, index: int, seen: dict):
         seen[rid] = index
         return rid
     return None
-
-
-def record_key(record: dict) -> tuple:
-    """What resume matches on: the id, or the line for records that could not claim one."""
-    return ("id", record["id"]) if record["id"] is not None else ("index", record["index"])
-
-
-def error_record(rid, index: int, message: str, prompt_tokens: int = 0) -> dict:
-    return {
-        "id": rid,
-        "index": index,
-        "final": None,
-        "analysis": None,
-        "tool_calls": [],
-        "finish_reason": "error",
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 0},
-        "error": message,
-    }
-
-
-def result_record(
-    rid, index: int, prompt_tokens: int, completion: Completion, parsed: Parsed, raw: str, keep_raw: bool
-) -> dict:
-    """`raw` (the completion with its special tokens) is kept when asked for, and always beside a parse error."""
-    record = {
-        "id": rid,
-        "index": index,
-        "final": parsed.final,
-        "analysis": parsed.analysis,
-        "tool_calls": parsed.tool_calls,
-        "finish_reason": "error" if parsed.error else completion.finish_reason,
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(completion.tokens)},
-        "error": parsed.error,
-    }
-    if parsed.error or keep_raw:
-        record["raw"] = raw
-    return record
 
 
 class OutputFile:

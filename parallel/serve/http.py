@@ -17,11 +17,18 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from openai_harmony import HarmonyEncoding
 
-from parallel.batcher import Batcher, Job, Sampling
 from parallel.config import JobConfig
-from parallel.harmony import HarmonyStream, render_prompt
 from parallel.log import error, log
-from parallel.openai_api import ApiError, Call, ChatReply, ResponsesReply, chat_call, responses_call
+from parallel.protocol.harmony import HarmonyStream, render_prompt
+from parallel.serve.batcher import Batcher, Job, Sampling
+from parallel.serve.openai_api import (
+    ApiError,
+    Call,
+    ChatReply,
+    ResponsesReply,
+    chat_call,
+    responses_call,
+)
 
 API_KEY_ENV = "GPT_OSS_API_KEY"
 CLIENT_CHECK_S = 0.25

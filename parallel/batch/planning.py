@@ -6,12 +6,13 @@ from collections.abc import Callable, Iterable
 
 from openai_harmony import HarmonyEncoding
 
+from parallel.batch.output import OutputFile
+from parallel.batch.records import error_record, record_key, result_record
 from parallel.config import GenerationConfig
-from parallel.engine import Engine
-from parallel.generation import Plain
-from parallel.harmony import parse_completion, render_prompt, stop_tokens
-from parallel.records import OutputFile, error_record, record_key, result_record
-from parallel.requests import Request
+from parallel.engine.engine import Engine
+from parallel.engine.plain import Plain
+from parallel.protocol.harmony import parse_completion, render_prompt, stop_tokens
+from parallel.protocol.requests import Request
 
 
 def plan_work(

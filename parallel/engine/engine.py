@@ -4,7 +4,7 @@ gpt-fast), with
   - the decode step captured in CUDA graphs (one per power-of-two count of slots), so a step is one launch;
   - MoE experts as one grouped GEMM per projection over the tokens sorted by expert (torch's grouped_mm),
     with the SwiGLU clamp and the routing weights applied on the sorted rows;
-  - decode attention through a Triton kernel of ours (parallel/decode_attention.py) that reads each sequence's
+  - decode attention through a Triton kernel of ours (parallel/engine/kernels/decode_attention.py) that reads each sequence's
     live keys only, within its window on sliding layers;
   - a KV cache sized to the memory left after loading: fewer sequences at a time when long ones do not fit;
   - continuous batching: a row that finishes frees its slot, and the next waiting request is prefilled into it.
@@ -24,15 +24,12 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor
-from transformers.models.gpt_oss.modeling_gpt_oss import apply_rotary_pos_emb
 
-from parallel.config import EngineConfig, GenerationConfig
-from parallel.generation import Completion, Plain, Timing, _cut
-from parallel.layout import Layout
-from parallel.log import log, warn
+from parallel.config import GenerationConfig
+from parallel.engine.forward import GROUPED_MM, attend, embed, experts_block, local, qkv, vocab_shard_start
+from parallel.engine.interface import Completion, Timing, cut
+from parallel.log import warn
 
-GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 # A prefill chunk holds B x heads x chunk x T attention scores in float32: chunks are cut to keep them under
 # this many bytes, so a long prompt is prefilled in pieces rather than running out of memory.
 PREFILL_SCORES_BYTES = 2**30
@@ -67,19 +64,19 @@ class Engine:
         self.rows = slots  # the slots the cache holds now: fewer than `slots` when long sequences do not all fit
         self.head_dim = config.head_dim
         attn = self.layers[0].self_attn
-        self.heads = _local(attn.q_proj.weight).shape[0] // self.head_dim  # this rank's share under tp
-        self.kv_heads = _local(attn.k_proj.weight).shape[0] // self.head_dim
+        self.heads = local(attn.q_proj.weight).shape[0] // self.head_dim  # this rank's share under tp
+        self.kv_heads = local(attn.k_proj.weight).shape[0] // self.head_dim
         self.tp = self.heads < config.num_attention_heads
         if not isinstance(getattr(self.layers[0].mlp.experts, "gate_up_proj", None), torch.Tensor):
             raise NotImplementedError("the engine runs float experts; MXFP4 experts run natively on the plain path")
-        local_experts = _local(self.layers[0].mlp.experts.gate_up_proj).shape[0]
+        local_experts = local(self.layers[0].mlp.experts.gate_up_proj).shape[0]
         self.ep = local_experts < config.num_local_experts
         # transformers shards the experts in order along the expert dimension of the replica's ranks.
         self.first_expert = dist.get_rank(group) * local_experts if self.ep else 0
         # lm_head may be split by vocabulary (transformers' tp plan): its module gathers the logits. The embedding
-        # is looked up locally, so it must be whole.
-        if _local(model.model.embed_tokens.weight).shape[0] != config.vocab_size:
-            raise NotImplementedError("the engine needs the embeddings whole on every rank")
+        # may be split the same way (transformers >= 5.24): each rank looks up its rows and the replica sums them.
+        self.embedding = local(model.model.embed_tokens.weight)
+        self.vocab_start = vocab_shard_start(config.vocab_size, self.embedding.shape[0], group)
         self.top_k = config.num_experts_per_tok
         self.limit, self.alpha = config.swiglu_limit, config.swiglu_alpha
         self.windows = [config.sliding_window if t == "sliding_attention" else None for t in config.layer_types]
@@ -91,10 +88,10 @@ class Engine:
         self.compile = compile and self.cuda_graphs
         self.kernel = _decode_kernel(attention, self.device)
         if self.kernel:
-            from parallel.decode_attention import decode_attention
+            from parallel.engine.kernels.decode_attention import decode_attention
             self._decode_attention = decode_attention
         if self.compile:
-            self._compiled = (torch.compile(_qkv), torch.compile(_attend), torch.compile(_experts_block))
+            self._compiled = (torch.compile(qkv), torch.compile(attend), torch.compile(experts_block))
         self.max_len = 0
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
@@ -173,18 +170,18 @@ class Engine:
     # -- the model ----------------------------------------------------------------------------------------
 
     def _weights(self, i: int) -> tuple[tuple, tuple, tuple]:
-        """Layer i's local tensors for _qkv, _attend and _experts_block: passing tensors, not modules, lets one
+        """Layer i's local tensors for qkv, attend and experts_block: passing tensors, not modules, lets one
         compiled graph serve every layer."""
         layer = self.layers[i]
         attn, mlp, experts = layer.self_attn, layer.mlp, layer.mlp.experts
-        qkv = tuple(map(_local, (layer.input_layernorm.weight, attn.q_proj.weight, attn.q_proj.bias,
+        projections = tuple(map(local, (layer.input_layernorm.weight, attn.q_proj.weight, attn.q_proj.bias,
                                  attn.k_proj.weight, attn.k_proj.bias, attn.v_proj.weight, attn.v_proj.bias)))
-        attend = (_local(attn.sinks), attn.scaling, _local(attn.o_proj.weight))
-        moe = (_local(attn.o_proj.bias), _local(layer.post_attention_layernorm.weight), _local(mlp.router.weight),
-               _local(mlp.router.bias), *map(_local, (experts.gate_up_proj, experts.gate_up_proj_bias, experts.down_proj,
+        attention = (local(attn.sinks), attn.scaling, local(attn.o_proj.weight))
+        moe = (local(attn.o_proj.bias), local(layer.post_attention_layernorm.weight), local(mlp.router.weight),
+               local(mlp.router.bias), *map(local, (experts.gate_up_proj, experts.gate_up_proj_bias, experts.down_proj,
                                                       experts.down_proj_bias)),
                self.first_expert, self.top_k, self.limit, self.alpha, self.grouped)
-        return qkv, attend, moe
+        return projections, attention, moe
 
     @torch.no_grad()
     def forward(self, ids: torch.Tensor, rows, start: torch.Tensor, kv_len: int, compiled: bool = False,
@@ -194,9 +191,9 @@ class Engine:
         keys and values into the cache. `compiled`: the decode step's torch.compile'd pieces."""
         batch, width = ids.shape
         inner = self.model.model
-        qkv, attend, experts_block = self._compiled if compiled else (_qkv, _attend, _experts_block)
+        project, attention, moe_block = self._compiled if compiled else (qkv, attend, experts_block)
         eps = self.layers[0].input_layernorm.variance_epsilon
-        x = inner.embed_tokens(ids)
+        x = embed(ids, self.embedding, self.vocab_start, self.model.config.vocab_size, self.group)
         positions = start[:, None] + torch.arange(width, device=ids.device)
         cos, sin = inner.rotary_emb(x, positions)
         kernel = self.kernel and width == 1 and isinstance(rows, slice)  # a decode step over slots [a, b)
@@ -205,7 +202,7 @@ class Engine:
         index = torch.arange(self.rows, device=ids.device)[rows] if isinstance(rows, slice) else rows
         for i in range(len(self.layers)):
             weights_qkv, weights_attend, weights_moe = self.weights[i]
-            q, k, v = qkv(x, cos, sin, self.head_dim, eps, *weights_qkv)
+            q, k, v = project(x, cos, sin, self.head_dim, eps, *weights_qkv)
             # The cache is written and the partial sums reduced here, outside the compiled pieces: no compiled
             # graph mutates the cache or holds a collective.
             self.k_cache[i][index[:, None], :, positions] = k.transpose(1, 2)
@@ -216,10 +213,10 @@ class Engine:
                                              scaling, self.windows[i])
                 out = F.linear(out.reshape(batch, 1, -1), wo)
             else:
-                out = attend(q, self.k_cache[i][rows, :, :kv_len], self.v_cache[i][rows, :, :kv_len], masks[self.windows[i]], *weights_attend)
+                out = attention(q, self.k_cache[i][rows, :, :kv_len], self.v_cache[i][rows, :, :kv_len], masks[self.windows[i]], *weights_attend)
             if self.tp:
                 dist.all_reduce(out, group=self.group)
-            x, moe = experts_block(x, out, eps, *weights_moe)
+            x, moe = moe_block(x, out, eps, *weights_moe)
             if self.ep:
                 dist.all_reduce(moe, group=self.group)
             x = x + moe
@@ -317,7 +314,7 @@ class Engine:
             next_token[:live] = chosen
             position[:live] += alive[:live]
             emit([(slot, token) for slot, token in enumerate(chosen.tolist()) if slot_row[slot] is not None])
-        completions = [_cut(t, n, stop) for t, n in zip(tokens, max_new_tokens)]
+        completions = [cut(t, n, stop) for t, n in zip(tokens, max_new_tokens)]
         return completions, Timing(first_token_s=sum(first) / len(first), batch_s=time.perf_counter() - start)
 
     def _admit(self, waiting: list[int], free: list[int], prompts, limits, slot_row) -> dict[int, int]:
@@ -365,26 +362,6 @@ class Engine:
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def choose_generator(model, cfg: EngineConfig, layout: Layout, pad_id: int, group=None) -> Engine | Plain:
-    """The engine where it runs and is wanted (plan_model already refused engine.mode=always where it cannot run),
-    else the plain path; the log says which generates."""
-    if cfg.mode == "never" or layout.pp > 1 or (cfg.mode == "auto" and model.device.type != "cuda"):
-        why = {"never": "engine.mode=never"}.get(cfg.mode) or (
-            "the engine does not run pipeline stages" if layout.pp > 1 else "engine.mode=auto uses it on GPU only")
-        log(f"generation: plain model.generate ({why})")
-        return Plain(model, pad_id)
-    try:
-        engine = Engine(model, cfg.slots, cfg.cuda_graphs, cfg.compile, group, cfg.attention, cfg.cache_gib)
-    except NotImplementedError as e:
-        warn(f"generation: plain model.generate ({e})")
-        return Plain(model, pad_id)
-    log(f"generation: the engine ({engine.describe()})")
-    return engine
-
-
-# -- one layer, as functions of tensors (compiled for decoding) ------------------------------------------------
-
-
 def _decode_kernel(choice: str, device: torch.device) -> bool:
     """Whether decode attention runs through the Triton kernel: `auto` on GPU where triton is installed."""
     runs = importlib.util.find_spec("triton") is not None and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
@@ -395,79 +372,3 @@ def _decode_kernel(choice: str, device: torch.device) -> bool:
     return runs and (choice == "triton" or (choice == "auto" and device.type == "cuda"))
 
 
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """GptOssRMSNorm: normalised in float32, scaled by the weight, back in the input's dtype."""
-    h = x.float()
-    return (weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps))).to(x.dtype)
-
-
-def _local(t):
-    """This rank's part of a parameter (transformers' tp/ep shards are DTensors); plain tensors as they are."""
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
-def _qkv(x, cos, sin, head_dim: int, eps: float, norm, wq, bq, wk, bk, wv, bv):
-    batch, width, _ = x.shape
-    h = _rms_norm(x, norm, eps)
-    q, k, v = (F.linear(h, w, b).view(batch, width, -1, head_dim).transpose(1, 2) for w, b in ((wq, bq), (wk, bk), (wv, bv)))
-    q, k = apply_rotary_pos_emb(q, k, cos, sin)
-    return q, k, v
-
-
-def _attend(q, keys, values, mask, sinks, scaling: float, wo):
-    """Attention with sinks over the cache rows, through o_proj without its bias: under tp, a partial sum."""
-    batch, heads, width, head_dim = q.shape
-    kv_heads = keys.shape[1]
-    q = q.view(batch, kv_heads, heads // kv_heads, width, head_dim)
-    scores = torch.einsum("bkgtd,bksd->bkgts", q, keys).float() * scaling + mask[:, None, None]
-    sink = sinks.float().view(1, kv_heads, heads // kv_heads, 1, 1).expand(batch, -1, -1, width, 1)
-    probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
-    out = torch.einsum("bkgts,bksd->bkgtd", probs.to(values.dtype), values)
-    return F.linear(out.reshape(batch, heads, width, head_dim).transpose(1, 2).reshape(batch, width, -1), wo)
-
-
-def _experts_block(x, attended, eps: float, bo, norm, router_w, router_b, gate_up, gate_up_bias, down, down_bias,
-                   first_expert: int, top_k: int, limit: float, alpha: float, grouped: bool):
-    """The residual after attention, and the experts' output for it (under ep, this rank's experts' part)."""
-    x = x + attended + bo
-    batch, width, hidden = x.shape
-    h = _rms_norm(x, norm, eps).reshape(batch * width, hidden)
-    return x, _experts(h, router_w, router_b, gate_up, gate_up_bias, down, down_bias, first_expert, top_k, limit, alpha, grouped).view_as(x)
-
-
-def _experts(x, router_w, router_b, gate_up, gate_up_bias, down, down_bias, first_expert: int, top_k: int,
-             limit: float, alpha: float, grouped: bool):
-    """Each token through its top-k experts (softmax over the chosen k, as GptOssTopKRouter): rows sorted by
-    expert, one grouped GEMM per projection, then each token's rows weighted and summed. This rank holds the
-    experts [first_expert, first_expert + len(gate_up)); rows routed elsewhere sort last and count zero."""
-    top, chosen = torch.topk(F.linear(x, router_w, router_b), top_k, dim=-1)
-    weights = torch.softmax(top, dim=1, dtype=top.dtype).reshape(-1)
-    local = gate_up.shape[0]
-    flat = chosen.reshape(-1) - first_expert
-    here = (flat >= 0) & (flat < local)
-    flat = torch.where(here, flat, local)
-    order = torch.argsort(flat, stable=True)
-    token = order // top_k
-    expert = flat[order].clamp(max=local - 1)
-    rows = x[token]
-    if grouped:
-        counts = torch.zeros(local + 1, dtype=torch.int32, device=x.device).scatter_add_(0, flat.int(), torch.ones_like(flat, dtype=torch.int32))
-        offsets = torch.cumsum(counts[:local], 0, dtype=torch.int32)
-        hidden = _swiglu(GROUPED_MM(rows, gate_up, offs=offsets) + gate_up_bias[expert], limit, alpha)
-        out = GROUPED_MM(hidden, down, offs=offsets) + down_bias[expert]
-    else:  # one matmul pair per expert hit (a host sync each): float32 on GPU, or no grouped_mm
-        out = torch.zeros_like(rows)
-        for e in flat[order].unique().tolist():
-            hit = flat[order] == e
-            if e < local:
-                out[hit] = _swiglu(rows[hit] @ gate_up[e] + gate_up_bias[e], limit, alpha) @ down[e] + down_bias[e]
-    # rows of other ranks' experts (past the last offset) hold whatever the GEMM left there: zero them.
-    out = torch.where(here[order, None], out * weights[order, None].to(out.dtype), 0)
-    return torch.zeros_like(x).index_add_(0, token, out)
-
-
-def _swiglu(gate_up: torch.Tensor, limit: float, alpha: float) -> torch.Tensor:
-    """gpt-oss's clamped SwiGLU over interleaved gate/up columns."""
-    gate = gate_up[..., ::2].clamp(max=limit)
-    up = gate_up[..., 1::2].clamp(min=-limit, max=limit)
-    return (up + 1) * gate * torch.sigmoid(gate * alpha)

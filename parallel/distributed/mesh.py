@@ -15,17 +15,18 @@ import torch
 import torch.distributed as dist
 from transformers.distributed.utils import TransformersDeviceMesh
 
-from parallel.layout import Layout
+from parallel.distributed.layout import Layout
 
 
 @dataclass
-class Mesh:
+class Placement:
     rank: int
     world_size: int
     device: torch.device
     replica: int  # which data-parallel replica this rank serves
     replica_ranks: list[int]
-    replica_group: dist.ProcessGroup | None
+    replica_group: dist.ProcessGroup | None  # the replica's ranks (NCCL on GPUs): the model's collectives
+    control_group: dist.ProcessGroup | None  # the same ranks on gloo: the leader's news to its replica, on the CPU
     model_mesh: TransformersDeviceMesh | None  # the replica's sub-mesh, in transformers' dimension names
 
     @property
@@ -58,14 +59,18 @@ def init_distributed(collective_timeout_s: float) -> tuple[int, torch.device]:
     return dist.get_world_size(), device
 
 
-def build_mesh(layout: Layout, device: torch.device) -> Mesh:
+def build_mesh(layout: Layout, device: torch.device) -> Placement:
     rank = dist.get_rank()
     replica = rank // layout.replica_size
     replica_ranks = list(range(replica * layout.replica_size, (replica + 1) * layout.replica_size))
-    # new_group is collective: every rank creates every replica's group, in the same order.
-    groups = [dist.new_group(list(range(r * layout.replica_size, (r + 1) * layout.replica_size))) for r in range(layout.dp)]
-    model_mesh = None
+    group = control = model_mesh = None
     if layout.replica_size > 1:
+        # new_group is collective: every rank creates every replica's groups, in the same order.
+        for r in range(layout.dp):
+            ranks = list(range(r * layout.replica_size, (r + 1) * layout.replica_size))
+            groups = dist.new_group(ranks), dist.new_group(ranks, backend="gloo")
+            if r == replica:
+                group, control = groups
         dense = dist.init_device_mesh(
             device.type,
             (layout.dp, layout.pp, 1, 1, layout.mp),
@@ -79,12 +84,13 @@ def build_mesh(layout: Layout, device: torch.device) -> Mesh:
         model_mesh = TransformersDeviceMesh(
             dense[("pp", "dp_replicate", "fsdp", "tp")], expert[("pp", "dp_replicate", "efsdp", "ep")]
         )
-    return Mesh(
+    return Placement(
         rank=rank,
         world_size=dist.get_world_size(),
         device=device,
         replica=replica,
         replica_ranks=replica_ranks,
-        replica_group=groups[replica] if layout.replica_size > 1 else None,
+        replica_group=group,
+        control_group=control,
         model_mesh=model_mesh,
     )

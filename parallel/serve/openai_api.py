@@ -13,8 +13,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from parallel.harmony import Parsed
-from parallel.requests import Request, RequestError, parse_request
+from parallel.protocol.harmony import Parsed
+from parallel.protocol.requests import Request, RequestError, parse_request
 
 
 class ApiError(Exception):

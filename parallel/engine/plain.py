@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from transformers import GenerationConfig as HFGenerationConfig
@@ -12,18 +11,7 @@ from transformers.generation import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from parallel.config import GenerationConfig
-
-
-@dataclass
-class Completion:
-    tokens: list[int]
-    finish_reason: str  # stop, tool_call or length
-
-
-@dataclass
-class Timing:
-    first_token_s: float  # the batch's prefill: time to its first generated token
-    batch_s: float
+from parallel.engine.interface import Completion, Timing, cut
 
 
 class _Steps(BaseStreamer):
@@ -89,7 +77,7 @@ def generate(
     limits = StoppingCriteriaList([_RowLimits(width, max_new_tokens, cancelled)])
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, streamer=steps, stopping_criteria=limits)
-    completions = [_cut(row[width:].tolist(), limit, stop) for row, limit in zip(out, max_new_tokens)]
+    completions = [cut(row[width:].tolist(), limit, stop) for row, limit in zip(out, max_new_tokens)]
     return completions, Timing(first_token_s=steps.first or 0.0, batch_s=time.perf_counter() - steps.start)
 
 
@@ -112,11 +100,3 @@ def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tenso
     ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     return ids, mask
-
-
-def _cut(tokens: list[int], limit: int, stop: dict[int, str]) -> Completion:
-    """The batch ran to its longest limit: end each row at its first stop token or at its own limit."""
-    for i, token in enumerate(tokens[:limit]):
-        if token in stop:
-            return Completion(tokens[: i + 1], stop[token])
-    return Completion(tokens[:limit], "length")
