@@ -94,17 +94,23 @@ class EngineConfig:
     # `auto`: the fast engine (parallel/engine.py) on GPU for every layout but pipelines, else the plain
     # `model.generate` path; `always` also on CPU (exact there, not fast); `never`: always the plain path.
     mode: str = "auto"
-    # Sequences decoded together on a replica; a finished one hands its slot to the next request of the batch.
-    slots: int = 128
+    # Requests a replica runs at a time (the engine); more wait for a finished one's place.
+    slots: int = 256
     cuda_graphs: bool = True
     # torch.compile the decode step's pieces inside the graphs (GPU): fewer, fused kernels a step.
     compile: bool = True
     # Decode attention: `auto` is our Triton kernel on GPU (reads only live keys) where triton is installed,
     # else torch; `torch` reads every cached position (the reference).
     attention: str = "auto"
-    # GiB for the KV cache; None: the GPU's free memory after loading, less some headroom. Fewer sequences
-    # decode at a time when `slots` of the longest do not fit.
+    # GiB for the paged KV cache; None: the GPU's free memory after loading, less some headroom (1 GiB on CPU).
     cache_gib: float | None = None
+    # Tokens one step computes at most: the running requests' next tokens first, then chunks of waiting prompts.
+    max_batched_tokens: int = 8192
+    # Tokens a KV-cache block holds: requests are admitted, and prefixes shared, by blocks.
+    block_size: int = 16
+    # Full blocks of a prompt are kept, keyed by their tokens, for later prompts that start the same way (every
+    # harmony prompt shares its system header; chat clients resend their whole history each turn).
+    prefix_caching: bool = True
 
 
 @dataclass
@@ -118,6 +124,9 @@ class ServerConfig:
     model_name: str | None = None
     # After SIGTERM, in-flight requests get this long to finish (torchrun kills its workers 30 s after a TERM).
     drain_timeout_s: float = 20.0
+    # Steps of tokens a replica gathers before sending them to rank 0 (a request's first and last tokens go at
+    # once): larger costs streaming smoothness, saves rank 0 work at high concurrency.
+    stream_interval: int = 1
 
 
 @dataclass
@@ -200,6 +209,13 @@ def _check_values(job: JobConfig) -> None:
         problems.append(f"engine.mode={job.engine.mode!r} is not one of {ENGINE_MODES}")
     if job.engine.slots < 1:
         problems.append("engine.slots must be >= 1")
+    if job.engine.max_batched_tokens < job.engine.slots:
+        problems.append(f"engine.max_batched_tokens={job.engine.max_batched_tokens} must be >= engine.slots={job.engine.slots} "
+                        "(every running request's next token fits a step)")
+    if job.engine.block_size < 1 or job.engine.block_size & (job.engine.block_size - 1):
+        problems.append(f"engine.block_size={job.engine.block_size} must be a power of two")
+    if job.server.stream_interval < 1:
+        problems.append("server.stream_interval must be >= 1")
     if job.engine.attention not in ENGINE_ATTENTIONS:
         problems.append(f"engine.attention={job.engine.attention!r} is not one of {ENGINE_ATTENTIONS}")
     if job.engine.cache_gib is not None and job.engine.cache_gib <= 0:
