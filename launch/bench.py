@@ -1,33 +1,41 @@
-"""The plain transformers recipe against our engine, in one process, on the same model and prompts.
+"""Benchmarks of the paths users run, with the plain transformers recipe measured in the same run.
 
-    python launch/bench.py --config configs/gpt-oss-20b.yaml --batch-sizes 1 128 --new-tokens 256 \
-        --out bench.json model.path=builtin:gpt-oss-20b model.load_format=dummy
+    python launch/bench.py --config configs/gpt-oss-20b.yaml --workload sharegpt --requests 1000 \
+        --paths launcher server plain --concurrency 1 128 256 --out docs/bench/run.json \
+        model.path=builtin:gpt-oss-20b model.load_format=dummy
 
-For each batch size: harmony-rendered prompts (~80 tokens), every request run to exactly --new-tokens
-(stop tokens ignored, so both sides make the same number of tokens), first the plain path
-(`model.generate`, left-padded, the model's own attention and experts), then the engine (parallel/engine.py)
-with a slot a request, once per decode attention in --attention, each after one short warm-up run. Prints a table (tokens/s, time to first token, peak memory, speed-up,
-fraction of the memory-bandwidth floor) and writes it as JSON. One GPU, the whole model (dp layouts).
+--paths:
+  launcher  the batch job (launch/generate.py) on the workload, every request at once;
+  server    launch/serve.py with that many concurrent streaming clients (--concurrency), Completions API;
+  plain     the launcher with engine.mode=never (model.generate, batches of --plain-batch) on the first
+            --plain-requests requests: the ratio's denominator;
+  isolated  the engine and model.generate in this process on --batch-sizes identical ~80-token prompts run to
+            exactly --new-tokens (the engine's speed without the job around it).
+Workloads (parallel/workloads.py): sharegpt (log-normal lengths, means ~220 in / ~200 out), long (8,000-token
+prompts, 128 out), fixed (--prompt-tokens / --new-tokens). Random weights (model.load_format=dummy) give real
+speed and meaningless text: every figure written says so. Prints a table, writes JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from functools import partial
 from pathlib import Path
 
 import torch
 
-from parallel.config import ENGINE_ATTENTIONS, merge_config, parse_args_and_overrides
-from parallel.distributed.loading import load_model, plan_model
-from parallel.distributed.mesh import build_mesh, init_distributed
+from parallel.config import merge_config, parse_args_and_overrides
 from parallel.engine.engine import Engine
-from parallel.engine.plain import generate
-from parallel.log import log
-from parallel.protocol.harmony import encoding, pad_token_id, render_prompt
+from parallel.engine.interface import Sampling, Work, complete
+from parallel.engine.plain import Plain
+from parallel.job import Run
+from parallel.measure import run_launcher, run_server
+from parallel.protocol.harmony import encoding, pad_token_id, render_prompt, stop_tokens
 from parallel.protocol.requests import parse_request
+from parallel.workloads import write_workload
 
 PROMPT = "Write a long story about topic number {}, with a title, three characters and a twist at the end."
 
@@ -35,102 +43,103 @@ PROMPT = "Write a long story about topic number {}, with a title, three characte
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 128])
+    parser.add_argument("--paths", nargs="+", default=["launcher", "plain"], choices=["launcher", "server", "plain", "isolated"])
+    parser.add_argument("--workload", default="sharegpt", choices=["sharegpt", "long", "fixed"])
+    parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--prompt-tokens", type=int, default=1024)
     parser.add_argument("--new-tokens", type=int, default=256)
-    parser.add_argument("--bandwidth-tbs", type=float, default=3.35, help="the GPU's memory bandwidth, for the floor")
-    parser.add_argument("--skip-plain", action="store_true", help="engine only (the plain recipe is slow)")
-    parser.add_argument("--attention", nargs="+", default=["auto"], choices=ENGINE_ATTENTIONS,
-                        help="the engine's decode attentions to measure, a column each")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[256])
+    parser.add_argument("--plain-requests", type=int, default=128)
+    parser.add_argument("--plain-batch", type=int, default=128)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 128])
+    parser.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per job")
     parser.add_argument("--out", type=Path)
     parser.add_argument("overrides", nargs="*")
     args = parse_args_and_overrides(parser)
 
-    cfg, shape, model, device = load(args.config, args.overrides)
     enc = encoding()
-    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    log(f"{machine}; {describe(shape, model)}")
-
-    rows = []
-    for batch in args.batch_sizes:
-        prompts = [render_prompt(enc, parse_request({"prompt": PROMPT.format(i)}, 0), cfg.generation.reasoning_effort) for i in range(batch)]
-        limits = [args.new_tokens] * batch
-        row = {"batch": batch, "prompt_tokens": sum(map(len, prompts)) // batch, "new_tokens": args.new_tokens, "paths": {},
-               "floor_tokens_per_s": bandwidth_floor(shape, model, batch, args.bandwidth_tbs)}
-        if not args.skip_plain:
-            plain = partial(generate, model, gen=cfg.generation, stop={}, pad_id=pad_token_id(enc), seed=0)
-            row["paths"]["plain"] = measure(plain, prompts, limits, device)
-        for attention in args.attention:
-            # A fresh engine a column (rebinding frees the last one's cache), its cache sized for this run before
-            # warming up.
-            engine = Engine(model, batch, cfg.engine.cuda_graphs, cfg.engine.compile, attention=attention, cache_gib=cfg.engine.cache_gib)
-            engine.reserve(max(map(len, prompts)) + args.new_tokens)
-            name = "engine" if len(args.attention) == 1 else f"engine ({attention} attention)"
-            result = measure(partial(engine.generate, gen=cfg.generation, stop={}, seed=0), prompts, limits, device)
-            result["of_floor"] = round(result["tokens_per_s"] / row["floor_tokens_per_s"], 3)
-            if "plain" in row["paths"]:
-                result["speedup"] = round(result["tokens_per_s"] / row["paths"]["plain"]["tokens_per_s"], 2)
-            row["paths"][name] = {**result, "engine": engine.describe()}
-        rows.append(row)
-        log(json.dumps(row))
-
-    print(table(rows, machine, shape, model, args))
-    if args.out:
-        args.out.write_text(json.dumps({"machine": machine, "model": describe(shape, model),
-                                        "attention_plain": model.config._attn_implementation, "rows": rows}, indent=2) + "\n")
+    workdir = Path(tempfile.mkdtemp(prefix="bench-"))
+    workload = workdir / f"{args.workload}.jsonl"
+    drawn = write_workload(workload, enc, args.workload, args.requests, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens)
+    result = {"machine": machine(), "workload": {"kind": args.workload, "requests": args.requests,
+                                                 "mean_prompt_words": mean(p for p, _ in drawn), "mean_new_tokens": mean(n for _, n in drawn)},
+              "weights": "random (model.load_format=dummy)" if "model.load_format=dummy" in args.overrides else "checkpoint",
+              "overrides": args.overrides, "nproc": args.nproc, "runs": []}
+    for path in args.paths:
+        for row in measure(path, args, workload, workdir):
+            result["runs"].append(row)
+            print(json.dumps(row), flush=True)
+            if args.out:
+                args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(table(result))
 
 
-def load(config: str, overrides: list[str]):
-    """The job's config, the model's shape, the model (one process: the whole model) and its device."""
-    cfg = merge_config(config, overrides)
+def measure(path: str, args, workload: Path, workdir: Path) -> list[dict]:
+    if path == "launcher":
+        return [{"path": "launcher", **run_launcher(args.config, workload, workdir / "out.jsonl", args.nproc, args.overrides)}]
+    if path == "plain":
+        subset = workdir / "plain.jsonl"
+        subset.write_text("".join(workload.read_text().splitlines(keepends=True)[: args.plain_requests]))
+        plain = ["engine.mode=never", f"generation.batch_size={args.plain_batch}", *args.overrides]
+        return [{"path": "plain", **run_launcher(args.config, subset, workdir / "plain.out.jsonl", args.nproc, plain)}]
+    if path == "server":
+        return [{"path": "server", **run_server(args.config, workload, args.nproc, c, args.overrides, workdir / f"server-{c}.log")}
+                for c in args.concurrency]
+    return isolated(args)
+
+
+def isolated(args) -> list[dict]:
+    """The engine and the plain path in this process, one GPU, on identical prompts run to exactly --new-tokens."""
+    from parallel.distributed.loading import load_model, plan_model
+    from parallel.distributed.mesh import build_mesh, init_distributed
+
+    cfg = merge_config(args.config, args.overrides)
     path, shape, layout = plan_model(cfg)
     _, device = init_distributed(cfg.runtime.collective_timeout_s)
-    return cfg, shape, load_model(path, shape, cfg.model, layout, build_mesh(layout, device)), device
+    run = Run(cfg, path, shape, layout)
+    model = load_model(run.path, shape, cfg.model, layout, build_mesh(layout, device))
+    enc = encoding()
+    rows = []
+    for batch in args.batch_sizes:
+        prompts = [render_prompt(enc, parse_request({"prompt": PROMPT.format(i)}, 0), "medium") for i in range(batch)]
+        work = [Work(i, p, args.new_tokens, Sampling(ignore_eos=True)) for i, p in enumerate(prompts)]
+        backends = {"plain": partial(Plain, model, batch, stop_tokens(enc), pad_token_id(enc)),
+                    "engine": partial(Engine, model, cfg.engine, stop_tokens(enc))}
+        for name, make in backends.items():
+            backend = make()
+            complete(backend, [Work(-1 - i, w.prompt, 4, w.sampling) for i, w in enumerate(work)])  # warm-up
+            torch.cuda.synchronize() if device.type == "cuda" else None
+            torch.cuda.reset_peak_memory_stats(device) if device.type == "cuda" else None
+            start = time.perf_counter()
+            out = complete(backend, work)
+            seconds = time.perf_counter() - start
+            tokens = sum(len(t) for t, _ in out.values())
+            rows.append({"path": f"isolated {name}", "batch": batch, "prompt_tokens": mean(len(p) for p in prompts),
+                         "output_tokens": tokens, "seconds": round(seconds, 2), "output_tokens_per_s": round(tokens / seconds, 1),
+                         "ttft_mean_s": round(mean(e.queued_s + e.first_token_s for _, e in out.values()), 3),
+                         "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 1) if device.type == "cuda" else None,
+                         "backend": backend.describe()})
+            del backend
+    return rows
 
 
-def measure(run, prompts: list[list[int]], limits: list[int], device: torch.device) -> dict:
-    """One timed run of run(prompts, limits), after a 4-token warm-up (lazy initialisation, graph capture,
-    compilation, cuBLAS heuristics)."""
-    run(prompts, [4] * len(prompts))
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
-    _, timing = run(prompts, limits)
-    seconds = time.perf_counter() - start
-    tokens = sum(limits)
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
-    return {"tokens_per_s": round(tokens / seconds, 1), "time_to_first_token_s": round(timing.first_token_s, 3),
-            "seconds": round(seconds, 2), "peak_gib": round(peak, 1)}
+def mean(values) -> float:
+    values = list(values)
+    return round(sum(values) / len(values), 1) if values else 0.0
 
 
-def describe(shape, model) -> str:
-    return (f"gpt-oss {shape.num_hidden_layers} layers x {shape.num_local_experts} experts, "
-            f"{sum(p.numel() for p in model.parameters()) / 1e9:.1f}B params, {model.dtype}")
+def machine() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
-def bandwidth_floor(shape, model, batch: int, tbs: float) -> float:
-    """Tokens/s if a decode step only had to read its weights once at full bandwidth: the dense weights plus
-    the experts a batch of this size touches (expected number, routing uniform)."""
-    expert_params = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
-    dense = sum(p.numel() for p in model.parameters()) - expert_params
-    per_expert = expert_params / shape.num_hidden_layers / shape.num_local_experts
-    e, k = shape.num_local_experts, shape.num_experts_per_tok
-    touched = e * (1 - (1 - k / e) ** batch)
-    # The embedding table is read one row a token, not whole.
-    dense -= model.model.embed_tokens.weight.numel()
-    step_bytes = (dense + shape.num_hidden_layers * touched * per_expert) * model.dtype.itemsize
-    return round(batch / (step_bytes / (tbs * 1e12)), 1)
-
-
-def table(rows: list[dict], machine: str, shape, model, args) -> str:
-    lines = [f"{machine}, {describe(shape, model)}, random weights, {args.new_tokens} new tokens a request", "",
-             "| batch | prompt tokens | path | tokens/s | time to first token (s) | peak GiB | speed-up | of bandwidth floor |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        for name, m in r["paths"].items():
-            extra = ("1x", "") if name == "plain" else (f"{m.get('speedup', '-')}x", f"{m['of_floor']:.0%} of {r['floor_tokens_per_s']:.0f}")
-            lines.append(f"| {r['batch']} | {r['prompt_tokens']} | {name} | {m['tokens_per_s']} | {m['time_to_first_token_s']} | {m['peak_gib']} | {extra[0]} | {extra[1]} |")
+def table(result: dict) -> str:
+    keys = ["path", "batch", "concurrency", "requests", "output_tokens_per_s", "total_tokens_per_s", "ttft_p50_s",
+            "ttft_p99_s", "itl_p50_s", "itl_p99_s", "peak_gpu_memory_gib"]
+    used = [k for k in keys if any(k in r for r in result["runs"])]
+    lines = [f"{result['machine']}, {result['weights']} weights, workload {result['workload']}, {' '.join(result['overrides'])}", "",
+             "| " + " | ".join(used) + " |", "|" + "---|" * len(used)]
+    for r in result["runs"]:
+        lines.append("| " + " | ".join(str(r.get(k, "")) for k in used) + " |")
     return "\n".join(lines)
 
 

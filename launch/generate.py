@@ -3,8 +3,9 @@
     torchrun --nproc_per_node=4 launch/generate.py --config configs/gpt-oss-120b.yaml \
         data.input=prompts.jsonl data.output=answers.jsonl parallel.tp=4
 
-Reads top to bottom: config -> layout -> process group and mesh -> work plan (rank 0) -> model -> loop ->
-metrics. Run it again with the same data.output to resume a stopped job.
+Reads top to bottom: config -> layout -> process group and mesh -> work plan (rank 0) -> model -> the replica
+loop (rank 0 hands out requests, every replica generates, rank 0 writes the records) -> metrics. Run it again
+with the same data.output to resume a stopped job.
 """
 
 from __future__ import annotations
@@ -14,35 +15,26 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-
-from parallel.batch.coordinator import publish, serve_replica
-from parallel.batch.output import OutputFile, read_requests
-from parallel.batch.planning import batch_runner, plan_work
+from parallel.batch.coordinator import RecordMaker
+from parallel.batch.output import OutputFile, check_paths, read_requests
+from parallel.batch.planning import plan_work
 from parallel.batch.writer import Totals, Writer
-from parallel.config import ConfigError, load_config, to_yaml
-from parallel.distributed.layout import LayoutError
-from parallel.distributed.loading import load_model, plan_model
+from parallel.config import to_yaml
+from parallel.distributed.dispatch import Dispatcher
+from parallel.distributed.replica import Replica
 from parallel.distributed.runtime import exit_on_signals, join_job
-from parallel.engine.choice import choose_generator
-from parallel.log import error, log
-from parallel.protocol.harmony import encoding, pad_token_id
+from parallel.job import finish_job, load_backend, open_links, peak_memory_gib, plan_run
+from parallel.log import log
+from parallel.protocol.harmony import encoding
 
 
 def main(argv: list[str] | None = None) -> int:
     start = time.monotonic()
-    try:
-        cfg = load_config(argv, required=("data.input", "data.output"))
-        # Everything that can be wrong with the job is found here, before a process group or a weight exists.
-        path, shape, layout = plan_model(cfg)
-        if not Path(cfg.data.input).is_file():
-            raise FileNotFoundError(f"data.input: no such file {cfg.data.input}")
-    except (ConfigError, LayoutError, FileNotFoundError, ValueError) as e:
-        error(str(e))
+    run = plan_run(argv, required=("data.input", "data.output"), check=lambda cfg: check_paths(cfg.data.input, cfg.data.output))
+    if run is None:
         return 2
-
-    place, watchdog, store = join_job(layout, cfg.runtime)
+    cfg = run.cfg
+    place, watchdog, store = join_job(run.layout, cfg.runtime)
     enc = encoding()
 
     writer = None
@@ -50,43 +42,36 @@ def main(argv: list[str] | None = None) -> int:
         out = OutputFile(cfg.data.output)
         Path(f"{cfg.data.output}.config.yaml").write_text(to_yaml(cfg))
         requests = read_requests(cfg.data.input, cfg.data.shard, cfg.data.num_shards)
-        batches, rejected = plan_work(requests, out, enc, cfg.generation, shape.max_position_embeddings)
+        work, rejected = plan_work(requests, out, enc, cfg.generation, run.shape.max_position_embeddings)
         out.write(rejected)
-        n_requests = sum(map(len, batches))
-        log(f"{n_requests} requests to run in {len(batches)} batches, {len(rejected)} lines rejected, "
-            f"{len(out.done) - len(rejected)} already in {cfg.data.output}")
-        publish(store, batches)
+        log(f"{len(work)} requests to run, {len(rejected)} lines rejected, {len(out.done) - len(rejected)} already in {cfg.data.output}")
+        writer = Writer(out, len(work), cfg.output.echo, cfg.runtime.progress)
     # Read at signal time: rank 0 before its writer exists has nothing in flight.
     exit_on_signals(lambda: writer.stop() if writer else f"rank {place.rank} stopping")
 
-    try:
-        model = load_model(path, shape, cfg.model, layout, place)
-    except RuntimeError as e:  # e.g. model.mxfp4=require where only dequantizing is possible
-        error(str(e))
+    backend = load_backend(run, place, enc)
+    if backend is None:
         return 2
     gen_start = time.monotonic()
-    if place.rank == 0:
-        writer = Writer(out, len(batches), n_requests, cfg.runtime.collective_timeout_s, cfg.output.echo, cfg.runtime.progress)
-        writer.start()
-    generator = choose_generator(model, cfg.engine, layout, pad_token_id(enc), place.replica_group)
-    serve_replica(place, store, batch_runner(generator, enc, cfg.generation, cfg.output.raw))
+    hub, link = open_links(place, store, run.layout.dp)
+    if hub:
+        dispatcher = Dispatcher(hub, run.layout.dp, writer.deliver)
+        dispatcher.submit(work)
+        dispatcher.close()
+        dispatcher.start()
+    Replica(place, backend, link, RecordMaker(enc, cfg.output.raw) if place.is_leader else None).run()
     store.set(f"peak_gib/{place.rank}", str(peak_memory_gib(place.device)))
 
     if writer:
-        writer.finish()
-        metrics = summarize(writer.totals, place.world_size, str(layout), time.monotonic() - start, time.monotonic() - gen_start)
+        dispatcher.finished.wait()
+        writer.close()
+        metrics = summarize(writer.totals, place.world_size, str(run.layout), time.monotonic() - start, time.monotonic() - gen_start)
         metrics["peak_gpu_memory_gib"] = max(float(store.get(f"peak_gib/{r}")) for r in range(place.world_size)) or None
         metrics["rejected_lines"] = len(rejected)
         Path(f"{cfg.data.output}.metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         log(json.dumps(metrics))
-    watchdog.stop()
-    dist.barrier()
-    dist.destroy_process_group()
+    finish_job(watchdog)
     return 0
-
-
-def peak_memory_gib(device: torch.device) -> float:
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
 
 
 def summarize(totals: Totals, world_size: int, layout: str, wall_s: float, generation_s: float) -> dict:

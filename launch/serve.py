@@ -2,9 +2,9 @@
 
     torchrun --nproc_per_node=4 launch/serve.py --config configs/gpt-oss-120b.yaml parallel.tp=4
 
-Reads top to bottom: config -> layout -> process group and mesh -> model -> HTTP server (rank 0) -> the
-replicas' batch loop. Rank 0 serves HTTP and batches concurrent requests; every replica runs the batches
-it claims. SIGTERM drains: requests in flight finish, new ones are refused, then every rank exits.
+Reads top to bottom: config -> layout -> process group and mesh -> HTTP server bound (rank 0) -> model -> the
+replica loop (rank 0 hands each request to a replica with room, every replica generates, tokens stream back).
+SIGTERM drains: requests in flight finish, new ones are refused, then every rank exits.
 """
 
 from __future__ import annotations
@@ -14,64 +14,53 @@ import signal
 import sys
 import threading
 
-import torch.distributed as dist
-
-from parallel.config import ConfigError, load_config
-from parallel.distributed.layout import LayoutError
-from parallel.distributed.loading import load_model, plan_model
+from parallel.distributed.replica import Replica
 from parallel.distributed.runtime import join_job
-from parallel.engine.choice import choose_generator
+from parallel.job import finish_job, load_backend, open_links, plan_run
 from parallel.log import error, log
-from parallel.protocol.harmony import encoding, pad_token_id
+from parallel.protocol.harmony import encoding
 from parallel.serve.batcher import Batcher
 from parallel.serve.http import Server
-from parallel.serve.replica import serve_batches
+from parallel.serve.replica import TokenStreamer
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg = load_config(argv)
-        path, shape, layout = plan_model(cfg)
-    except (ConfigError, LayoutError, FileNotFoundError, ValueError) as e:
-        error(str(e))
+    run = plan_run(argv)
+    if run is None:
         return 2
-
-    place, watchdog, store = join_job(layout, cfg.runtime)
+    cfg = run.cfg
+    place, watchdog, store = join_job(run.layout, cfg.runtime)
     enc = encoding()
 
     server = None
     if place.rank == 0:
-        batcher = Batcher(enc, layout.dp, cfg.generation.batch_size, cfg.runtime.collective_timeout_s)
         try:  # bind before loading: a port in use fails in a second, not after the weights
-            server = Server(cfg, enc, batcher, shape.max_position_embeddings)
+            server = Server(cfg, enc, run.shape.max_position_embeddings)
         except OSError as e:
             error(f"cannot listen on {cfg.server.host}:{cfg.server.port}: {e}")
             return 2
     drain_on_signals(server)
 
-    try:
-        model = load_model(path, shape, cfg.model, layout, place)
-    except RuntimeError as e:  # e.g. model.mxfp4=require where only dequantizing is possible
-        error(str(e))
+    backend = load_backend(run, place, enc)
+    if backend is None:
         return 2
-    generator = choose_generator(model, cfg.engine, layout, pad_token_id(enc), place.replica_group)
-    if server:
-        batcher.joins = generator.joins
-        batcher.start()
-        server.start()
-    serve_batches(place, store, generator, enc, cfg.generation)
+    hub, link = open_links(place, store, run.layout.dp)
+    if hub:
+        batcher = Batcher(hub, run.layout.dp)
+        batcher.dispatcher.start()
+        server.start(batcher)
+    Replica(place, backend, link, TokenStreamer(cfg.server.stream_interval) if place.is_leader else None).run()
 
     if server:
-        log(f"served {batcher.status()['requests']} requests in {batcher.status()['batches']} batches")
-    watchdog.stop()
-    dist.barrier()
-    dist.destroy_process_group()
+        batcher.dispatcher.finished.wait()
+        log(f"served {batcher.stats['requests']} requests")
+    finish_job(watchdog)
     return 0
 
 
 def drain_on_signals(server: Server | None) -> None:
     """SIGTERM/SIGINT: rank 0 drains its server (a second signal exits at once); the other ranks carry on until
-    rank 0 ends their batch loop (torchrun signals every rank; only rank 0 knows what is in flight)."""
+    rank 0 ends their loop (torchrun signals every rank; only rank 0 knows what is in flight)."""
     draining = threading.Event()
 
     def handler(signum, frame):

@@ -1,17 +1,18 @@
-"""The engine on CPU: the same greedy tokens as the plain path, continuous batching, stops, cancellation, choice."""
+"""The engine on CPU against the plain path: token-budget steps, chunked prefill, a paged cache small enough to
+preempt, prefix-cache hits, stops, aborts, per-request sampling, and the choice of backend."""
 
 import pytest
 from transformers import GptOssForCausalLM
 
-import parallel.engine.engine as engine_module
-from parallel.config import EngineConfig, GenerationConfig, merge_config
+from parallel.config import EngineConfig, merge_config
 from parallel.distributed.checkpoint import TINY, resolve_checkpoint
-from parallel.distributed.layout import Layout, LayoutError
+from parallel.distributed.layout import LayoutError
 from parallel.distributed.loading import plan_model
-from parallel.engine.choice import choose_generator
+from parallel.engine.choice import choose_backend
 from parallel.engine.engine import Engine
-from parallel.engine.plain import Plain, generate
-from parallel.protocol.harmony import pad_token_id, render_prompt, stop_tokens
+from parallel.engine.interface import Sampling, Work, complete
+from parallel.engine.plain import Plain
+from parallel.protocol.harmony import render_prompt, stop_tokens
 from parallel.protocol.requests import parse_request
 from tests.conftest import ROOT
 from tests.taught import LESSONS
@@ -26,67 +27,96 @@ def tiny():
     return GptOssForCausalLM.from_pretrained(resolve_checkpoint(TINY)).eval()
 
 
-def prompts_of(enc, objs):
-    return [render_prompt(enc, parse_request(o, 0), "medium") for o in objs]
+@pytest.fixture(scope="module")
+def prompts(enc):
+    return [render_prompt(enc, parse_request({"prompt": t}, 0), "medium") for t in TEXTS]
 
 
-def test_engine_gives_the_plain_paths_greedy_tokens_with_fewer_slots_than_prompts(enc, tiny):
-    prompts, stop = prompts_of(enc, [{"prompt": t} for t in TEXTS]), stop_tokens(enc)
-    plain = [generate(tiny, [p], [n], GenerationConfig(), stop=stop, pad_id=pad_token_id(enc), seed=0)[0][0] for p, n in zip(prompts, LIMITS)]
-    fast, timing = Engine(tiny, slots=3).generate(prompts, LIMITS, GenerationConfig(), stop=stop, seed=0)
-    assert [c.tokens for c in fast] == [c.tokens for c in plain]
-    assert [c.finish_reason for c in fast] == [c.finish_reason for c in plain]
-    assert timing.first_token_s > 0
+def work(prompts, limits, sampling=Sampling()):
+    return [Work(i, p, n, sampling) for i, (p, n) in enumerate(zip(prompts, limits))]
 
 
-def test_prompts_prefilled_in_chunks_give_the_same_tokens(enc, tiny, monkeypatch):
-    monkeypatch.setattr(engine_module, "PREFILL_SCORES_BYTES", 1)  # chunks of 16 positions, the smallest
-    prompts, stop = prompts_of(enc, [{"prompt": t} for t in TEXTS[:4]]), stop_tokens(enc)
-    plain = [generate(tiny, [p], [12], GenerationConfig(), stop=stop, pad_id=pad_token_id(enc), seed=0)[0][0].tokens for p in prompts]
-    fast, _ = Engine(tiny, slots=4).generate(prompts, [12] * 4, GenerationConfig(), stop=stop, seed=0)
-    assert max(map(len, prompts)) > 4 * 16 and [c.tokens for c in fast] == plain
+@pytest.fixture(scope="module")
+def plain_tokens(tiny, prompts, enc):
+    """The plain path, one request at a time (no padding): the reference."""
+    plain = Plain(tiny, 1, stop_tokens(enc), PAD)
+    return {rid: tokens for rid, (tokens, _) in complete(plain, work(prompts, LIMITS)).items()}
 
 
-def test_sampling_is_reproducible_for_a_seed(enc, tiny):
-    prompts, gen = prompts_of(enc, [{"prompt": t} for t in TEXTS[:3]]), GenerationConfig(temperature=1.0, top_p=0.9)
-    engine = Engine(tiny, slots=2)
-    runs = [[c.tokens for c in engine.generate(prompts, [16] * 3, gen, stop={}, seed=seed)[0]] for seed in (7, 7, 8)]
-    assert runs[0] == runs[1] != runs[2]
+def engine(model, enc, **overrides) -> Engine:
+    cfg = EngineConfig(mode="always", **{"slots": 3, "max_batched_tokens": 64, "block_size": 4, **overrides})
+    return Engine(model, cfg, stop_tokens(enc))
 
 
-def test_rows_handed_over_while_running_are_generated_and_grow_the_cache(enc, tiny):
-    prompts, stop = prompts_of(enc, [{"prompt": t} for t in TEXTS[:3]]), stop_tokens(enc)
-    limits = [5, 8, 300]  # the last needs a longer cache than the first two: it waits for them, then it grows
-    late = [[(prompts[1], limits[1]), (prompts[2], limits[2])]]
-    calls = iter([[], [], *late])
-    engine = Engine(tiny, slots=2)
-    fast, _ = engine.generate(prompts[:1], limits[:1], GenerationConfig(), stop=stop, seed=0, incoming=lambda: next(calls, []))
-    plain = [generate(tiny, [p], [n], GenerationConfig(), stop=stop, pad_id=pad_token_id(enc), seed=0)[0][0].tokens for p, n in zip(prompts, limits)]
-    assert [c.tokens for c in fast] == plain and engine.max_len > 256
+def test_chunked_token_budget_steps_give_the_plain_paths_greedy_tokens(tiny, enc, prompts, plain_tokens):
+    fast = engine(tiny, enc)
+    out = complete(fast, work(prompts, LIMITS))
+    assert {rid: tokens for rid, (tokens, _) in out.items()} == plain_tokens
+    assert max(map(len, prompts)) > 64  # the longest prompt spans several steps
+    assert all(event.queued_s >= 0 and event.first_token_s > 0 for _, event in out.values())
 
 
-def test_engine_ends_rows_at_harmony_stop_tokens(enc, taught_model):
+def test_a_cache_too_small_for_all_preempts_and_still_gives_the_same_tokens(tiny, enc, prompts):
+    """Two requests admitted together outgrow 60 blocks of 4 tokens (1 KiB a token): the newer is preempted,
+    recomputed later, and ends as if it had run alone."""
+    both = work(prompts[:2], [60, 60])
+    expected = {rid: tokens for rid, (tokens, _) in complete(Plain(tiny, 1, stop_tokens(enc), PAD), both).items()}
+    fast = engine(tiny, enc, slots=2, cache_gib=60 * 4 * 1024 / 2**30, prefix_caching=False)
+    out = complete(fast, both)
+    assert fast.scheduler.preemptions > 0
+    assert {rid: tokens for rid, (tokens, _) in out.items()} == expected
+
+
+def test_prompts_sharing_a_prefix_reuse_its_blocks(tiny, enc, prompts, plain_tokens):
+    fast = engine(tiny, enc, prefix_caching=True)
+    first = complete(fast, work(prompts[:1], LIMITS[:1]))
+    again = complete(fast, [Work(9, prompts[4], LIMITS[4], Sampling())])  # the same text as prompt 0
+    assert fast.pool.hits >= len(prompts[4]) - 4 and first[0][0] == plain_tokens[0]
+    assert again[9][0] == plain_tokens[4]
+
+
+def test_a_request_that_cannot_fit_the_cache_is_refused_alone(tiny, enc, prompts):
+    fast = engine(tiny, enc, cache_gib=40 * 4 * 1024 / 2**30)  # 160 tokens
+    out = complete(fast, work(prompts[:3], [5, 5, 500]))
+    assert out[2][1].reason.startswith("error:") and "KV cache" in out[2][1].reason
+    assert [len(out[i][0]) for i in (0, 1)] == [5, 5]
+
+
+def test_sampled_requests_do_not_depend_on_who_shares_their_steps(tiny, enc, prompts):
+    sampled = Sampling(temperature=1.0, top_p=0.9, seed=7)
+    alone = complete(engine(tiny, enc), [Work(0, prompts[0], 16, sampled)])[0][0]
+    crowded = complete(engine(tiny, enc), [Work(1, prompts[1], 16, Sampling(1.0, 0.9, 8)), Work(0, prompts[0], 16, sampled)])
+    other_seed = complete(engine(tiny, enc), [Work(0, prompts[0], 16, Sampling(1.0, 0.9, 8))])[0][0]
+    assert crowded[0][0] == alone != other_seed
+
+
+def test_engine_ends_requests_at_harmony_stop_tokens(enc, taught_model):
     model = GptOssForCausalLM.from_pretrained(taught_model).eval()
-    lessons = [(obj, enc.encode(text, allowed_special="all")) for obj, text in LESSONS]
-    fast, _ = Engine(model, slots=2).generate(prompts_of(enc, [o for o, _ in lessons]), [64] * 3, GenerationConfig(), stop=stop_tokens(enc), seed=0)
-    assert [c.tokens for c in fast] == [answer for _, answer in lessons]
-    assert [c.finish_reason for c in fast] == ["stop", "tool_call", "stop"]
+    lessons = [(render_prompt(enc, parse_request(obj, 0), "medium"), enc.encode(text, allowed_special="all")) for obj, text in LESSONS]
+    out = complete(engine(model, enc), work([p for p, _ in lessons], [64] * 3))
+    assert [out[i][0] for i in range(3)] == [answer for _, answer in lessons]
+    assert [out[i][1].reason for i in range(3)] == ["stop", "tool_call", "stop"]
 
 
-def test_cancelled_rows_end_and_waiting_ones_never_start(enc, tiny):
-    prompts = prompts_of(enc, [{"prompt": t} for t in TEXTS[:3]])
-    steps = []
-    gone = lambda: [len(steps) >= 3, True, False]  # noqa: E731 - row 0 leaves after 3 steps, row 1 before it starts
-    fast, _ = Engine(tiny, slots=1).generate(prompts, [20] * 3, GenerationConfig(), stop={}, seed=0, on_step=steps.append, cancelled=gone)
-    assert [len(c.tokens) for c in fast] == [3, 0, 20]
-    assert {row for step in steps for row, _ in step} == {0, 2}
+def test_aborted_requests_end_at_once_and_waiting_ones_never_start(tiny, enc, prompts):
+    fast = engine(tiny, enc, slots=1)
+    seen: list = []
+    fast.add(work(prompts[:3], [20] * 3))
+    while len([e for e in seen if e.rid == 0]) < 3:
+        fast.step(seen.extend)
+    fast.abort([0, 1])
+    while fast.busy():
+        fast.step(seen.extend)
+    ends = {e.rid: e.reason for e in seen if e.reason}
+    assert ends == {0: "cancelled", 1: "cancelled", 2: "length"}
+    assert sum(len(e.tokens) for e in seen if e.rid == 1) == 0 and sum(len(e.tokens) for e in seen if e.rid == 2) == 20
 
 
-def test_engine_is_chosen_on_gpu_only_unless_asked(tiny):
-    one = Layout(dp=1, pp=1, tp=1, ep=1)
-    assert isinstance(choose_generator(tiny, EngineConfig(mode="auto"), one, PAD), Plain)  # CPU
-    assert isinstance(choose_generator(tiny, EngineConfig(mode="always", slots=4), one, PAD), Engine)
-    assert isinstance(choose_generator(tiny, EngineConfig(mode="always"), Layout(dp=1, pp=2, tp=1, ep=1), PAD), Plain)
+def test_engine_is_chosen_on_gpu_only_unless_asked(tiny, enc):
+    stop = stop_tokens(enc)
+    assert isinstance(choose_backend(tiny, EngineConfig(mode="auto"), 1, 4, stop, PAD), Plain)  # CPU
+    assert isinstance(choose_backend(tiny, EngineConfig(mode="always", slots=4), 1, 4, stop, PAD), Engine)
+    assert isinstance(choose_backend(tiny, EngineConfig(mode="always"), 2, 4, stop, PAD), Plain)
 
 
 def test_engine_always_with_pipeline_stages_is_refused_before_loading(monkeypatch):
@@ -96,10 +126,10 @@ def test_engine_always_with_pipeline_stages_is_refused_before_loading(monkeypatc
         plan_model(cfg)
 
 
-def test_experts_without_float_weights_fall_back_to_the_plain_path():
+def test_experts_without_float_weights_fall_back_to_the_plain_path(enc):
     """transformers' native MXFP4 experts hold gate_up_proj_blocks/_scales, not gate_up_proj: the engine steps aside."""
     model = GptOssForCausalLM.from_pretrained(resolve_checkpoint(TINY)).eval()
     experts = model.model.layers[0].mlp.experts
     experts.gate_up_proj_blocks = experts.gate_up_proj
     del experts.gate_up_proj
-    assert isinstance(choose_generator(model, EngineConfig(mode="always"), Layout(dp=1, pp=1, tp=1, ep=1), PAD), Plain)
+    assert isinstance(choose_backend(model, EngineConfig(mode="always"), 1, 4, stop_tokens(enc), PAD), Plain)

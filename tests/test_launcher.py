@@ -69,7 +69,7 @@ def test_every_layout_matches_single_process_greedy(tmp_path, prompts, reference
                  nproc=nproc, prompts=prompts)
     assert run.returncode == 0, run.stdout + run.stderr
     assert ("generation: the engine" in run.stderr) == ("engine.mode=always" in overrides)  # not the fallback
-    assert ("decode attention via Triton kernel" in run.stderr) == ("engine.attention=triton" in overrides)
+    assert ("attention via Triton kernels" in run.stderr) == ("engine.attention=triton" in overrides)
     records = {r["index"]: r for r in read_records(out)}
     assert sorted(records) == list(range(1, len(GOOD) + len(BAD) + 1))
     for index, expected in enumerate(reference.values(), start=1):

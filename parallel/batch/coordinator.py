@@ -1,44 +1,54 @@
-"""Rank 0 hands out batches on demand; replica leaders claim them and publish their records.
+"""The batch job's two ends of the replica loop (parallel/distributed/replica.py).
 
-All coordination goes through the job's c10d store, not through collectives, so a slow replica holds no one
-back and a thread may talk to it on its own connection:
-  batch/{k}   the k-th batch, published by rank 0 before any model loads;  `batches` = how many
-  next        a counter each replica leader bumps to claim the next batch
-  result/{k}  the records of batch k, then done/{j} = k for the j-th batch finished (`ndone` counts them)
+Rank 0 plans the work before any model loads and gives it all to the dispatcher, which hands requests to the
+replicas as they have room (no batches, no barrier: each replica keeps its engine full across the whole
+input). Each replica's leader turns a finished request's tokens into its record (harmony-parsed) and sends the
+records of each step to rank 0, whose writer appends them to the output as they come.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable
+from openai_harmony import HarmonyEncoding
 
-import torch.distributed as dist
-
-from parallel.distributed.mesh import Placement
-
-
-def publish(store: dist.Store, batches: list[list[dict]]) -> None:
-    for k, batch in enumerate(batches):
-        store.set(f"batch/{k}", json.dumps(batch))
-    store.set("batches", str(len(batches)))
+from parallel.batch.records import error_record, result_record
+from parallel.distributed.channel import Link
+from parallel.engine.interface import Completion, Event, Work
+from parallel.protocol.harmony import parse_completion
 
 
-def serve_replica(place: Placement, store: dist.Store, run_batch: Callable[[list[dict], int], list[dict]]) -> None:
-    """Claim batches until none are left. The leader claims and broadcasts; every rank of the replica runs the
-    batch; the leader publishes the records `run_batch` returns."""
-    n = int(store.get("batches"))
-    while True:
-        work = [None]
-        if place.is_leader:
-            k = store.add("next", 1) - 1
-            work = [(k, json.loads(store.get(f"batch/{k}")))] if k < n else [None]
-        if place.replica_group is not None:
-            dist.broadcast_object_list(work, src=place.leader, group=place.replica_group)
-        if work[0] is None:
-            return
-        k, batch = work[0]
-        records = run_batch(batch, k)
-        if place.is_leader:
-            store.set(f"result/{k}", json.dumps(records))
-            j = store.add("ndone", 1) - 1
-            store.set(f"done/{j}", str(k))
+class RecordMaker:
+    """A leader's reporter for the batch job: records of the requests that finished, sent once a step."""
+
+    def __init__(self, enc: HarmonyEncoding, keep_raw: bool):
+        self.enc, self.keep_raw = enc, keep_raw
+        self.work: dict[int, Work] = {}
+        self.tokens: dict[int, list[int]] = {}
+        self.ready: list[dict] = []
+        self.rids: list[int] = []
+
+    def add(self, work: list[Work]) -> None:
+        for w in work:
+            self.work[w.rid], self.tokens[w.rid] = w, []
+
+    def events(self, events: list[Event]) -> None:
+        for event in events:
+            self.tokens[event.rid] += event.tokens
+            if event.reason is not None:
+                self.ready.append(self._record(event))
+                self.rids.append(event.rid)
+
+    def _record(self, event: Event) -> dict:
+        work, tokens = self.work.pop(event.rid), self.tokens.pop(event.rid)
+        (rid, index), prompt_tokens = work.tag, len(work.prompt)
+        if event.reason.startswith("error"):
+            return error_record(rid, index, f"line {index}: {event.reason.removeprefix('error: ')}", prompt_tokens)
+        parsed = parse_completion(self.enc, tokens, finished=event.reason != "length")
+        record = result_record(rid, index, prompt_tokens, Completion(tokens, event.reason), parsed,
+                               self.enc.decode(tokens), self.keep_raw)
+        record["timing"] = {"queued_s": round(event.queued_s, 4), "first_token_s": round(event.first_token_s, 4)}
+        return record
+
+    def flush(self, link: Link) -> None:
+        if self.ready:
+            link.send(("records", self.ready, self.rids))
+            self.ready, self.rids = [], []

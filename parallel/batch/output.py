@@ -12,6 +12,14 @@ from parallel.log import warn
 from parallel.protocol.requests import Request, RequestError, parse_line
 
 
+def check_paths(input: str, output: str) -> None:
+    """Before anything runs: the input is a file, and the output is not the input."""
+    if not Path(input).is_file():
+        raise FileNotFoundError(f"data.input: no such file {input}")
+    if Path(output).exists() and Path(output).samefile(input):
+        raise ValueError(f"data.output {output} is data.input: the output would be appended to the input")
+
+
 def read_requests(path: str, shard: int = 0, num_shards: int = 1) -> Iterator[Request | dict]:
     """Each non-blank line of this shard as a Request, or as the error record that says what is wrong with it.
     Duplicate ids are found within the shard; merging the shards (launch/merge.py) finds the rest."""

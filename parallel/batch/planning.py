@@ -1,77 +1,36 @@
-"""From requests to batches (rank 0, before any model loads) and from a batch to records (every replica)."""
+"""From input lines to work (rank 0, before any model loads): each request the output does not hold yet, rendered
+with harmony and budgeted; lines that cannot run become error records to write at once."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 from openai_harmony import HarmonyEncoding
 
 from parallel.batch.output import OutputFile
-from parallel.batch.records import error_record, record_key, result_record
+from parallel.batch.records import error_record, record_key
 from parallel.config import GenerationConfig
-from parallel.engine.engine import Engine
-from parallel.engine.plain import Plain
-from parallel.protocol.harmony import parse_completion, render_prompt, stop_tokens
+from parallel.engine.interface import Sampling, Work
+from parallel.protocol.prompts import PromptError, prepare
 from parallel.protocol.requests import Request
 
 
-def plan_work(
-    requests: Iterable[Request | dict],
-    out: OutputFile,
-    enc: HarmonyEncoding,
-    gen: GenerationConfig,
-    context_length: int,
-) -> tuple[list[list[dict]], list[dict]]:
-    """Render every request the output does not hold yet, in input order, `gen.batch_size` to a batch.
-    Lines that cannot run come back as error records to write at once."""
-    items, errors = [], []
+def plan_work(requests: Iterable[Request | dict], out: OutputFile, enc: HarmonyEncoding, gen: GenerationConfig,
+              context: int) -> tuple[list[Work], list[dict]]:
+    """Work in input order, tagged (id, line) for its record; a request's sampling seed is generation.seed plus
+    its line number, so a resumed job samples each request as the first run would have."""
+    work, errors = [], []
     for req in requests:
-        if isinstance(req, dict):  # a line read_requests already rejected
-            record = req
-        else:
-            record = None
-            try:
-                prompt = render_prompt(enc, req, gen.reasoning_effort, gen.conversation_date)
-            except Exception as e:  # harmony rejects what it cannot render, e.g. a tool schema it cannot type
-                record = error_record(req.id, req.index, f"line {req.index}: cannot render with harmony: {e}")
-            else:
-                max_new = req.max_new_tokens or gen.max_new_tokens
-                if len(prompt) + max_new > context_length:
-                    record = error_record(
-                        req.id,
-                        req.index,
-                        f"line {req.index}: {len(prompt)} prompt tokens + max_new_tokens {max_new} exceed the "
-                        f"model's context of {context_length}",
-                        prompt_tokens=len(prompt),
-                    )
+        record = req if isinstance(req, dict) else None  # a line read_requests already rejected
         if record is None:
-            if ("id", req.id) not in out.done:
-                items.append({"id": req.id, "index": req.index, "prompt": prompt, "max_new_tokens": max_new})
-        elif record_key(record) not in out.done:
-            errors.append(record)
-    batches = [items[i : i + gen.batch_size] for i in range(0, len(items), gen.batch_size)]
-    return batches, errors
-
-
-def batch_runner(generator: Engine | Plain, enc: HarmonyEncoding, gen: GenerationConfig, keep_raw: bool) -> Callable[[list[dict], int], list[dict]]:
-    """run(batch, k): generate batch k (seeded by gen.seed and k) and turn each completion into its record."""
-    stop = stop_tokens(enc)
-
-    def run(batch: list[dict], k: int) -> list[dict]:
-        prompts, limits = [item["prompt"] for item in batch], [item["max_new_tokens"] for item in batch]
-        completions, timing = generator.generate(prompts, limits, gen, stop=stop, seed=gen.seed + k)
-        return [
-            result_record(
-                item["id"],
-                item["index"],
-                len(item["prompt"]),
-                c,
-                parse_completion(enc, c.tokens, finished=c.finish_reason != "length"),
-                enc.decode(c.tokens),
-                keep_raw,
-            )
-            | {"timing": {"first_token_s": round(timing.first_token_s, 4), "batch_s": round(timing.batch_s, 4)}}
-            for item, c in zip(batch, completions)
-        ]
-
-    return run
+            try:
+                prompt = prepare(enc, req, gen, context)
+            except PromptError as e:
+                record = error_record(req.id, req.index, f"line {req.index}: {e}", prompt_tokens=e.prompt_tokens)
+        if record is not None:
+            if record_key(record) not in out.done:
+                errors.append(record)
+        elif ("id", req.id) not in out.done:
+            sampling = Sampling(gen.temperature, gen.top_p, gen.seed + req.index)
+            work.append(Work(len(work), prompt.tokens, prompt.max_new_tokens, sampling, tag=(req.id, req.index)))
+    return work, errors

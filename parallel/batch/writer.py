@@ -1,4 +1,4 @@
-"""Rank 0's writer: the only writer of the output, appending each finished batch's records as it arrives."""
+"""Rank 0's writer: the only writer of the output, appending each message of records as the dispatcher gets it."""
 
 from __future__ import annotations
 
@@ -10,9 +10,8 @@ from dataclasses import dataclass
 from tqdm import tqdm
 
 from parallel.batch.output import OutputFile
-from parallel.distributed.runtime import open_store
+from parallel.distributed.runtime import fatal
 
-POLL_S = 0.05
 STOP_WAIT_S = 10.0
 
 
@@ -38,69 +37,38 @@ class Totals:
                 self.timed += 1
 
 
-class Writer(threading.Thread):
-    """Rank 0's writer: appends each finished batch's records to the output as soon as it arrives."""
-
-    def __init__(self, out: OutputFile, n_batches: int, n_requests: int, timeout_s: float, echo: bool, progress: bool):
-        super().__init__(daemon=True, name="writer")
-        self.out, self.n_batches, self.echo = out, n_batches, echo
-        self.store = open_store(timeout_s)
+class Writer:
+    def __init__(self, out: OutputFile, n_requests: int, echo: bool, progress: bool):
+        self.out, self.echo = out, echo
         self.lock = threading.Lock()
         self.totals = Totals()
-        self.batches_written = 0
-        self.failure: BaseException | None = None
-        self.start_time = time.monotonic()
+        self.start = time.monotonic()
         self.bar = tqdm(total=n_requests, unit="req", disable=not progress, dynamic_ncols=True)
 
-    def run(self) -> None:
-        try:
-            while self.batches_written < self.n_batches:
-                if not self.poll():
-                    time.sleep(POLL_S)
-        except BaseException as e:  # noqa: BLE001 - handed to the main thread, which reports it
-            self.failure = e
-
-    def poll(self) -> bool:
-        """Write every batch finished since the last poll; False when there was none."""
+    def deliver(self, kind: str, records: list[dict]) -> None:
+        """The dispatcher's hand-off. A record's `finished_s` is when it reached rank 0, from the job's start. A
+        failure to write ends the job: what is written stays, and a rerun resumes from it."""
+        finished = round(time.monotonic() - self.start, 3)
+        for r in records:
+            if "timing" in r:
+                r["timing"]["finished_s"] = finished
         with self.lock:
-            return self._collect()
-
-    def _collect(self) -> bool:
-        before = self.batches_written
-        finished = self.store.add("ndone", 0)
-        # A leader bumps `ndone` and then sets done/{j}: check before reading, so that a leader killed between the
-        # two can never block the writer (that batch simply has no record and runs again on resume).
-        while self.batches_written < finished and self.store.check([f"done/{self.batches_written}"]):
-            k = self.store.get(f"done/{self.batches_written}").decode()
-            self.write(json.loads(self.store.get(f"result/{k}")))
-            self.store.delete_key(f"result/{k}")
-            self.batches_written += 1
-        return self.batches_written > before
-
-    def write(self, records: list[dict]) -> None:
-        self.out.write(records)
-        self.totals.add(records)
-        self.bar.update(len(records))
-        self.bar.set_postfix_str(f"{self.totals.generated_tokens / (time.monotonic() - self.start_time):.1f} tok/s")
-        if self.echo:
-            for r in records:
-                answer = r["final"] or json.dumps(r["tool_calls"]) if r["error"] is None else f"{r['error']} {r.get('raw', '')!r:.80}"
-                tqdm.write(f"[{r['id']}] {r['finish_reason']}: {answer}")
+            try:
+                self.out.write(records)
+            except OSError as e:
+                fatal(f"cannot write {self.out.path}: {e}; {len(self.out.done)} records are in it, a rerun resumes")
+            self.totals.add(records)
+            self.bar.update(len(records))
+            self.bar.set_postfix_str(f"{self.totals.generated_tokens / (time.monotonic() - self.start):.1f} tok/s")
+            if self.echo:
+                for r in records:
+                    answer = r["final"] or json.dumps(r["tool_calls"]) if r["error"] is None else f"{r['error']} {r.get('raw', '')!r:.80}"
+                    tqdm.write(f"[{r['id']}] {r['finish_reason']}: {answer}")
 
     def stop(self) -> str:
-        """For a signal handler: keep what the replicas already finished, then let no write begin (the lock is
-        never released). Bounded: a writer stuck on a dying store only costs the records it was fetching."""
-        if self.lock.acquire(timeout=STOP_WAIT_S):
-            try:
-                self._collect()
-            except Exception:  # noqa: BLE001 - the store may be gone with the job; what is written stays
-                pass
+        """For a signal handler: let the write in progress finish, then let no other begin (the lock is kept)."""
+        self.lock.acquire(timeout=STOP_WAIT_S)
         return f"{len(self.out.done)} records are in {self.out.path}; run again with the same data.output to resume"
 
-    def finish(self) -> None:
-        self.join()
+    def close(self) -> None:
         self.bar.close()
-        if self.failure is not None:
-            raise RuntimeError(f"writing {self.out.path} failed: {self.failure}") from self.failure
-
-

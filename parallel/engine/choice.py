@@ -1,28 +1,28 @@
-"""Which backend generates: the engine where it runs and is wanted, else the plain `model.generate` path."""
+"""Which backend generates: the engine where it runs and is wanted, else the plain `model.generate` path. The one
+place that decides; the log says which runs and why."""
 
 from __future__ import annotations
 
 from parallel.config import EngineConfig
-from parallel.distributed.layout import Layout
 from parallel.engine.engine import Engine
+from parallel.engine.interface import Backend
 from parallel.engine.plain import Plain
 from parallel.log import log, warn
 
 
-def choose_generator(model, cfg: EngineConfig, layout: Layout, pad_id: int, group=None) -> Engine | Plain:
-    """The engine where it runs and is wanted (plan_model already refused engine.mode=always where it cannot run),
-    else the plain path; the log says which generates."""
-    if cfg.mode == "never" or layout.pp > 1 or (cfg.mode == "auto" and model.device.type != "cuda"):
+def choose_backend(model, cfg: EngineConfig, pp: int, batch_size: int, stop: dict[int, str], pad_id: int,
+                   group=None) -> Backend:
+    """plan_model already refused engine.mode=always where the engine cannot run (pipeline stages)."""
+    plain = Plain(model, batch_size, stop, pad_id)
+    if cfg.mode == "never" or pp > 1 or (cfg.mode == "auto" and model.device.type != "cuda"):
         why = {"never": "engine.mode=never"}.get(cfg.mode) or (
-            "the engine does not run pipeline stages" if layout.pp > 1 else "engine.mode=auto uses it on GPU only")
-        log(f"generation: plain model.generate ({why})")
-        return Plain(model, pad_id)
+            "the engine does not run pipeline stages" if pp > 1 else "engine.mode=auto uses it on GPU only")
+        log(f"generation: {plain.describe()} ({why})")
+        return plain
     try:
-        engine = Engine(model, cfg.slots, cfg.cuda_graphs, cfg.compile, group, cfg.attention, cfg.cache_gib)
+        engine = Engine(model, cfg, stop, group)
     except NotImplementedError as e:
-        warn(f"generation: plain model.generate ({e})")
-        return Plain(model, pad_id)
+        warn(f"generation: {plain.describe()} ({e})")
+        return plain
     log(f"generation: the engine ({engine.describe()})")
     return engine
-
-

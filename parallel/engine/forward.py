@@ -57,18 +57,6 @@ def qkv(x, cos, sin, head_dim: int, eps: float, norm, wq, bq, wk, bk, wv, bv):
     return q, k, v
 
 
-def attend(q, keys, values, mask, sinks, scaling: float, wo):
-    """Attention with sinks over the cache rows, through o_proj without its bias: under tp, a partial sum."""
-    batch, heads, width, head_dim = q.shape
-    kv_heads = keys.shape[1]
-    q = q.view(batch, kv_heads, heads // kv_heads, width, head_dim)
-    scores = torch.einsum("bkgtd,bksd->bkgts", q, keys).float() * scaling + mask[:, None, None]
-    sink = sinks.float().view(1, kv_heads, heads // kv_heads, 1, 1).expand(batch, -1, -1, width, 1)
-    probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
-    out = torch.einsum("bkgts,bksd->bkgtd", probs.to(values.dtype), values)
-    return F.linear(out.reshape(batch, heads, width, head_dim).transpose(1, 2).reshape(batch, width, -1), wo)
-
-
 def experts_block(x, attended, eps: float, bo, norm, router_w, router_b, gate_up, gate_up_bias, down, down_bias,
                    first_expert: int, top_k: int, limit: float, alpha: float, grouped: bool):
     """The residual after attention, and the experts' output for it (under ep, this rank's experts' part)."""

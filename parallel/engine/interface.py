@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, NamedTuple, Protocol
 
 
 @dataclass(frozen=True)
@@ -21,17 +21,26 @@ class Sampling:
 
 @dataclass
 class Work:
-    """One request as a backend sees it: prompt tokens, a budget and how to sample. `rid` is unique in the job."""
+    """One request as a backend sees it: prompt tokens, a budget and how to sample. `rid` is unique in the job;
+    `tag` rides along for whoever made the request (a batch job's id and line number)."""
 
     rid: int
     prompt: list[int]
     max_new_tokens: int
     sampling: Sampling
+    tag: Any = None
 
 
-# (rid, tokens made since the last event, finish reason once finished: stop, tool_call, length, cancelled,
-# or "error: ..." for a request that cannot run)
-Event = tuple[int, list[int], "str | None"]
+class Event(NamedTuple):
+    """Tokens a request made since its last event. Its last event says why it ended: stop, tool_call, length,
+    cancelled, or "error: ..." for a request that cannot run; and how long it waited to be admitted and then
+    for its first token."""
+
+    rid: int
+    tokens: list[int]
+    reason: str | None = None
+    queued_s: float = 0.0
+    first_token_s: float = 0.0
 
 
 class Backend(Protocol):
@@ -69,15 +78,19 @@ def finish_reason(token: int, made: int, limit: int, stop: dict[int, str]) -> st
     return "length" if made >= limit else None
 
 
-@dataclass
-class Timing:
-    first_token_s: float  # the batch's prefill: time to its first generated token
-    batch_s: float
 
+def complete(backend: Backend, work: list[Work]) -> dict[int, tuple[list[int], Event]]:
+    """Run `work` on a backend of one rank until every request has ended: each request's tokens and last event."""
+    tokens: dict[int, list[int]] = {w.rid: [] for w in work}
+    last: dict[int, Event] = {}
 
-def cut(tokens: list[int], limit: int, stop: dict[int, str]) -> Completion:
-    """A row's tokens ended at its first stop token (the reason that token means) or at its own limit."""
-    for i, token in enumerate(tokens[:limit]):
-        if token in stop:
-            return Completion(tokens[: i + 1], stop[token])
-    return Completion(tokens[:limit], "length")
+    def publish(events: list[Event]) -> None:
+        for event in events:
+            tokens[event.rid] += event.tokens
+            if event.reason is not None:
+                last[event.rid] = event
+
+    backend.add(work)
+    while backend.busy():
+        backend.step(publish, set)
+    return {rid: (tokens[rid], last[rid]) for rid in tokens}

@@ -1,97 +1,120 @@
-"""One batch through `model.generate`: left padding, greedy or sampled, stopping on harmony's action tokens."""
+"""The plain path behind the engine's interface: `model.generate` on left-padded batches of up to
+`generation.batch_size` requests that sample alike, stopping on harmony's action tokens. It cannot take new
+requests while a batch runs; it streams each step's tokens and ends the rows whose clients went away."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable
 
 import torch
 from transformers import GenerationConfig as HFGenerationConfig
 from transformers.generation import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from parallel.config import GenerationConfig
-from parallel.engine.interface import Completion, Timing, cut
+from parallel.engine.interface import Event, Sampling, Work, finish_reason
 
 
-class _Steps(BaseStreamer):
-    """generate() hands the streamer the prompt, then each step's new tokens: the clock for the first token, and
-    the hook that streams them."""
+class Plain:
+    def __init__(self, model, batch_size: int, stop: dict[int, str], pad_id: int):
+        self.model, self.batch_size, self.stop, self.pad_id = model, batch_size, stop, pad_id
+        self.waiting: deque[tuple[Work, float]] = deque()
+        self.cancelled: list[Event] = []
 
-    def __init__(self, on_step: Callable[[list[tuple[int, int]]], None] | None):
-        self.on_step = on_step
-        self.start, self.calls, self.first = time.perf_counter(), 0, None
+    def describe(self) -> str:
+        return f"plain model.generate, batches of up to {self.batch_size}"
 
-    def put(self, value) -> None:
+    def add(self, work: list[Work]) -> None:
+        now = time.perf_counter()
+        self.waiting.extend((w, now) for w in work)
+
+    def abort(self, rids: Iterable[int]) -> None:
+        rids = set(rids)
+        for item in [i for i in self.waiting if i[0].rid in rids]:
+            self.waiting.remove(item)
+            self.cancelled.append(Event(item[0].rid, [], "cancelled"))
+
+    def busy(self) -> bool:
+        return bool(self.waiting or self.cancelled)
+
+    def room(self) -> int:
+        return max(0, 2 * self.batch_size - len(self.waiting))
+
+    def step(self, publish: Callable[[list[Event]], None], aborted: Callable[[], set[int]]) -> None:
+        """One batch: the oldest waiting request and the next ones that sample the same way."""
+        if self.cancelled:
+            publish(self.cancelled)
+            self.cancelled = []
+        if not self.waiting:
+            return
+        kind = self.waiting[0][0].sampling
+        batch = [i for i in self.waiting if i[0].sampling == kind][: self.batch_size]
+        for item in batch:
+            self.waiting.remove(item)
+        _Batch(self, [w for w, _ in batch], [t for _, t in batch], publish, aborted).run()
+
+
+class _Batch(BaseStreamer, StoppingCriteria):
+    """One model.generate call, as its own streamer (each step's tokens, published) and stopping criterion (each
+    row at its own limit, stop token or abort)."""
+
+    def __init__(self, plain: Plain, work: list[Work], arrived: list[float], publish, aborted):
+        self.plain, self.work, self.publish, self.aborted = plain, work, publish, aborted
+        self.stop = {} if work[0].sampling.ignore_eos else plain.stop
+        self.made = [0] * len(work)
+        self.done = [False] * len(work)
+        self.start = time.perf_counter()
+        self.queued = [self.start - t for t in arrived]
+        self.first: float | None = None
+        self.calls = 0
+
+    def run(self) -> None:
+        ids, mask = left_pad([w.prompt for w in self.work], self.plain.pad_id, self.plain.model.device)
+        sampling: Sampling = self.work[0].sampling
+        config = HFGenerationConfig(  # fresh: the checkpoint's generation_config.json must not change the job's
+            max_new_tokens=max(w.max_new_tokens for w in self.work),
+            eos_token_id=list(self.stop),  # empty: no stop token (None would bring back the checkpoint's)
+            pad_token_id=self.plain.pad_id,
+            do_sample=sampling.temperature > 0,
+            **({"temperature": sampling.temperature, "top_p": sampling.top_p} if sampling.temperature > 0 else {}),
+        )
+        torch.manual_seed(sampling.seed)
+        with torch.no_grad():
+            self.plain.model.generate(input_ids=ids, attention_mask=mask, generation_config=config, streamer=self,
+                                      stopping_criteria=StoppingCriteriaList([self]))
+
+    def put(self, value: torch.Tensor) -> None:
+        """generate() hands the streamer the prompt first, then each step's new tokens."""
         self.calls += 1
-        if self.calls == 2:
-            self.first = time.perf_counter() - self.start
-        if self.calls > 1 and self.on_step:
-            self.on_step(list(enumerate(value.reshape(-1).tolist())))
+        if self.calls == 1:
+            return
+        now = time.perf_counter()
+        self.first = self.first or now - self.start
+        events = []
+        for row, token in enumerate(value.reshape(-1).tolist()):
+            if self.done[row]:
+                continue
+            self.made[row] += 1
+            w = self.work[row]
+            reason = finish_reason(token, self.made[row], w.max_new_tokens, self.stop)
+            self.done[row] = reason is not None
+            events.append(Event(w.rid, [token], reason, self.queued[row], self.first) if reason else Event(w.rid, [token]))
+        self.publish(events)
 
     def end(self) -> None:
         pass
 
-
-class _RowLimits(StoppingCriteria):
-    """Ends each row at its own max_new_tokens, and the rows `cancelled()` names (its clients went away)."""
-
-    def __init__(self, width: int, limits: list[int], cancelled: Callable[[], list[bool]] | None):
-        self.width, self.limits, self.cancelled = width, torch.tensor(limits), cancelled
-
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        done = self.limits <= input_ids.shape[1] - self.width
-        if self.cancelled:
-            done |= torch.tensor(self.cancelled())
-        return done.to(input_ids.device)
-
-
-def generate(
-    model,
-    prompts: list[list[int]],
-    max_new_tokens: list[int],
-    gen: GenerationConfig,
-    *,
-    stop: dict[int, str],
-    pad_id: int,
-    seed: int,
-    on_step: Callable[[list[tuple[int, int]]], None] | None = None,
-    cancelled: Callable[[], list[bool]] | None = None,
-) -> tuple[list[Completion], Timing]:
-    """`stop` maps each stop token to the finish reason it means (empty: run every row to its limit). Every rank
-    of a replica calls this with the same arguments; the same seed on each keeps their sampled tokens identical.
-    `on_step` gets each step's (row, token) pairs as they are made (finished rows get padding); `cancelled`
-    names the rows to end now and must answer the same on every rank of the replica."""
-    ids, mask = left_pad(prompts, pad_id, model.device)
-    width = ids.shape[1]
-    # A fresh config: the checkpoint's generation_config.json must not change what the job config says.
-    config = HFGenerationConfig(
-        max_new_tokens=max(max_new_tokens),
-        eos_token_id=list(stop),  # empty: no stop token (None would bring back the checkpoint's)
-        pad_token_id=pad_id,
-        do_sample=gen.temperature > 0,
-        **({"temperature": gen.temperature, "top_p": gen.top_p} if gen.temperature > 0 else {}),
-    )
-    torch.manual_seed(seed)
-    steps = _Steps(on_step)
-    limits = StoppingCriteriaList([_RowLimits(width, max_new_tokens, cancelled)])
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, streamer=steps, stopping_criteria=limits)
-    completions = [cut(row[width:].tolist(), limit, stop) for row, limit in zip(out, max_new_tokens)]
-    return completions, Timing(first_token_s=steps.first or 0.0, batch_s=time.perf_counter() - steps.start)
-
-
-class Plain:
-    """The plain path behind the same interface as the engine: `model.generate` on left-padded batches. It
-    cannot take rows while it runs (`joins`)."""
-
-    joins = False
-
-    def __init__(self, model, pad_id: int):
-        self.model, self.pad_id, self.device = model, pad_id, model.device
-
-    def generate(self, prompts, max_new_tokens, gen: GenerationConfig, **hooks) -> tuple[list[Completion], Timing]:
-        return generate(self.model, prompts, max_new_tokens, gen, pad_id=self.pad_id, **hooks)
+        gone = self.aborted()
+        ended = []
+        for row, w in enumerate(self.work):
+            if w.rid in gone and not self.done[row]:
+                self.done[row] = True
+                ended.append(Event(w.rid, [], "cancelled"))
+        if ended:
+            self.publish(ended)
+        return torch.tensor(self.done, device=input_ids.device)
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:

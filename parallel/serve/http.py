@@ -18,9 +18,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from openai_harmony import HarmonyEncoding
 
 from parallel.config import JobConfig
+from parallel.engine.interface import Sampling, Work
 from parallel.log import error, log
-from parallel.protocol.harmony import HarmonyStream, render_prompt
-from parallel.serve.batcher import Batcher, Job, Sampling
+from parallel.protocol.harmony import HarmonyStream
+from parallel.protocol.prompts import PromptError, prepare
+from parallel.serve.batcher import Batcher, Ticket
 from parallel.serve.openai_api import (
     ApiError,
     Call,
@@ -39,18 +41,17 @@ class Server(ThreadingHTTPServer):
     # The standard library's backlog of 5 resets clients that connect together (a pool of 32 workers does).
     request_queue_size = 1024
 
-    def __init__(self, cfg: JobConfig, enc: HarmonyEncoding, batcher: Batcher, context_length: int):
+    def __init__(self, cfg: JobConfig, enc: HarmonyEncoding, context_length: int):
         super().__init__((cfg.server.host, cfg.server.port), Handler)
         self.model_name = cfg.server.model_name or cfg.model.path
         self.api_key = cfg.server.api_key or os.environ.get(API_KEY_ENV)
-        self.enc, self.batcher, self.gen, self.context_length = enc, batcher, cfg.generation, context_length
+        self.enc, self.gen, self.context_length = enc, cfg.generation, context_length
         self.drain_timeout_s = cfg.server.drain_timeout_s
-        self.jobs: set[Job] = set()  # submitted and not yet answered
-        self.lock = threading.Lock()
+        self.batcher: Batcher | None = None
         self.started = self.draining = False
 
-    def start(self) -> None:
-        self.started = True
+    def start(self, batcher: Batcher) -> None:
+        self.batcher, self.started = batcher, True
         threading.Thread(target=self.serve_forever, daemon=True, name="http").start()
         host, port = self.server_address[:2]
         log(f"serving {self.model_name!r} at http://{host}:{port}/v1 (api key {'required' if self.api_key else 'not required'})")
@@ -61,37 +62,29 @@ class Server(ThreadingHTTPServer):
         self.shutdown()
         self.server_close()
         deadline = time.monotonic() + self.drain_timeout_s
-        while self.jobs and time.monotonic() < deadline:
+        while self.batcher.in_flight() and time.monotonic() < deadline:
             time.sleep(0.05)
-        with self.lock:
-            unfinished = list(self.jobs)
-        if unfinished:
-            error(f"drain timeout: cancelling {len(unfinished)} unfinished requests")
-        for job in unfinished:
-            self.batcher.cancel(job)
-        self.batcher.stop()
-        log("drained: every request answered or cancelled; stopping")
+        cut = self.batcher.cut_all("error: the server shut down (server.drain_timeout_s) before the request finished")
+        if cut:
+            error(f"drain timeout: {cut} unfinished requests cut")
+        self.batcher.dispatcher.close()
+        log("drained: every request answered or cut; stopping")
 
-    def job(self, call: Call) -> Job:
-        """The request as prompt tokens, checked against the context, ready for the batcher."""
+    def ticket(self, call: Call) -> Ticket:
+        """The request as prompt tokens with its budget, checked against the context, ready for the batcher."""
+        call.request.max_new_tokens = call.max_tokens
         try:
-            prompt = render_prompt(self.enc, call.request, self.gen.reasoning_effort, self.gen.conversation_date)
-        except Exception as e:  # harmony rejects what it cannot render, e.g. a tool schema it cannot type
-            raise ApiError(400, f"cannot render the conversation with harmony: {e}") from None
-        room = self.context_length - len(prompt)
-        max_tokens = call.max_tokens or min(self.gen.max_new_tokens, room)
-        if max_tokens > room:
-            raise ApiError(400, f"{len(prompt)} prompt tokens + {max_tokens} max tokens exceed the model's context of "
-                           f"{self.context_length}", "max_tokens", "context_length_exceeded")
-        if max_tokens < 1:
-            raise ApiError(400, f"the prompt's {len(prompt)} tokens fill the model's context of {self.context_length}",
-                           "messages", "context_length_exceeded")
+            prompt = prepare(self.enc, call.request, self.gen, self.context_length)
+        except PromptError as e:
+            raise ApiError(400, str(e), e.param, e.code) from None
+        rid = self.batcher.next_id()
         sampling = Sampling(
             temperature=self.gen.temperature if call.temperature is None else call.temperature,
             top_p=self.gen.top_p if call.top_p is None else call.top_p,
+            seed=self.gen.seed + rid,
             ignore_eos=call.ignore_eos,
         )
-        return Job(prompt, max_tokens, sampling)
+        return Ticket(Work(rid, prompt.tokens, prompt.max_new_tokens, sampling))
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -104,8 +97,7 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         if self.path == "/health":
             state = "draining" if self.server.draining else "ok"
-            return self._json(200, {"status": state, "model": self.server.model_name, "requests_in_flight": len(self.server.jobs),
-                                    **self.server.batcher.status()})
+            return self._json(200, {"status": state, "model": self.server.model_name, **self.server.batcher.status()})
         self._handle(lambda: self._models() if self.path == "/v1/models" else self._no_route())
 
     def do_POST(self) -> None:
@@ -149,35 +141,34 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(400, "the request body must be a JSON object")
         return body
 
-    def _chat_reply(self, call: Call, job: Job) -> ChatReply:
-        return ChatReply(self.server.model_name, len(job.prompt), call.include_usage)
+    def _chat_reply(self, call: Call, work: Work) -> ChatReply:
+        return ChatReply(self.server.model_name, len(work.prompt), call.include_usage)
 
-    def _responses_reply(self, call: Call, job: Job) -> ResponsesReply:
-        return ResponsesReply(self.server.model_name, len(job.prompt), job.max_tokens)
+    def _responses_reply(self, call: Call, work: Work) -> ResponsesReply:
+        return ResponsesReply(self.server.model_name, len(work.prompt), work.max_new_tokens)
 
     def _complete(self, call: Call, make_reply) -> None:
         if self.server.draining:
             raise ApiError(503, "the server is shutting down")
-        job = self.server.job(call)
-        reply = make_reply(call, job)
+        ticket = self.server.ticket(call)
+        reply = make_reply(call, ticket.work)
         bare = isinstance(reply, ChatReply)
-        with self.server.lock:
-            self.server.jobs.add(job)
         self.checked = time.monotonic()
         try:
-            self.server.batcher.submit(job)
+            self.server.batcher.submit(ticket)
             if call.stream:
                 self._start_stream()
                 self._send(reply.start(), bare)
             stream, count = HarmonyStream(self.server.enc), 0
-            while isinstance(event := self._next_event(job), int):
-                count += 1
-                for harmony_event in stream.feed(event):
-                    chunks = reply.on(harmony_event)
-                    if call.stream:
-                        self._send(chunks, bare)
-                    else:
-                        list(chunks)
+            while isinstance(event := self._next_event(ticket), list):
+                for token in event:
+                    count += 1
+                    for harmony_event in stream.feed(token):
+                        chunks = reply.on(harmony_event)
+                        if call.stream:
+                            self._send(chunks, bare)
+                        else:
+                            list(chunks)
             if event.startswith("error"):
                 failure = ApiError(500, f"generation failed: {event}")
                 if not call.stream:
@@ -193,13 +184,10 @@ class Handler(BaseHTTPRequestHandler):
                 list(final)
                 self._json(200, reply.result())
         except (BrokenPipeError, ConnectionResetError):  # the client went away: free its row
-            self.server.batcher.cancel(job)
-        finally:
-            with self.server.lock:
-                self.server.jobs.discard(job)
+            self.server.batcher.cancel(ticket)
 
-    def _next_event(self, job: Job) -> int | str:
-        """The job's next token or finish reason. Looks at the connection every CLIENT_CHECK_S, so that a client
+    def _next_event(self, ticket: Ticket) -> list[int] | str:
+        """The request's next tokens or finish reason. Looks at the connection every CLIENT_CHECK_S, so that a client
         that went away is noticed even when nothing is written to it (a non-streamed request, or output that
         parses to no delta)."""
         while True:
@@ -209,7 +197,7 @@ class Handler(BaseHTTPRequestHandler):
                 if readable and not self.connection.recv(1, socket.MSG_PEEK):
                     raise ConnectionResetError("the client closed the connection")
             try:
-                return job.events.get(timeout=CLIENT_CHECK_S)
+                return ticket.queue.get(timeout=CLIENT_CHECK_S)
             except queue.Empty:
                 pass
 

@@ -1,0 +1,198 @@
+"""A step's tensors and the model's forward over them: flat tokens (no padding) through the lean layer functions
+of parallel/engine/forward.py, keys and values written into the paged cache, attention through it, logits only
+where a sequence's next token is due. Decode-only steps replay a CUDA graph captured for their row count
+(rounded up to a power of two); steps with prompt tokens run eagerly, their layer pieces compiled with dynamic
+shapes so that one compilation serves every token count.
+
+Under tp and ep every rank of the replica runs the same step on its shards: the partial sums after o_proj (tp)
+and after the experts (ep) are all-reduced in the replica, a vocabulary split of the embedding is summed, and
+lm_head's module gathers a vocabulary split of the logits.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from parallel.engine.attention import Attention
+from parallel.engine.forward import (
+    GROUPED_MM,
+    embed,
+    experts_block,
+    layer_weights,
+    local,
+    qkv,
+    vocab_shard_start,
+)
+from parallel.engine.scheduler import Sequence
+
+
+def buckets(slots: int) -> list[int]:
+    """Row counts a decode graph is captured for: powers of two, and `slots` itself."""
+    sizes, b = [], 1
+    while b < slots:
+        sizes.append(b)
+        b *= 2
+    return [*sizes, slots]
+
+
+class Runner:
+    def __init__(self, model, group, attention: Attention, num_blocks: int, block_size: int, slots: int,
+                 cuda_graphs: bool, compile: bool):
+        config = model.config
+        self.model, self.group, self.attention = model, group, attention
+        self.device, self.dtype = model.device, model.dtype
+        self.block_size, self.slots = block_size, slots
+        self.layers = model.model.layers
+        self.head_dim, self.vocab = config.head_dim, config.vocab_size
+        self.eps = self.layers[0].input_layernorm.variance_epsilon
+        self.windows = [config.sliding_window if t == "sliding_attention" else None for t in config.layer_types]
+        attn = self.layers[0].self_attn
+        self.heads = local(attn.q_proj.weight).shape[0] // self.head_dim  # this rank's share under tp
+        self.kv_heads = local(attn.k_proj.weight).shape[0] // self.head_dim
+        self.tp = self.heads < config.num_attention_heads
+        experts = self.layers[0].mlp.experts
+        if not isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor):
+            raise NotImplementedError("the engine runs float or packed MXFP4 experts, not transformers' native MXFP4 modules")
+        local_experts = local(experts.gate_up_proj).shape[0]
+        self.ep = local_experts < config.num_local_experts
+        # transformers shards the experts in order along the expert dimension of the replica's ranks.
+        first_expert = dist.get_rank(group) * local_experts if self.ep else 0
+        self.embedding = local(model.model.embed_tokens.weight)
+        self.vocab_start = vocab_shard_start(self.vocab, self.embedding.shape[0], group)
+        # grouped_mm runs bf16 on Hopper and anything on CPU; elsewhere a loop over the experts hit.
+        self.grouped = GROUPED_MM is not None and (self.device.type == "cpu" or self.dtype == torch.bfloat16)
+        self.weights = [layer_weights(layer, config, first_expert, self.grouped) for layer in self.layers]
+        shape = (len(self.layers), num_blocks, block_size, self.kv_heads, self.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda" and self.grouped
+        self.compiled = self.cuda_graphs and compile
+        pieces = (qkv, experts_block)
+        self.pieces = tuple(torch.compile(p, dynamic=True) for p in pieces) if self.compiled else pieces
+        self.max_blocks = -(-config.max_position_embeddings // block_size)
+        self.graphs: dict[int, tuple] = {}
+
+    @staticmethod
+    def cache_bytes_per_block(model, block_size: int, group) -> int:
+        config = model.config
+        kv_heads = local(model.model.layers[0].self_attn.k_proj.weight).shape[0] // config.head_dim
+        return 2 * config.num_hidden_layers * block_size * kv_heads * config.head_dim * model.dtype.itemsize
+
+    # -- the forward ----------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def forward(self, ids, positions, slot_mapping, attend, take=None) -> torch.Tensor:
+        """Logits after the flat tokens `ids` (T,) at `positions`, whose keys and values go to cache rows
+        `slot_mapping` (block * block_size + offset); only rows `take` when given. `attend(q, k_cache, v_cache,
+        sinks, scaling, window)` is attention for this step's shape."""
+        project, moe_block = self.pieces
+        inner = self.model.model
+        x = embed(ids[:, None], self.embedding, self.vocab_start, self.vocab, self.group)  # (T, 1, hidden)
+        cos, sin = inner.rotary_emb(x, positions[:, None])
+        for i, (w_qkv, (sinks, scaling, wo), w_moe) in enumerate(self.weights):
+            q, k, v = project(x, cos, sin, self.head_dim, self.eps, *w_qkv)
+            self.k_cache[i].view(-1, self.kv_heads, self.head_dim).index_copy_(0, slot_mapping, k[:, :, 0])
+            self.v_cache[i].view(-1, self.kv_heads, self.head_dim).index_copy_(0, slot_mapping, v[:, :, 0])
+            out = attend(q[:, :, 0], self.k_cache[i], self.v_cache[i], sinks, scaling, self.windows[i])
+            out = F.linear(out.reshape(len(ids), 1, -1), wo)
+            if self.tp:
+                dist.all_reduce(out, group=self.group)
+            x, moe = moe_block(x, out, self.eps, *w_moe)
+            if self.ep:
+                dist.all_reduce(moe, group=self.group)
+            x = x + moe
+        x = x[:, 0] if take is None else x[take, 0]
+        return self.model.lm_head(inner.norm(x))
+
+    # -- one step -------------------------------------------------------------------------------------------
+
+    def run(self, sequences: list[Sequence], counts: list[int], decode_only: bool) -> torch.Tensor:
+        """Logits (R, vocab) for the sequences whose every known token the step computes, in order."""
+        if decode_only:
+            return self._decode(sequences)
+        return self._mixed(sequences, counts)
+
+    def _tables(self, sequences: list[Sequence], width: int) -> np.ndarray:
+        tables = np.zeros((len(sequences), width), dtype=np.int32)
+        for i, seq in enumerate(sequences):
+            tables[i, : len(seq.blocks)] = seq.blocks
+        return tables
+
+    def _mixed(self, sequences: list[Sequence], counts: list[int]) -> torch.Tensor:
+        bs = self.block_size
+        ids, positions, slots, take = [], [], [], []
+        for seq, n in zip(sequences, counts):
+            span = range(seq.computed, seq.computed + n)
+            ids += seq.tokens[span.start : span.stop]
+            positions += span
+            slots += [seq.blocks[p // bs] * bs + p % bs for p in span]
+            if span.stop == len(seq.tokens):
+                take.append(len(ids) - 1)
+        cu = np.zeros(len(sequences) + 1, dtype=np.int32)
+        cu[1:] = np.cumsum(counts)
+        seq_lens = np.array([seq.computed + n for seq, n in zip(sequences, counts)], dtype=np.int32)
+        tables = self._tables(sequences, max(len(seq.blocks) for seq in sequences))
+        dev = self.device
+        cu, seq_lens, tables = (torch.from_numpy(a).to(dev) for a in (cu, seq_lens, tables))
+
+        def attend(q, k_cache, v_cache, sinks, scaling, window):
+            return self.attention.varlen(q, k_cache, v_cache, cu, seq_lens, tables, sinks, scaling, window)
+
+        tensors = (torch.tensor(a, dtype=torch.long, device=dev) for a in (ids, positions, slots, take))
+        ids, positions, slots, take = tensors
+        return self.forward(ids, positions, slots, attend, take)
+
+    def _decode(self, sequences: list[Sequence]) -> torch.Tensor:
+        n, bs = len(sequences), self.block_size
+        positions = np.fromiter((len(s.tokens) - 1 for s in sequences), dtype=np.int64, count=n)
+        ids = np.fromiter((s.tokens[-1] for s in sequences), dtype=np.int64, count=n)
+        tables = self._tables(sequences, int(positions.max()) // bs + 1)
+        slots = tables[np.arange(n), positions // bs].astype(np.int64) * bs + positions % bs
+        if not self.cuda_graphs:
+            dev = self.device
+            lens, tables = torch.from_numpy(positions + 1).int().to(dev), torch.from_numpy(tables).to(dev)
+
+            def attend(q, k_cache, v_cache, sinks, scaling, window):
+                return self.attention.decode(q, k_cache, v_cache, tables, lens, sinks, scaling, window)
+
+            return self.forward(*(torch.from_numpy(a).to(dev) for a in (ids, positions, slots)), attend)
+        rows = next(b for b in buckets(self.slots) if b >= n)
+        if rows not in self.graphs:
+            self.graphs[rows] = self._capture(rows)
+        graph, inputs, static_tables, logits = self.graphs[rows]
+        host = np.zeros((4, rows), dtype=np.int64)  # padded rows: token 0 at position 0, written to the null block
+        host[0, :n], host[1, :n], host[2, :n], host[3] = ids, positions, slots, 1
+        host[3, :n] = positions + 1
+        inputs.copy_(torch.from_numpy(host), non_blocking=True)
+        static_tables[:n, : tables.shape[1]].copy_(torch.from_numpy(tables), non_blocking=True)
+        graph.replay()
+        return logits[:n]
+
+    def _capture(self, rows: int):
+        """A decode step of `rows` sequences as a CUDA graph. Its inputs are static buffers: ids, positions, cache
+        rows and key counts in one (4, rows) tensor, and the block tables."""
+        inputs = torch.zeros(4, rows, dtype=torch.long, device=self.device)
+        inputs[3] = 1
+        tables = torch.zeros(rows, self.max_blocks, dtype=torch.int32, device=self.device)
+
+        def step():
+            lens = inputs[3].to(torch.int32)
+
+            def attend(q, k_cache, v_cache, sinks, scaling, window):
+                return self.attention.decode(q, k_cache, v_cache, tables, lens, sinks, scaling, window)
+
+            return self.forward(inputs[0], inputs[1], inputs[2], attend)
+
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm up outside the graph: lazy inits, autotuning, compilation
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = step()
+        return graph, inputs, tables, logits

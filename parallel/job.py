@@ -1,0 +1,79 @@
+"""The set-up and tear-down the entry scripts share, in the order they run: plan the run (config, model, layout:
+everything that can be wrong with it, before a process group or a weight exists), join the job, load the model
+and choose its backend, link rank 0 with the replicas' leaders, leave the job."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from openai_harmony import HarmonyEncoding
+from transformers import GptOssConfig
+
+from parallel.config import ConfigError, JobConfig, load_config
+from parallel.distributed.channel import Hub, Link, connect
+from parallel.distributed.layout import Layout, LayoutError
+from parallel.distributed.loading import load_model, plan_model
+from parallel.distributed.mesh import Placement
+from parallel.distributed.runtime import Watchdog
+from parallel.engine.choice import choose_backend
+from parallel.engine.interface import Backend
+from parallel.log import error
+from parallel.protocol.harmony import pad_token_id, stop_tokens
+
+
+@dataclass
+class Run:
+    cfg: JobConfig
+    path: str  # the checkpoint, resolved
+    shape: GptOssConfig
+    layout: Layout
+
+
+def plan_run(argv: list[str] | None, required: tuple[str, ...] = (), check: Callable[[JobConfig], None] | None = None) -> Run | None:
+    """The run, or None after saying what is wrong with it. `check` runs on rank 0 only (the paths it reads and
+    writes)."""
+    try:
+        cfg = load_config(argv, required)
+        path, shape, layout = plan_model(cfg)
+        if check and int(os.environ.get("RANK", 0)) == 0:
+            check(cfg)
+    except (ConfigError, LayoutError, OSError, ValueError) as e:
+        error(str(e))
+        return None
+    return Run(cfg, path, shape, layout)
+
+
+def load_backend(run: Run, place: Placement, enc: HarmonyEncoding) -> Backend | None:
+    """The model on this rank's shard, behind the backend that will generate with it; None after saying why the
+    model cannot load as asked (e.g. model.mxfp4=require where only dequantizing is possible)."""
+    try:
+        model = load_model(run.path, run.shape, run.cfg.model, run.layout, place)
+    except RuntimeError as e:
+        error(str(e))
+        return None
+    return choose_backend(model, run.cfg.engine, run.layout.pp, run.cfg.generation.batch_size, stop_tokens(enc),
+                          pad_token_id(enc), place.replica_group)
+
+
+def open_links(place: Placement, store: dist.Store, replicas: int) -> tuple[Hub | None, Link | None]:
+    """Rank 0: the hub of every replica leader's link (waiting for them all to connect), and its own replica's
+    link; another replica's leader: its link; other ranks: nothing."""
+    if place.rank == 0:
+        hub = Hub()
+        hub.accept(store, replicas)
+        return hub, hub.local
+    return None, connect(store, place.replica) if place.is_leader else None
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+
+
+def finish_job(watchdog: Watchdog) -> None:
+    watchdog.stop()
+    dist.barrier()
+    dist.destroy_process_group()

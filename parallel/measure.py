@@ -1,0 +1,142 @@
+"""Measuring the paths users run, each as a real job in its own processes: the launcher on a workload file, and
+the server under a number of concurrent streaming clients. `launch/bench.py` and `launch/scaling.py` call these.
+
+Every figure comes from the job itself: the launcher's metrics and records (generation time excludes loading),
+the server's streamed chunks as a client sees them (time to first token, inter-token latency).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def torchrun(script: str, nproc: int) -> list[str]:
+    runner = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
+    return [*runner, str(ROOT / "launch" / script)]
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return round(values[min(len(values) - 1, int(q / 100 * len(values)))], 4)
+
+
+def run_launcher(config: str, workload: Path, out: Path, nproc: int, overrides: list[str], timeout_s: float = 3600) -> dict:
+    """One batch job; its metrics plus output tok/s, total tok/s and the records' time-to-first-token spread."""
+    out.unlink(missing_ok=True)
+    cmd = [*torchrun("generate.py", nproc), "--config", config, f"data.input={workload}", f"data.output={out}",
+           "runtime.progress=false", "output.echo=false", *overrides]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    if run.returncode:
+        raise RuntimeError(f"launcher failed ({' '.join(overrides)}):\n{run.stderr[-4000:]}")
+    metrics = json.loads(Path(f"{out}.metrics.json").read_text())
+    records = [json.loads(line) for line in out.read_text().split("\n") if line]
+    first = [r["timing"]["queued_s"] + r["timing"]["first_token_s"] for r in records if "timing" in r]
+    seconds = metrics["generation_s"]
+    return {
+        "requests": metrics["requests"], "errors": metrics["errors"],
+        "prompt_tokens": metrics["prompt_tokens"], "output_tokens": metrics["generated_tokens"],
+        "seconds": seconds, "output_tokens_per_s": round(metrics["generated_tokens"] / seconds, 1),
+        "total_tokens_per_s": round((metrics["generated_tokens"] + metrics["prompt_tokens"]) / seconds, 1),
+        "ttft_p50_s": percentile(first, 50), "ttft_p99_s": percentile(first, 99),
+        "last_first_token_s": round(max(first), 3) if first else None,
+        "peak_gpu_memory_gib": metrics["peak_gpu_memory_gib"], "layout": metrics["layout"],
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerJob:
+    """launch/serve.py in its own processes for the length of a `with` block."""
+
+    def __init__(self, config: str, nproc: int, overrides: list[str], log: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [*torchrun("serve.py", nproc), "--config", config, f"server.port={self.port}", *overrides]
+        self.log = open(log, "w")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def __enter__(self) -> ServerJob:
+        deadline = time.monotonic() + 1800
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            try:
+                self.model = json.load(urllib.request.urlopen(f"{self.url}/health", timeout=2))["model"]
+                return self
+            except OSError:
+                time.sleep(1)
+        self.__exit__()
+        raise RuntimeError(f"the server did not come up; see {self.log.name}")
+
+    def __exit__(self, *exc) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        self.log.close()
+
+
+async def _stream(client, model: str, prompt: str, max_tokens: int) -> dict:
+    """One streamed completion: when each chunk of tokens arrived."""
+    start = time.perf_counter()
+    stamps, tokens = [], 0
+    stream = await client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, stream=True,
+                                             temperature=0, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].text:
+            stamps.append(time.perf_counter() - start)
+        if chunk.usage:
+            tokens = chunk.usage.completion_tokens
+    return {"ttft": stamps[0] if stamps else None, "end": time.perf_counter() - start, "tokens": tokens, "stamps": stamps}
+
+
+async def _clients(url: str, model: str, requests: list[dict], concurrency: int) -> tuple[list[dict], float]:
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="bench", max_retries=0, timeout=3600)
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(r):
+        async with gate:
+            return await _stream(client, model, r["prompt"], r["max_new_tokens"])
+
+    start = time.perf_counter()
+    results = await asyncio.gather(*(one(r) for r in requests))
+    return results, time.perf_counter() - start
+
+
+def run_server(config: str, workload: Path, nproc: int, concurrency: int, overrides: list[str], log: Path) -> dict:
+    """The workload against a fresh server at `concurrency` streams: throughput as the clients see it, time to
+    first token and inter-token latency (the gap between chunks, per token)."""
+    requests = [json.loads(line) for line in workload.read_text().split("\n") if line]
+    with ServerJob(config, nproc, ["server.stream_interval=1", *overrides], log) as server:
+        asyncio.run(_clients(server.url, server.model, requests[: min(len(requests), concurrency)], concurrency))  # warm-up
+        results, seconds = asyncio.run(_clients(server.url, server.model, requests, concurrency))
+    tokens = sum(r["tokens"] for r in results)
+    ttft = [r["ttft"] for r in results if r["ttft"] is not None]
+    itl = [(b - a) for r in results for a, b in zip(r["stamps"], r["stamps"][1:])]
+    return {
+        "requests": len(results), "concurrency": concurrency, "output_tokens": tokens, "seconds": round(seconds, 2),
+        "output_tokens_per_s": round(tokens / seconds, 1),
+        "tokens_per_s_per_stream": round(statistics.mean(r["tokens"] / r["end"] for r in results), 1),
+        "ttft_p50_s": percentile(ttft, 50), "ttft_p99_s": percentile(ttft, 99),
+        "itl_p50_s": percentile(itl, 50), "itl_p99_s": percentile(itl, 99),
+    }

@@ -1,0 +1,43 @@
+"""A checked request becomes what a backend runs: its harmony prompt tokens and its budget of new tokens, checked
+against the model's context. The batch job and the server both go through here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from openai_harmony import HarmonyEncoding
+
+from parallel.config import GenerationConfig
+from parallel.protocol.harmony import render_prompt
+from parallel.protocol.requests import Request
+
+
+class PromptError(ValueError):
+    """A request that cannot run; `param` names the field at fault (for an API error body)."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None, prompt_tokens: int = 0):
+        super().__init__(message)
+        self.param, self.code, self.prompt_tokens = param, code, prompt_tokens
+
+
+@dataclass
+class Prompt:
+    tokens: list[int]
+    max_new_tokens: int
+
+
+def prepare(enc: HarmonyEncoding, req: Request, gen: GenerationConfig, context: int) -> Prompt:
+    """The request rendered with harmony, with its budget: the request's own max_new_tokens, which must fit the
+    context after the prompt, or else generation.max_new_tokens cut to what the context leaves."""
+    try:
+        tokens = render_prompt(enc, req, gen.reasoning_effort, gen.conversation_date)
+    except Exception as e:  # harmony rejects what it cannot render, e.g. a tool schema it cannot type
+        raise PromptError(f"cannot render the conversation with harmony: {e}", "messages") from None
+    room = context - len(tokens)
+    if room < 1:
+        raise PromptError(f"the prompt's {len(tokens)} tokens fill the model's context of {context}", "messages",
+                          "context_length_exceeded", len(tokens))
+    if req.max_new_tokens is not None and req.max_new_tokens > room:
+        raise PromptError(f"{len(tokens)} prompt tokens + max_new_tokens {req.max_new_tokens} exceed the model's "
+                          f"context of {context}", "max_tokens", "context_length_exceeded", len(tokens))
+    return Prompt(tokens, req.max_new_tokens or min(gen.max_new_tokens, room))
