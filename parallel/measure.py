@@ -22,6 +22,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def job_env() -> dict[str, str]:
+    """This environment without a process group's variables: a job started from a process that has joined one
+    (bench.py's in-process runs) must not inherit its rank or its store's port."""
+    joined = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
+    return {k: v for k, v in os.environ.items() if k not in joined and not k.startswith("TORCHELASTIC_")}
+
+
 def torchrun(script: str, nproc: int) -> list[str]:
     runner = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
     return [*runner, str(ROOT / "launch" / script)]
@@ -39,7 +46,7 @@ def run_launcher(config: str, workload: Path, out: Path, nproc: int, overrides: 
     out.unlink(missing_ok=True)
     cmd = [*torchrun("generate.py", nproc), "--config", config, f"data.input={workload}", f"data.output={out}",
            "runtime.progress=false", "output.echo=false", *overrides]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=job_env())
     if run.returncode:
         raise RuntimeError(f"launcher failed ({' '.join(overrides)}):\n{run.stderr[-4000:]}")
     metrics = json.loads(Path(f"{out}.metrics.json").read_text())
@@ -71,7 +78,7 @@ class ServerJob:
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [*torchrun("serve.py", nproc), "--config", config, f"server.port={self.port}", *overrides]
         self.log = open(log, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, env=job_env())
 
     def __enter__(self) -> ServerJob:
         deadline = time.monotonic() + 1800
