@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from parallel.config import ENGINE_ATTENTIONS, merge_config, parse_args_and_overrides
+from parallel.config import Attention, merge_config, parse_args_and_overrides
 from parallel.distributed.loading import load_model, plan_model
 from parallel.distributed.mesh import build_mesh, init_distributed
 from parallel.engine.engine import Engine
@@ -39,7 +39,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--bandwidth-tbs", type=float, default=3.35, help="the GPU's memory bandwidth, for the floor")
     parser.add_argument("--skip-plain", action="store_true", help="engine only (the plain recipe is slow)")
-    parser.add_argument("--attention", nargs="+", default=["auto"], choices=ENGINE_ATTENTIONS,
+    parser.add_argument("--attention", nargs="+", default=["auto"], choices=[a.value for a in Attention],
                         help="the engine's decode attentions to measure, a column each")
     parser.add_argument("--out", type=Path)
     parser.add_argument("overrides", nargs="*")

@@ -8,14 +8,13 @@ import torch
 from transformers import GptOssForCausalLM
 
 from parallel.engine.kernels import decode_attention
-from parallel.config import ConfigError, GenerationConfig, merge_config
+from parallel.config import GenerationConfig
 from parallel.distributed.checkpoint import TINY, resolve_checkpoint
 from parallel.engine.engine import Engine
 from parallel.engine.plain import generate
 from parallel.protocol.harmony import pad_token_id, render_prompt, stop_tokens
 from parallel.protocol.requests import parse_request
 from tests.attention_reference import torch_attention
-from tests.conftest import ROOT
 
 TEXTS = ["Say hello.", "What is 2+2?", "Hi", "Tell me a story about a cat that learned to fly over the sea."]
 
@@ -81,8 +80,3 @@ def test_the_kernel_asked_for_where_it_cannot_run_is_an_error(tiny, monkeypatch)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="engine.attention=triton needs"):
         Engine(tiny, slots=1, attention="triton")  # CPU, not interpreted
-
-
-def test_an_unknown_attention_is_refused_by_the_config():
-    with pytest.raises(ConfigError, match="engine.attention='flash'"):
-        merge_config(ROOT / "configs" / "tiny.yaml", ["engine.attention=flash"])
