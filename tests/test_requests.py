@@ -130,3 +130,41 @@ def test_every_field_of_any_shape_is_refused_or_renders(path, enc):
             continue
         assert render_prompt(enc, req, "medium"), (path, odd)
 
+
+def write_bytes(path, lines: list[bytes]):
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return str(path)
+
+
+def test_a_line_with_a_bad_byte_costs_that_line_only(tmp_path):
+    path = write_bytes(tmp_path / "in.jsonl", [b'{"prompt": "a"}', b'{"prompt": "\xff"}', b'\xef\xbb\xbf{"prompt": "bom"}'])
+    first, bad, bom = read_requests(path)
+    assert (first.id, bad["index"], bom.id) == (1, 2, 3)
+    assert bad["error"] == "line 2: not UTF-8: byte 0xff at column 13"
+
+
+def test_an_unforeseen_error_costs_its_line_only(tmp_path, monkeypatch):
+    def parse(obj, index):
+        if index == 1:
+            raise TypeError("a case no check foresaw")
+        return parse_request(obj, index)
+
+    monkeypatch.setattr("parallel.batch.output.parse_request", parse)
+    path = write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "prompt": "x"}, {"id": "b", "prompt": "y"}])
+    bad, good = read_requests(str(path))
+    assert (bad["id"], bad["error"]) == ("a", "line 1: TypeError: a case no check foresaw")
+    assert good.id == "b"
+
+
+def test_an_explicit_id_cannot_take_the_number_of_a_line_without_one(tmp_path):
+    path = write_jsonl(tmp_path / "in.jsonl", [{"id": 2, "prompt": "x"}, {"prompt": "y"}, {"id": 3, "prompt": "z"}, {"id": 1, "prompt": "w"}])
+    takes_2, default_2, own_3, takes_1 = read_requests(str(path))
+    assert takes_2["id"] is None and takes_2["error"] == "line 1: id 2 is taken: line 2 has no id, so its line number is its id"
+    assert (default_2.id, own_3.id, takes_1.id) == (2, 3, 1)  # line 1 has an id: its number is free
+
+
+def test_the_id_rule_holds_across_shards(tmp_path):
+    path = write_jsonl(tmp_path / "in.jsonl", [{"id": 2, "prompt": "x"}, {"prompt": "y"}])
+    (refused,) = read_requests(str(path), shard=0, num_shards=2)
+    (kept,) = read_requests(str(path), shard=1, num_shards=2)
+    assert "id 2 is taken" in refused["error"] and kept.id == 2

@@ -9,40 +9,73 @@ from pathlib import Path
 
 from parallel.batch.records import error_record, record_key
 from parallel.log import warn
-from parallel.protocol.requests import Request, RequestError, parse_line
+from parallel.protocol.requests import Request, RequestError, is_id, load_json, parse_request
+
+
+def input_lines(path: str) -> Iterator[tuple[int, bytes]]:
+    """The input's non-blank lines with their 1-based numbers, undecoded: each line is decoded on its own."""
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            if line.strip():
+                yield number, line
 
 
 def read_requests(path: str, shard: int = 0, num_shards: int = 1) -> Iterator[Request | dict]:
     """Each non-blank line of this shard as a Request, or as the error record that says what is wrong with it.
-    Duplicate ids are found within the shard; merging the shards (launch/merge.py) finds the rest."""
-    seen: dict[object, int] = {}
-    with open(path, encoding="utf-8") as f:
-        for index, line in enumerate(f, start=1):
-            if (index - 1) % num_shards != shard or not line.strip():
-                continue
-            try:
-                req = parse_line(line, index)
-            except RequestError as e:
-                yield error_record(_claimed_id(line, index, seen), index, f"line {index}: {e}")
-                continue
-            if req.id in seen:
-                # The record cannot carry the id: the first line owns it, and no id is written twice.
-                yield error_record(None, index, f"line {index}: duplicate id {req.id!r} (first on line {seen[req.id]})")
-                continue
-            seen[req.id] = index
-            yield req
+
+    A line's id is its "id", or its line number when it has none. The first line to claim an id keeps it; a later
+    duplicate gets an error record with id null. A line without an id owns its number: an explicit id that is
+    the number of a line without one (before or after it, in any shard) is refused on the line that chose it,
+    so that no line is refused for another line's choice. Duplicate explicit ids in different shards are found
+    when the shards are merged (launch/merge.py)."""
+    ids = _Ids(path)
+    for index, line in input_lines(path):
+        if (index - 1) % num_shards == shard:
+            yield _request_or_error(line, index, ids)
 
 
-def _claimed_id(line: str, index: int, seen: dict):
-    """The id a rejected line names, when it names a usable one, so its error record is findable by id."""
-    try:
-        rid = json.loads(line).get("id")
-    except (ValueError, AttributeError):
+class _Ids:
+    """Which line owns which id (see read_requests)."""
+
+    def __init__(self, path: str):
+        self.owner: dict[str | int, int] = {}
+        # Byte n - 1 is 1 where line n has no id: a byte a line keeps this small for inputs of millions of lines.
+        with open(path, "rb") as f:
+            self.unnamed = bytearray(_has_no_id(line) for line in f)
+
+    def claim(self, rid, index: int) -> str | None:
+        """Give line `index` the id `rid`, or say why it cannot have it."""
+        if not is_id(rid):
+            return f"id must be a string or an integer, got {rid!r:.60}"
+        if isinstance(rid, int) and rid != index and 0 < rid <= len(self.unnamed) and self.unnamed[rid - 1]:
+            return f"id {rid} is taken: line {rid} has no id, so its line number is its id"
+        if rid in self.owner:
+            return f"duplicate id {rid!r:.60} (first on line {self.owner[rid]})"
+        self.owner[rid] = index
         return None
-    if isinstance(rid, (str, int)) and not isinstance(rid, bool) and rid not in seen:
-        seen[rid] = index
-        return rid
-    return None
+
+
+def _has_no_id(line: bytes) -> bool:
+    try:
+        obj = load_json(line)
+    except RequestError:
+        return False
+    return isinstance(obj, dict) and "id" not in obj
+
+
+def _request_or_error(line: bytes, index: int, ids: _Ids) -> Request | dict:
+    """Whatever goes wrong with a line, of whatever type, costs that line only and is said in its record."""
+    obj = None
+    try:
+        obj = load_json(line)
+        req = parse_request(obj, index)
+    except Exception as e:  # noqa: BLE001 - RequestError, or anything the checks did not foresee
+        message = str(e) if isinstance(e, RequestError) else f"{type(e).__name__}: {e}"
+        # The record keeps the id the line names where that id is free, so that it can be found by its id.
+        rid = obj.get("id") if isinstance(obj, dict) else None
+        return error_record(rid if ids.claim(rid, index) is None else None, index, f"line {index}: {message}")
+    problem = ids.claim(req.id, index)
+    return req if problem is None else error_record(None, index, f"line {index}: {problem}")
 
 
 class OutputFile:
