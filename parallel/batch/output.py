@@ -11,6 +11,9 @@ from parallel.batch.records import error_record, record_key
 from parallel.log import warn
 from parallel.protocol.requests import Request, RequestError, is_id, load_json, parse_request
 
+# Bytes read at a time, from the end, looking for where a torn last line starts.
+TAIL_BLOCK = 1 << 16
+
 
 def input_lines(path: str) -> Iterator[tuple[int, bytes]]:
     """The input's non-blank lines with their 1-based numbers, undecoded: each line is decoded on its own."""
@@ -78,40 +81,93 @@ def _request_or_error(line: bytes, index: int, ids: _Ids) -> Request | dict:
     return req if problem is None else error_record(None, index, f"line {index}: {problem}")
 
 
+def read_records(path: str | Path) -> Iterator[dict]:
+    """The records of an output file, in file order. A line that is not a record (blank, corrupt, JSON of another
+    shape) is skipped, and said in one warning with its line number; a torn last line is not read."""
+    bad = []
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.endswith(b"\n"):
+                break
+            try:
+                record = _load_record(line)
+            except ValueError as e:
+                bad.append(f"line {number}: {e}")
+                continue
+            yield record
+    if bad:
+        more = f"; and {len(bad) - 10} more" if len(bad) > 10 else ""
+        warn(f"{path}: skipping {len(bad)} lines that are not records ({'; '.join(bad[:10])}{more})")
+
+
+def _load_record(line: bytes) -> dict:
+    if not line.strip():
+        raise ValueError("blank")
+    record = load_json(line)  # or a RequestError (a ValueError) saying why it is not JSON
+    if not _is_record(record):
+        raise ValueError(f"not a record (an object with an id and a line index): {line[:60]!r}")
+    return record
+
+
+def _is_record(obj) -> bool:
+    """What resume and merging read of a record: its id (null for lines that could not claim one), its line."""
+    if not isinstance(obj, dict) or "id" not in obj:
+        return False
+    index = obj.get("index")
+    return (obj["id"] is None or is_id(obj["id"])) and isinstance(index, int) and not isinstance(index, bool) and index > 0
+
+
 class OutputFile:
-    """Append-only JSONL. Opening an existing file resumes it: the records there are kept and their keys skipped."""
+    """Append-only JSONL. Opening an existing file resumes it: the records there are kept and their keys skipped.
+
+    Resume reads the file line by line. A torn last line (a job killed mid-write) is cut off and its request runs
+    again. Any other line that is not a record is reported with its line number and skipped: its request runs
+    again and its record is appended at the end. That line stays where it is, like every record after it: the
+    file is only ever appended to (or its torn tail cut), never rewritten, so nothing in it is lost; and a request
+    whose key is in `done` does not run again, so no record is written twice. launch/merge.py skips those lines."""
 
     def __init__(self, path: str):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.done: set[tuple] = set()
         if self.path.exists():
-            self._scan()
-        self._f = open(self.path, "a", encoding="utf-8")
-
-    def _scan(self) -> None:
-        good = 0  # bytes up to the end of the last whole record
-        with open(self.path, "rb") as f:
-            for line in f:
-                try:
-                    key = record_key(json.loads(line))
-                except (ValueError, KeyError):
-                    break
-                if not line.endswith(b"\n"):
-                    break
-                self.done.add(key)
-                good += len(line)
-        if good < self.path.stat().st_size:
-            # A job killed mid-write leaves a partial last line; its request is simply run again.
-            warn(f"{self.path}: dropping {self.path.stat().st_size - good} bytes of an unfinished record at the end")
-            os.truncate(self.path, good)
+            _cut_torn_tail(self.path)
+            self.done.update(record_key(r) for r in read_records(self.path))
+        self._f = open(self.path, "ab")
 
     def write(self, records: list[dict]) -> None:
         """Append, flush and fsync: what returns from here survives a killed job."""
-        self._f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        self._f.write(b"".join(map(encode_record, records)))
         self._f.flush()
         os.fsync(self._f.fileno())
         self.done.update(record_key(r) for r in records)
 
     def close(self) -> None:
         self._f.close()
+
+
+def encode_record(record: dict) -> bytes:
+    """One record as a line of UTF-8 JSON. A record with text UTF-8 cannot hold (a lone surrogate such as
+    "\\udc00", which a JSON escape in the input can make) is written with \\u escapes instead, which read back to
+    the same record: no record can stop the writer."""
+    try:
+        return (json.dumps(record, ensure_ascii=False) + "\n").encode()
+    except UnicodeEncodeError:
+        return (json.dumps(record) + "\n").encode()
+
+
+def _cut_torn_tail(path: Path) -> None:
+    """Cut a partial last line, so that the next record starts a line of its own."""
+    with open(path, "rb+") as f:
+        size = end = f.seek(0, os.SEEK_END)
+        while end > 0:  # back from the end, a block at a time, to the last newline
+            start = max(0, end - TAIL_BLOCK)
+            f.seek(start)
+            newline = f.read(end - start).rfind(b"\n")
+            if newline >= 0:
+                end = start + newline + 1
+                break
+            end = start
+        if end < size:
+            warn(f"{path}: dropping {size - end} bytes of an unfinished record at the end")
+            f.truncate(end)
