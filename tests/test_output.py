@@ -1,13 +1,56 @@
-"""The job's output: a resume that loses no record, a writer that no record can stop, and merging shards that
-hold lines that are not records."""
+"""The job's files: paths checked before anything runs, a resume that loses no record, a writer that no record
+can stop, and merging shards that hold lines that are not records."""
+
+import os
 
 import pytest
 
 from launch.merge import main as merge
-from parallel.batch.output import TAIL_BLOCK, OutputFile, read_records
+from parallel.batch.output import TAIL_BLOCK, OutputFile, check_paths, read_records
 from tests.conftest import write_jsonl
 
 LINE = '{"prompt": "x"}\n'
+
+
+@pytest.mark.parametrize("how", ["the same path", "a symlink", "a hard link", "the config beside the output"])
+def test_an_output_that_is_the_input_under_any_name_is_refused(tmp_path, how):
+    source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    if how == "the config beside the output":
+        source = tmp_path / "out.jsonl.config.yaml"
+    source.write_text(LINE)
+    if how == "the same path":
+        output = source
+    elif how == "a symlink":
+        output.symlink_to(source)
+    elif how == "a hard link":
+        os.link(source, output)
+    with pytest.raises(ValueError, match="^data.output: .* which is data.input"):
+        check_paths(str(source), str(output))
+    assert source.read_text() == LINE
+
+
+@pytest.mark.parametrize(
+    "input, output, message",
+    [
+        ("missing.jsonl", "out.jsonl", "data.input: no such file"),
+        (".", "out.jsonl", "data.input: . is not a file"),
+        ("in.jsonl", ".", "data.output: . is not a file"),
+        ("in.jsonl", "in.jsonl/out.jsonl", "data.output: cannot write in.jsonl/out.jsonl: Not a directory"),
+        ("in.jsonl", "taken.jsonl", "data.output: taken.jsonl.metrics.json is not a file"),
+    ],
+)
+def test_paths_the_job_cannot_use_are_named(tmp_path, monkeypatch, input, output, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "in.jsonl").write_text(LINE)
+    (tmp_path / "taken.jsonl.metrics.json").mkdir()
+    with pytest.raises(ValueError, match=f"^{message}"):
+        check_paths(input, output)
+
+
+def test_checking_the_paths_writes_nothing(tmp_path):
+    (tmp_path / "in.jsonl").write_text(LINE)
+    check_paths(str(tmp_path / "in.jsonl"), str(tmp_path / "new" / "folder" / "out.jsonl"))
+    assert os.listdir(tmp_path) == ["in.jsonl"]
 
 
 NOT_RECORDS = [b"\n", b"  \n", b"{oops\n", b"[1,2]\n", b"5\n", b'{"a": 1}\n', b'{"id": [1], "index": 2}\n',

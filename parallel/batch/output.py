@@ -1,9 +1,11 @@
-"""The input file in, the output file out: reading requests line by line, appending records safely, resume."""
+"""The input file in, the output file out: checking both paths, reading requests line by line, appending records
+safely, resume."""
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,8 +13,41 @@ from parallel.batch.records import error_record, record_key
 from parallel.log import warn
 from parallel.protocol.requests import Request, RequestError, is_id, load_json, parse_request
 
+# What the job writes beside its output (`<output>.config.yaml`, ...): written to as surely as the output.
+SIDECARS = (".config.yaml", ".metrics.json")
 # Bytes read at a time, from the end, looking for where a torn last line starts.
 TAIL_BLOCK = 1 << 16
+
+
+def check_paths(input: str, output: str) -> None:
+    """Refuse, naming data.input or data.output, a job that cannot read its input, would write into it (the same
+    file under any name: a symlink, a hard link), or cannot create or append to its output and the files beside
+    it. Writes nothing, so an entry script can run it before any process group or model exists."""
+    source = Path(input)
+    try:
+        if not source.is_file():
+            raise ValueError(f"data.input: no such file {input}" if not source.exists() else f"data.input: {input} is not a file")
+        open(source, "rb").close()
+    except OSError as e:
+        raise ValueError(f"data.input: cannot read {input}: {e.strerror or e}") from None
+    for path in [Path(output), *(Path(output + suffix) for suffix in SIDECARS)]:
+        try:
+            _check_output(path, source)
+        except OSError as e:
+            raise ValueError(f"data.output: cannot write {path}: {e.strerror or e}") from None
+
+
+def _check_output(path: Path, source: Path) -> None:
+    """Tried, not read off permission bits, which root, ACLs and read-only mounts make wrong: an existing file
+    opens for appending; a new one can be made in its nearest existing folder (the job makes those between)."""
+    if not path.exists():
+        tempfile.TemporaryFile(dir=next(p for p in path.parents if p.exists())).close()
+    elif os.path.samefile(path, source):
+        raise ValueError(f"data.output: the job would write {path}, which is data.input ({source}): choose another data.output")
+    elif not path.is_file():
+        raise ValueError(f"data.output: {path} is not a file")
+    else:
+        open(path, "ab").close()
 
 
 def input_lines(path: str) -> Iterator[tuple[int, bytes]]:
