@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from parallel.batch.coordinator import publish, serve_replica
-from parallel.batch.output import OutputFile, read_requests
+from parallel.batch.output import OutputFile, check_paths, read_requests
 from parallel.batch.planning import batch_runner, plan_work
 from parallel.batch.writer import Totals, Writer
 from parallel.config import ConfigError, load_config, to_yaml
@@ -32,18 +32,20 @@ from parallel.protocol.harmony import encoding, pad_token_id
 
 def main(argv: list[str] | None = None) -> int:
     start = time.monotonic()
+    # Like stderr: a record echoed with text UTF-8 cannot hold (an id with a lone surrogate) prints escaped,
+    # instead of killing the writer.
+    sys.stdout.reconfigure(errors="backslashreplace")
     try:
         cfg = load_config(argv, required=("data.input", "data.output"))
         # Everything that can be wrong with the job is found here, before a process group or a weight exists.
+        check_paths(cfg.data.input, cfg.data.output)
         path, shape, layout = plan_model(cfg)
-        if not Path(cfg.data.input).is_file():
-            raise FileNotFoundError(f"data.input: no such file {cfg.data.input}")
-    except (ConfigError, LayoutError, FileNotFoundError, ValueError) as e:
+        enc = encoding()
+    except (ConfigError, LayoutError, OSError, ValueError) as e:
         error(str(e))
         return 2
 
     place, watchdog, store = join_job(layout, cfg.runtime)
-    enc = encoding()
 
     writer = None
     if place.rank == 0:
