@@ -43,8 +43,8 @@ class VocabularyError(OSError):
 
 @functools.cache
 def encoding() -> HarmonyEncoding:
-    """o200k plus harmony's special tokens. Offline, TIKTOKEN_ENCODINGS_BASE must name a folder that holds
-    o200k_base.tiktoken; without it harmony downloads the file, and fails with no hint of either."""
+    """o200k plus harmony's special tokens. harmony reads o200k_base.tiktoken from the folder TIKTOKEN_ENCODINGS_BASE
+    names, else downloads it; where neither works its own error gives no hint, so VocabularyError says what to set."""
     try:
         return load_harmony_encoding(HarmonyEncodingName.HARMONY_GPT_OSS)
     except HarmonyError as e:
