@@ -10,7 +10,12 @@ import torch
 
 from parallel.engine.attention import decode_torch, slot_mapping, varlen_torch
 from parallel.engine.kernels import paged_attention
-from parallel.engine.kernels.paged_attention import DECODE, decode_splits, paged_decode_attention, paged_prefill_attention
+from parallel.engine.kernels.paged_attention import (
+    DECODE,
+    decode_splits,
+    paged_decode_attention,
+    paged_prefill_attention,
+)
 
 DIM, SCALING = 16, 0.25
 HEADS = [(2, 2), (16, 2), (4, 1)]  # (query heads, KV heads): groups of 1 and 8, and 4/1 as under tp
