@@ -61,6 +61,7 @@ def run_launcher(config: str, workload: Path, out: Path, nproc: int, overrides: 
         "ttft_p50_s": percentile(first, 50), "ttft_p99_s": percentile(first, 99),
         "last_first_token_s": round(max(first), 3) if first else None,
         "peak_gpu_memory_gib": metrics["peak_gpu_memory_gib"], "layout": metrics["layout"],
+        "backend": [line.split("] ", 1)[1] for line in run.stderr.splitlines() if "] replica " in line],
     }
 
 

@@ -27,7 +27,7 @@ step() {
         plain-20b) "${BENCH[@]}" --paths plain --requests 128 --out "$OUT/plain-20b.json" "${M20[@]}" ;;
         server-20b) "${BENCH[@]}" --paths server --requests 512 --concurrency 1 128 256 --out "$OUT/server-20b.json" "${M20[@]}" ;;
         long-20b) "${BENCH[@]}" --paths launcher --workload long --requests 64 --out "$OUT/long-20b.json" "${M20[@]}" ;;
-        profile-20b) python3 tests/gpu/profile_decode.py --config configs/gpt-oss-20b.yaml --batch-sizes 1 128 "${M20[@]}" ;;
+        profile-20b) python3 tests/gpu/profile_decode.py --config configs/gpt-oss-20b.yaml --batch-sizes 1 128 240 "${M20[@]}" ;;
         *) echo "unknown step $1"; return 2 ;;
     esac
 }
