@@ -63,9 +63,14 @@ class Engine:
         shards = [f"{r.heads} heads a rank" if r.tp else "", "experts split" if r.ep else ""]
         return (f"up to {cfg.slots} requests at a time, {cfg.max_batched_tokens} tokens a step, paged KV cache of "
                 f"{tokens} tokens ({cfg.block_size}-token blocks, prefix caching {'on' if cfg.prefix_caching else 'off'}), "
-                f"attention via {r.attention.name}, experts via {'grouped_mm' if r.grouped else 'expert loop'}, "
+                f"attention via {r.attention.name}, experts via {self._experts_path()}, "
                 f"CUDA graphs {'on' if r.cuda_graphs else 'off'}, torch.compile {'on' if r.compiled else 'off'}"
                 + "".join(f", {x}" for x in shards if x))
+
+    def _experts_path(self) -> str:
+        if self.runner.packed:
+            return f"MXFP4 through {self.runner.layers[0].mlp.experts.path}"
+        return "bf16 grouped_mm" if self.runner.grouped else "an expert loop"
 
     # -- the Backend interface ------------------------------------------------------------------------------
 

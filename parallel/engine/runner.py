@@ -10,6 +10,8 @@ lm_head's module gathers a vocabulary split of the logits.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -21,10 +23,13 @@ from parallel.engine.forward import (
     experts_block,
     layer_weights,
     local,
+    packed_experts_block,
     qkv,
+    residual_norm,
     vocab_shard_start,
 )
 from parallel.engine.graphs import StepGraphs, StepInputs
+from parallel.engine.mxfp4 import Mxfp4Experts
 from parallel.engine.scheduler import Sequence
 
 
@@ -44,9 +49,11 @@ class Runner:
         self.kv_heads = local(attn.k_proj.weight).shape[0] // self.head_dim
         self.tp = self.heads < config.num_attention_heads
         experts = self.layers[0].mlp.experts
-        if not isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor):
-            raise NotImplementedError("the engine runs float or packed MXFP4 experts, not transformers' native MXFP4 modules")
-        local_experts = local(experts.gate_up_proj).shape[0]
+        self.packed = isinstance(experts, Mxfp4Experts)
+        if not self.packed and not isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor):
+            raise NotImplementedError("the engine runs float experts and its own MXFP4 ones, not transformers' native "
+                                      "MXFP4 modules")
+        local_experts = local(experts.gate_up_proj_bias).shape[0]
         self.ep = local_experts < config.num_local_experts
         # transformers shards the experts in order along the expert dimension of the replica's ranks.
         first_expert = dist.get_rank(group) * local_experts if self.ep else 0
@@ -54,14 +61,15 @@ class Runner:
         self.vocab_start = vocab_shard_start(self.vocab, self.embedding.shape[0], group)
         # grouped_mm runs bf16 on Hopper and anything on CPU; elsewhere a loop over the experts hit.
         self.grouped = GROUPED_MM is not None and (self.device.type == "cpu" or self.dtype == torch.bfloat16)
-        self.weights = [layer_weights(layer, config, first_expert, self.grouped) for layer in self.layers]
+        self.weights = [layer_weights(layer, config, first_expert, self.grouped, self.packed) for layer in self.layers]
         shape = (len(self.layers), num_blocks, block_size, self.kv_heads, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.cuda_graphs = cuda_graphs and self.device.type == "cuda" and self.grouped
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda" and (self.grouped or self.packed)
         self.compiled = self.cuda_graphs and compile
-        pieces = (qkv, experts_block)
-        self.pieces = tuple(torch.compile(p, dynamic=True) for p in pieces) if self.compiled else pieces
+        wrap = (lambda f: torch.compile(f, dynamic=True)) if self.compiled else (lambda f: f)
+        moe = partial(packed_experts_block, wrap(residual_norm)) if self.packed else wrap(experts_block)
+        self.pieces = (wrap(qkv), moe)
         max_blocks = -(-config.max_position_embeddings // block_size)
         self.graphs = StepGraphs(self.forward, attention.decode, attention.varlen, slots, max_batched_tokens, max_blocks,
                                  self.device) if self.cuda_graphs else None
