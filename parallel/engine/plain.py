@@ -46,14 +46,15 @@ class Plain:
         return max(0, 2 * self.batch_size - len(self.waiting))
 
     def step(self, publish: Callable[[list[Event]], None], aborted: Callable[[], set[int]]) -> None:
-        """One batch: the oldest waiting request and the next ones that sample the same way."""
+        """One batch: the oldest waiting request and the next ones that sample the same way (seeds aside: a batch
+        draws from one generator, seeded by its first request's seed)."""
         if self.cancelled:
             publish(self.cancelled)
             self.cancelled = []
         if not self.waiting:
             return
-        kind = self.waiting[0][0].sampling
-        batch = [i for i in self.waiting if i[0].sampling == kind][: self.batch_size]
+        kind = _alike(self.waiting[0][0].sampling)
+        batch = [i for i in self.waiting if _alike(i[0].sampling) == kind][: self.batch_size]
         for item in batch:
             self.waiting.remove(item)
         self.batches += 1
@@ -120,6 +121,10 @@ class _Batch(BaseStreamer, StoppingCriteria):
         if ended:
             self.publish(ended)
         return torch.tensor(self.done, device=input_ids.device)
+
+
+def _alike(sampling: Sampling) -> tuple:
+    return sampling.temperature, sampling.top_p, sampling.ignore_eos
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:

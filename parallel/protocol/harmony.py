@@ -29,6 +29,9 @@ from openai_harmony import (
 from parallel.protocol.requests import Request, message_text
 
 FUNCTIONS = "functions."
+# The longest header a message may have (`<|start|>assistant<|channel|>commentary to=functions.name
+# <|constrain|>json<|message|>` is about a dozen tokens).
+MAX_HEADER_TOKENS = 32
 # gpt-oss pads with <|endoftext|>; it never appears inside a rendered conversation.
 PAD_TOKEN = "<|endoftext|>"
 
@@ -142,13 +145,20 @@ class HarmonyStream:
       ("text", text)         more text of the current message
     Messages of other kinds (commentary preambles, messages to other recipients) give no events.
     Never raises: from the first token that is not valid harmony on, `error` says why and nothing more parses.
+
+    Cheap a token: harmony's parser is asked only for what changed. Its `state` and `messages` cross into Rust
+    and back as whole objects (tens of microseconds, growing with the output), so message boundaries are read
+    from the marker tokens instead. A header longer than MAX_HEADER_TOKENS is not valid harmony: the parser
+    takes any text as a header until <|message|>, at a cost that grows with it, so noise would be expensive.
     """
 
     def __init__(self, enc: HarmonyEncoding):
         self.parser = StreamableParser(enc, Role.ASSISTANT)
         self.parsed = Parsed()
         self.kind: str | None = None
-        self.message = -1  # index of the message whose "begin" was sent
+        self.message_token, self.end_tokens = _markers(enc)
+        self.in_content = False
+        self.header_tokens = 0
 
     def feed(self, token: int) -> list[tuple]:
         if self.parsed.error:
@@ -158,25 +168,34 @@ class HarmonyStream:
         except HarmonyError as e:
             self.parsed.error = f"model output is not valid harmony: {e}"
             return []
-        events = []
-        if self.parser.state == StreamState.CONTENT and self.message != len(self.parser.messages):
-            self.message = len(self.parser.messages)
-            self.kind, name = _kind(self.parser.current_channel, self.parser.current_recipient)
-            if self.kind == "call":
-                self.parsed.tool_calls.append({"name": name, "arguments": ""})
-            if self.kind:
-                events.append(("begin", self.kind, name))
+        if token == self.message_token:
+            self.in_content, self.header_tokens = True, 0
+            return self._begin()
+        if token in self.end_tokens:
+            self.in_content, self.kind = False, None
+            return []
+        if not self.in_content:
+            self.header_tokens += 1
+            if self.header_tokens > MAX_HEADER_TOKENS:
+                self.parsed.error = f"model output is not valid harmony: no message header within {MAX_HEADER_TOKENS} tokens"
+            return []
         delta = self.parser.last_content_delta
-        if delta and self.kind and self.parser.state == StreamState.CONTENT:
-            events.append(("text", delta))
-            if self.kind == "reasoning":
-                self.parsed.analysis += delta
-                self.parsed.reasoning_tokens += 1
-            elif self.kind == "content":
-                self.parsed.final += delta
-            else:
-                self.parsed.tool_calls[-1]["arguments"] += delta
-        return events
+        if not (delta and self.kind):
+            return []
+        if self.kind == "reasoning":
+            self.parsed.analysis += delta
+            self.parsed.reasoning_tokens += 1
+        elif self.kind == "content":
+            self.parsed.final += delta
+        else:
+            self.parsed.tool_calls[-1]["arguments"] += delta
+        return [("text", delta)]
+
+    def _begin(self) -> list[tuple]:
+        self.kind, name = _kind(self.parser.current_channel, self.parser.current_recipient)
+        if self.kind == "call":
+            self.parsed.tool_calls.append({"name": name, "arguments": ""})
+        return [("begin", self.kind, name)] if self.kind else []
 
     def finish(self, finished: bool) -> Parsed:
         """`finished`: the tokens ended with a stop token; otherwise the length limit cut them."""
@@ -184,6 +203,13 @@ class HarmonyStream:
         if self.parsed.error is None and no_header:
             self.parsed.error = "model output is not valid harmony: no complete message header (<|channel|>...<|message|>)"
         return self.parsed
+
+
+@functools.cache
+def _markers(enc: HarmonyEncoding) -> tuple[int, frozenset[int]]:
+    """The token that opens a message's content, and those that end a message."""
+    ids = {name: enc.encode(name, allowed_special="all")[0] for name in ("<|message|>", "<|end|>", "<|call|>", "<|return|>")}
+    return ids.pop("<|message|>"), frozenset(ids.values())
 
 
 def _kind(channel: str | None, recipient: str | None) -> tuple[str | None, str | None]:
