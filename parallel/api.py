@@ -10,7 +10,7 @@ Run it as one process (`python script.py`) or under torchrun (`torchrun --nproc_
 SPMD: every rank constructs the LLM and makes the same calls, in the same order (only rank 0's arguments are
 used for generating, but every rank checks them, so a bad argument fails on every rank alike). Each call is one round
 of the batch job's flow: rank 0's dispatcher hands the requests to the data-parallel replicas as they have room,
-every replica runs the replica loop, and the round ends once every request has. Rank 0 gets the outputs, in the
+every replica runs the replica loop, and the round ends once every request has ended. Rank 0 gets the outputs, in the
 order of the prompts; every other rank gets None.
 """
 
@@ -20,6 +20,8 @@ import itertools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+
+from openai_harmony import HarmonyEncoding
 
 from parallel.config import merge_config
 from parallel.distributed.dispatch import Dispatcher
@@ -156,7 +158,7 @@ class Results:
             if event.reason is not None:
                 self.last[event.rid] = event
 
-    def output(self, rid: int, enc) -> Output:
+    def output(self, rid: int, enc: HarmonyEncoding) -> Output:
         tokens, reason = self.tokens[rid], self.last[rid].reason
         if reason.startswith("error"):
             return Output(tokens, "error", "", "", [], reason.removeprefix("error: "))

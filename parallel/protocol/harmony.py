@@ -127,7 +127,8 @@ def _assistant_messages(m: dict, call_names: dict[str, str]) -> list[Message]:
         out.append(Message.from_role_and_content(Role.ASSISTANT, reasoning).with_channel("analysis"))
     text = message_text(m.get("content"))
     if text:  # beside tool calls, text is a preamble (commentary), not the turn's final answer
-        out.append(Message.from_role_and_content(Role.ASSISTANT, text).with_channel("commentary" if m.get("tool_calls") else "final"))
+        channel = "commentary" if m.get("tool_calls") else "final"
+        out.append(Message.from_role_and_content(Role.ASSISTANT, text).with_channel(channel))
     for call in m.get("tool_calls") or []:
         fn = call["function"]
         if "id" in call:

@@ -101,7 +101,7 @@ REFUSED_RESPONSES = {
     "text": (lambda v: isinstance(v, dict) and v.get("format", {"type": "text"}) == {"type": "text"},
              "output cannot be constrained to a schema (text.format must be text)"),
     # Reasoning items carry their text, which is what a client sends back: nothing to encrypt.
-    "include": (lambda v: isinstance(v, list) and set(v) <= {"reasoning.encrypted_content"},
+    "include": (lambda v: isinstance(v, list) and all(x == "reasoning.encrypted_content" for x in v),
                 "only reasoning.encrypted_content (answered by the reasoning text itself)"),
 }
 
@@ -109,7 +109,7 @@ REFUSED_RESPONSES = {
 def _refuse(body: dict, rules: dict) -> None:
     for key, (honoured, why) in rules.items():
         if body.get(key) is not None and not honoured(body[key]):
-            raise ApiError(400, f"{key}={json.dumps(body[key])} is not supported: {why}", key)
+            raise ApiError(400, f"{key}={json.dumps(body[key]):.100} is not supported: {why}", key)
 
 
 def _request(obj: dict) -> Request:
