@@ -18,6 +18,7 @@ from openai_harmony import (
     HarmonyError,
     Message,
     ReasoningEffort,
+    RenderConversationConfig,
     Role,
     StreamableParser,
     StreamState,
@@ -67,8 +68,10 @@ def stop_tokens(enc: HarmonyEncoding) -> dict[int, str]:
 
 
 def render_prompt(enc: HarmonyEncoding, req: Request, default_effort: str, date: str | None = None) -> list[int]:
-    """The request as harmony tokens, ending with `<|start|>assistant` for the model to continue."""
-    return enc.render_conversation_for_completion(conversation(req, default_effort, date), Role.ASSISTANT)
+    """The request as harmony tokens, ending with `<|start|>assistant` for the model to continue. Earlier reasoning is
+    kept or dropped by conversation(), not by harmony's own rule (see _drop_finished_reasoning)."""
+    return enc.render_conversation_for_completion(conversation(req, default_effort, date), Role.ASSISTANT,
+                                                  RenderConversationConfig(auto_drop_analysis=False))
 
 
 def conversation(req: Request, default_effort: str, date: str | None = None) -> Conversation:
@@ -101,7 +104,19 @@ def conversation(req: Request, default_effort: str, date: str | None = None) -> 
                 .with_channel("commentary")
                 .with_recipient("assistant")
             )
-    return Conversation.from_messages(messages)
+    return Conversation.from_messages(_drop_finished_reasoning(messages))
+
+
+def _drop_finished_reasoning(messages: list[Message]) -> list[Message]:
+    """OpenAI's guide to gpt-oss's raw chain of thought: once the assistant has answered on the final channel, the
+    analysis before that answer is dropped; the analysis since (a turn still calling tools, whose reasoning the client
+    passed back) is kept until the next final answer, so the model knows why it called them. harmony 0.0.8's own rule
+    differs: while the last assistant message is a tool call it keeps every earlier turn's analysis, and after a final
+    answer it drops only the analysis before the first one."""
+    finals = [i for i, m in enumerate(messages) if m.author.role == Role.ASSISTANT and m.channel == "final"]
+    if not finals:
+        return messages
+    return [m for i, m in enumerate(messages) if not (i < finals[-1] and m.channel == "analysis")]
 
 
 def _tool_description(fn: dict) -> ToolDescription:
@@ -114,8 +129,9 @@ def _assistant_messages(m: dict, call_names: dict[str, str]) -> list[Message]:
     if reasoning:
         out.append(Message.from_role_and_content(Role.ASSISTANT, reasoning).with_channel("analysis"))
     text = message_text(m.get("content"))
-    if text:
-        out.append(Message.from_role_and_content(Role.ASSISTANT, text).with_channel("final"))
+    if text:  # beside tool calls, text is a preamble (commentary), not the turn's final answer
+        channel = "commentary" if m.get("tool_calls") else "final"
+        out.append(Message.from_role_and_content(Role.ASSISTANT, text).with_channel(channel))
     for call in m.get("tool_calls") or []:
         fn = call["function"]
         if "id" in call:
