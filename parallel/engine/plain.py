@@ -20,7 +20,7 @@ class Plain:
     def __init__(self, model, batch_size: int, stop: dict[int, str], pad_id: int):
         self.model, self.batch_size, self.stop, self.pad_id = model, batch_size, stop, pad_id
         self.waiting: deque[tuple[Work, float]] = deque()
-        self.cancelled: list[Event] = []
+        self.cancelled: list[Event] = []  # requests ended before they ran (aborted, refused)
         self.batches = 0
 
     def describe(self) -> str:
@@ -31,7 +31,12 @@ class Plain:
 
     def add(self, work: list[Work]) -> None:
         now = time.perf_counter()
-        self.waiting.extend((w, now) for w in work)
+        vocab = self.model.config.vocab_size
+        for w in work:
+            if not w.prompt or min(w.prompt) < 0 or max(w.prompt) >= vocab:
+                self.cancelled.append(Event(w.rid, [], f"error: prompt token ids must be in [0, {vocab})"))
+            else:
+                self.waiting.append((w, now))
 
     def abort(self, rids: Iterable[int]) -> None:
         rids = set(rids)
