@@ -72,8 +72,7 @@ class ParallelConfig:
 
 @dataclass
 class DataConfig:
-    # Required by launch/generate.py, unused by launch/serve.py.
-    input: str | None = None
+    input: str | None = None  # JSONL in and out: required by launch/generate.py, unused by launch/serve.py
     output: str | None = None
     # This job runs input lines whose (line number - 1) % num_shards == shard (Slurm job arrays).
     shard: int = 0
