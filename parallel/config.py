@@ -127,6 +127,12 @@ class ServerConfig:
     # Steps of tokens a replica gathers before sending them to rank 0 (a request's first and last tokens go at
     # once): larger costs streaming smoothness, saves rank 0 work at high concurrency.
     stream_interval: int = 1
+    # A request body larger than this is refused with 413 before it is read (a Content-Length over it), or cut
+    # off where it passes it (a chunked body). A context-filling prompt is well under 1 MB of JSON.
+    max_body_bytes: int = 4 * 2**20
+    # A request's head and body must arrive within this long of the connection going quiet: a client that
+    # trickles them (slowloris) is disconnected instead of holding a connection forever.
+    request_timeout_s: float = 30.0
 
 
 @dataclass
@@ -216,6 +222,11 @@ def _check_values(job: JobConfig) -> None:
         problems.append(f"engine.block_size={job.engine.block_size} must be a power of two")
     if job.server.stream_interval < 1:
         problems.append("server.stream_interval must be >= 1")
+    for key in ("max_body_bytes", "request_timeout_s"):
+        if getattr(job.server, key) <= 0:
+            problems.append(f"server.{key} must be > 0")
+    if job.server.drain_timeout_s < 0:
+        problems.append("server.drain_timeout_s must be >= 0")
     if job.engine.attention not in ENGINE_ATTENTIONS:
         problems.append(f"engine.attention={job.engine.attention!r} is not one of {ENGINE_ATTENTIONS}")
     if job.engine.cache_gib is not None and job.engine.cache_gib <= 0:

@@ -25,6 +25,8 @@ def test_overrides_reach_typed_fields():
         ("generation.max_new_tokens=1.5", "generation.max_new_tokens"),
         ("model.dtype=fp8", "model.dtype"),
         ("generation.top_p=0", "generation.top_p"),
+        ("server.max_body_bytes=0", "server.max_body_bytes"),
+        ("server.request_timeout_s=-1", "server.request_timeout_s"),
     ],
 )
 def test_bad_values_fail_naming_the_key(override, named):
