@@ -27,17 +27,22 @@ class Prompt:
 
 
 def prepare(enc: HarmonyEncoding, req: Request, gen: GenerationConfig, context: int) -> Prompt:
-    """The request rendered with harmony, with its budget: the request's own max_new_tokens, which must fit the
-    context after the prompt, or else generation.max_new_tokens cut to what the context leaves."""
+    """The request rendered with harmony, with its budget (see `fit`; generation.max_new_tokens by default)."""
     try:
         tokens = render_prompt(enc, req, gen.reasoning_effort, gen.conversation_date)
     except Exception as e:  # harmony rejects what it cannot render, e.g. a tool schema it cannot type
         raise PromptError(f"cannot render the conversation with harmony: {e}", "messages") from None
+    return fit(tokens, req.max_new_tokens, gen.max_new_tokens, context, "messages")
+
+
+def fit(tokens: list[int], max_new_tokens: int | None, default: int, context: int, param: str) -> Prompt:
+    """Prompt tokens with their budget: `max_new_tokens` as asked, which must fit the context after the prompt,
+    or else `default` cut to what the context leaves. `param` names the prompt's field in errors."""
     room = context - len(tokens)
     if room < 1:
-        raise PromptError(f"the prompt's {len(tokens)} tokens fill the model's context of {context}", "messages",
+        raise PromptError(f"the prompt's {len(tokens)} tokens fill the model's context of {context}", param,
                           "context_length_exceeded", len(tokens))
-    if req.max_new_tokens is not None and req.max_new_tokens > room:
-        raise PromptError(f"{len(tokens)} prompt tokens + max_new_tokens {req.max_new_tokens} exceed the model's "
+    if max_new_tokens is not None and max_new_tokens > room:
+        raise PromptError(f"{len(tokens)} prompt tokens + max_new_tokens {max_new_tokens} exceed the model's "
                           f"context of {context}", "max_tokens", "context_length_exceeded", len(tokens))
-    return Prompt(tokens, req.max_new_tokens or min(gen.max_new_tokens, room))
+    return Prompt(tokens, max_new_tokens or min(default, room))
