@@ -11,6 +11,10 @@ from __future__ import annotations
 import asyncio
 import json
 import multiprocessing
+import os
+import select
+import signal
+import threading
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -88,6 +92,21 @@ def _raw(call: Call, settings: Settings):
     return fit(tokens, call.options.max_tokens, COMPLETION_MAX_TOKENS, settings.context, "prompt")
 
 
+def _start_worker(server_pid: int) -> None:
+    threading.Thread(target=_end_with, args=(server_pid,), daemon=True, name="end-with-server").start()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for rank 0, which drains
+    encoding()
+
+
+def _end_with(pid: int) -> None:
+    """A worker's queue never reports rank 0 gone (the worker holds both of its ends): an orphan would wait on it
+    forever, keeping the forkserver and the job's stdout open. End when rank 0 does, however it ends."""
+    try:
+        select.select([os.pidfd_open(pid)], [], [])
+    finally:
+        os._exit(1)
+
+
 class Preparer:
     """`await preparer(api, body)`: `prepare`, inline or in a worker process by the body's size."""
 
@@ -100,7 +119,7 @@ class Preparer:
         self.pool.submit(int)  # start the forkserver and a worker now, while the model loads
 
     def _new_pool(self) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(WORKERS, mp_context=self.context, initializer=encoding)
+        return ProcessPoolExecutor(WORKERS, mp_context=self.context, initializer=_start_worker, initargs=(os.getpid(),))
 
     async def __call__(self, api: str, body: bytes) -> Prepared:
         if len(body) <= INLINE_BYTES:
