@@ -12,6 +12,7 @@ import asyncio
 import json
 import multiprocessing
 import os
+import re
 import select
 import signal
 import threading
@@ -25,8 +26,13 @@ from parallel.protocol.harmony import encoding
 from parallel.protocol.prompts import PromptError, fit, prepare as prepare_conversation
 from parallel.serve.openai_api import ApiError, Call, Options, chat_call, completion_call, responses_call
 
-# Bodies up to this size render in well under 50 ms: not worth a trip to a worker.
-INLINE_BYTES = 16 * 2**10
+# Bodies up to this size render in a few ms (even as one run of letters, below): not worth a trip to a worker.
+INLINE_BYTES = 4 * 2**10
+# o200k's BPE costs the square of a piece's length, and a run of letters with no space, digit or punctuation is
+# one piece (900 KB of them took 11 minutes). Longer runs are refused, which bounds a request's rendering by its
+# size: seconds for a body of max_body_bytes. Natural text, code and encoded data break far sooner.
+LONGEST_RUN = 4096
+LETTERS = re.compile(r"[^\W\d_]+")
 WORKERS = 2
 # OpenAI's and vLLM's default for the legacy Completions API (the others default to generation.max_new_tokens).
 COMPLETION_MAX_TOKENS = 16
@@ -53,7 +59,9 @@ class Prepared:
 
 def prepare(api: str, body: bytes, settings: Settings) -> Prepared:
     """The body of a request to `api`, ready to run; ApiError (400) saying what is wrong with it."""
-    call = CALLS[api](parse_json(body), settings.model_name)
+    obj = parse_json(body)
+    _check_runs(obj)
+    call = CALLS[api](obj, settings.model_name)
     try:
         prompt = _conversation(call, settings) if call.request else _raw(call, settings)
     except PromptError as e:
@@ -71,6 +79,20 @@ def parse_json(body: bytes) -> dict:
     if not isinstance(obj, dict):
         raise ApiError(400, f"the request body must be a JSON object, got {type(obj).__name__}")
     return obj
+
+
+def _check_runs(obj: dict) -> None:
+    """Every string in the body (keys too: a tool's parameter names are rendered) against LONGEST_RUN."""
+    pending: list = [obj]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, dict):
+            pending += [*value.keys(), *value.values()]
+        elif isinstance(value, list):
+            pending += value
+        elif isinstance(value, str) and any(len(run) > LONGEST_RUN for run in LETTERS.findall(value)):
+            raise ApiError(400, f"the request holds a run of more than {LONGEST_RUN} letters with no space, digit or "
+                                "punctuation, which the tokenizer cannot take in reasonable time")
 
 
 def _conversation(call: Call, settings: Settings):
