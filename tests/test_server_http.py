@@ -115,6 +115,8 @@ def test_a_malformed_content_length_is_400(server, length):
         (b'{"model": "{model}", "messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', "temperature"),
         (b'{"model": "{model}", "messages": [{"role": "user", "content": "hi"}], "max_tokens": ' + b"9" * 5000 + b"}", "not valid JSON"),
     ],
+    ids=["nested", "run", "array", "null", "empty", "not-utf8", "surrogate-model", "surrogate-text", "seed-2**64",
+         "max_tokens-inf", "temperature-nan", "5000-digits"],
 )
 def test_a_body_that_is_no_request_is_refused(server, body, says):
     url, model = server
