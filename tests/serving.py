@@ -1,5 +1,6 @@
 """Starting and stopping launch/serve.py as users do (torchrun), for the server's tests."""
 
+import contextlib
 import json
 import os
 import random
@@ -46,7 +47,8 @@ def start_server(model, *overrides, nproc=2, env=None):
             return proc, url
         except OSError:
             time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
     pytest.fail(f"server did not come up:\n{proc.communicate()[0]}")
 
 

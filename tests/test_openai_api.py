@@ -66,7 +66,7 @@ def test_chat_reply_carries_the_chain_of_thought_as_reasoning(enc):
     """`reasoning`, not `reasoning_content`: the field OpenAI's gpt-oss guides ask for, and the only one the Agents SDK
     passes back (it keeps a `reasoning_content` as a summary and sends it nowhere)."""
     text = f"<|channel|>analysis<|message|>{THINK}<|end|><|start|>assistant<|channel|>final<|message|>Hi<|return|>"
-    chunks, result = reply_to(enc, ChatReply("m", 10, False), text, "stop")
+    chunks, result = reply_to(enc, ChatReply(enc, "m", 10, False), text, "stop")
     assert result["choices"][0]["message"]["reasoning"] == THINK and "reasoning_content" not in result["choices"][0]["message"]
     assert "".join(c["choices"][0]["delta"].get("reasoning", "") for c in chunks) == THINK
 

@@ -5,7 +5,7 @@
 #
 #   bash tests/gpu/run.sh engine-check:120 bench-20b launcher-20b:300      (a step's seconds after the colon; 600)
 set -uo pipefail
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/../.." || exit 1
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
 if [ ! -d /tmp/site ]; then
