@@ -3,6 +3,9 @@ the server under a number of concurrent streaming clients. `launch/bench.py` and
 
 Every figure comes from the job itself: the launcher's metrics and records (generation time excludes loading),
 the server's streamed chunks as a client sees them (time to first token, inter-token latency).
+
+Jobs start on this machine (torchrun), or, where GPT_OSS_TORCHRUN names a wrapper (slurm/scaling.sh sets
+slurm/torchrun.sh), through it: one torchrun on every node of a Slurm allocation.
 """
 
 from __future__ import annotations
@@ -17,14 +20,34 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+WARM_UP_TOKENS = 16
 
 
 def torchrun(script: str, nproc: int) -> list[str]:
-    runner = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
+    """The command that starts `script` on nproc ranks. The wrapper takes its ranks from the allocation."""
+    wrapper = os.environ.get("GPT_OSS_TORCHRUN")
+    if wrapper:
+        runner = [wrapper]
+    elif nproc > 1:
+        runner = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
+    else:
+        runner = [sys.executable]
     return [*runner, str(ROOT / "launch" / script)]
+
+
+def machine() -> str:
+    """The accelerator the jobs run on, as nvidia-smi names it, else the CPU. Asked of nvidia-smi rather than torch:
+    a CUDA context in this process would take GPU memory from the jobs it measures."""
+    try:
+        run = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        run = None
+    name = run.stdout.split("\n")[0].strip() if run and run.returncode == 0 else ""
+    return name or f"CPU ({os.cpu_count()} cores)"
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -123,13 +146,23 @@ async def _clients(url: str, model: str, requests: list[dict], concurrency: int)
     return results, time.perf_counter() - start
 
 
-def run_server(config: str, workload: Path, nproc: int, concurrency: int, overrides: list[str], log: Path) -> dict:
-    """The workload against a fresh server at `concurrency` streams: throughput as the clients see it, time to
-    first token and inter-token latency (the gap between chunks, per token)."""
+def run_server(config: str, workload: Path, nproc: int, concurrency: list[int], overrides: list[str], log: Path,
+               rounds: int | None = None) -> Iterator[dict]:
+    """One server, measured at each concurrency in turn (no restart between them), yielding each one's figures as
+    they come: throughput as the clients see it, time to first token and inter-token latency (the gap between
+    chunks, per token). At concurrency c the clients send the first rounds x c requests of the workload (all of
+    them when rounds is None), after a warm-up of c short requests: the engine's first steps at that many rows are
+    its slow ones (graph capture, compilation)."""
     requests = [json.loads(line) for line in workload.read_text().split("\n") if line]
     with ServerJob(config, nproc, ["server.stream_interval=1", *overrides], log) as server:
-        asyncio.run(_clients(server.url, server.model, requests[: min(len(requests), concurrency)], concurrency))  # warm-up
-        results, seconds = asyncio.run(_clients(server.url, server.model, requests, concurrency))
+        for c in concurrency:
+            warm_up = [{**r, "max_new_tokens": WARM_UP_TOKENS} for r in requests[:c]]
+            asyncio.run(_clients(server.url, server.model, warm_up, c))
+            results, seconds = asyncio.run(_clients(server.url, server.model, requests[: rounds * c] if rounds else requests, c))
+            yield _stream_figures(results, seconds, c)
+
+
+def _stream_figures(results: list[dict], seconds: float, concurrency: int) -> dict:
     tokens = sum(r["tokens"] for r in results)
     ttft = [r["ttft"] for r in results if r["ttft"] is not None]
     itl = [(b - a) for r in results for a, b in zip(r["stamps"], r["stamps"][1:])]

@@ -59,3 +59,10 @@ def write_workload(path: Path, enc: HarmonyEncoding, kind: str, n: int, seed: in
             text = "".join(rng.choice(vocabulary) for _ in range(prompt)).strip()
             f.write(json.dumps({"id": i, "prompt": text, "max_new_tokens": new}) + "\n")
     return drawn
+
+
+def head(workload: Path, n: int, path: Path) -> Path:
+    """The workload's first n requests as a file of their own: a point's (or the plain recipe's) share of it."""
+    with open(workload) as f:
+        path.write_text("".join(line for _, line in zip(range(n), f)))
+    return path
