@@ -10,8 +10,8 @@
             Completions API;
   plain     the launcher with engine.mode=never (model.generate, batches of --plain-batch) on the first
             --plain-requests requests: the ratio's denominator;
-  isolated  the engine and model.generate in this process on --batch-sizes identical ~80-token prompts run to
-            exactly --new-tokens (the engine's speed without the job around it).
+  isolated  the engine in this process on --batch-sizes identical ~80-token prompts run to exactly --new-tokens
+            (its speed without the job around it); isolated-plain: model.generate likewise.
 Workloads (parallel/workloads.py): sharegpt (log-normal lengths, means ~220 in / ~200 out), long (8,000-token
 prompts, 128 out), fixed (--prompt-tokens / --new-tokens). Random weights (model.load_format=dummy) give real
 speed and meaningless text: every figure written says so. Prints a table, writes JSON.
@@ -20,6 +20,7 @@ speed and meaningless text: every figure written says so. Prints a table, writes
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import tempfile
 import time
@@ -32,7 +33,6 @@ from parallel.config import merge_config, parse_args_and_overrides
 from parallel.engine.engine import Engine
 from parallel.engine.interface import Sampling, Work, complete
 from parallel.engine.plain import Plain
-from parallel.job import Run
 from parallel.measure import machine, run_launcher, run_server
 from parallel.protocol.harmony import encoding, pad_token_id, render_prompt, stop_tokens
 from parallel.protocol.requests import parse_request
@@ -44,7 +44,7 @@ PROMPT = "Write a long story about topic number {}, with a title, three characte
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
-    parser.add_argument("--paths", nargs="+", default=["launcher", "plain"], choices=["launcher", "server", "plain", "isolated"])
+    parser.add_argument("--paths", nargs="+", default=["launcher", "plain"], choices=["launcher", "server", "plain", "isolated", "isolated-plain"])
     parser.add_argument("--workload", default="sharegpt", choices=["sharegpt", "long", "fixed"])
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--prompt-tokens", type=int, default=1024)
@@ -85,41 +85,47 @@ def measure(path: str, args, workload: Path, workdir: Path) -> list[dict]:
     if path == "server":
         figures = run_server(args.config, workload, args.nproc, args.concurrency, args.overrides, workdir / "server.log")
         return [{"path": "server", **f} for f in figures]
-    return isolated(args)
+    return isolated(args, "plain" if path == "isolated-plain" else "engine")
 
 
-def isolated(args) -> list[dict]:
-    """The engine and the plain path in this process, one GPU, on identical prompts run to exactly --new-tokens."""
+@functools.cache
+def loaded(config: str, overrides: tuple[str, ...]):
+    """The job's config and the model, loaded once in this process (one GPU, the whole model)."""
     from parallel.distributed.loading import load_model, plan_model
     from parallel.distributed.mesh import build_mesh, init_distributed
 
-    cfg = merge_config(args.config, args.overrides)
+    cfg = merge_config(config, list(overrides))
     path, shape, layout = plan_model(cfg)
     _, device = init_distributed(cfg.runtime.collective_timeout_s)
-    run = Run(cfg, path, shape, layout)
-    model = load_model(run.path, shape, cfg.model, layout, build_mesh(layout, device))
+    return cfg, load_model(path, shape, cfg.model, layout, build_mesh(layout, device))
+
+
+def isolated(args, name: str) -> list[dict]:
+    """The engine or the plain path in this process, one GPU, on identical prompts run to exactly --new-tokens."""
+    cfg, model = loaded(args.config, tuple(args.overrides))
+    device = model.device
     enc = encoding()
     rows = []
     for batch in args.batch_sizes:
         prompts = [render_prompt(enc, parse_request({"prompt": PROMPT.format(i)}, 0), "medium") for i in range(batch)]
         work = [Work(i, p, args.new_tokens, Sampling(ignore_eos=True)) for i, p in enumerate(prompts)]
-        backends = {"plain": partial(Plain, model, batch, stop_tokens(enc), pad_token_id(enc)),
-                    "engine": partial(Engine, model, cfg.engine, stop_tokens(enc))}
-        for name, make in backends.items():
-            backend = make()
-            complete(backend, [Work(-1 - i, w.prompt, 4, w.sampling) for i, w in enumerate(work)])  # warm-up
-            torch.cuda.synchronize() if device.type == "cuda" else None
-            torch.cuda.reset_peak_memory_stats(device) if device.type == "cuda" else None
-            start = time.perf_counter()
-            out = complete(backend, work)
-            seconds = time.perf_counter() - start
-            tokens = sum(len(t) for t, _ in out.values())
-            rows.append({"path": f"isolated {name}", "batch": batch, "prompt_tokens": mean(len(p) for p in prompts),
-                         "output_tokens": tokens, "seconds": round(seconds, 2), "output_tokens_per_s": round(tokens / seconds, 1),
-                         "ttft_mean_s": round(mean(e.queued_s + e.first_token_s for _, e in out.values()), 3),
-                         "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 1) if device.type == "cuda" else None,
-                         "backend": backend.describe()})
-            del backend
+        make = {"plain": partial(Plain, model, batch, stop_tokens(enc), pad_token_id(enc)),
+                "engine": partial(Engine, model, cfg.engine, stop_tokens(enc))}[name]
+        backend = make()
+        complete(backend, [Work(-1 - i, w.prompt, 4, w.sampling) for i, w in enumerate(work)])  # warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        out = complete(backend, work)
+        seconds = time.perf_counter() - start
+        tokens = sum(len(t) for t, _ in out.values())
+        rows.append({"path": f"isolated {name}", "batch": batch, "prompt_tokens": mean(len(p) for p in prompts),
+                     "output_tokens": tokens, "seconds": round(seconds, 2), "output_tokens_per_s": round(tokens / seconds, 1),
+                     "ttft_mean_s": round(mean(e.queued_s + e.first_token_s for _, e in out.values()), 3),
+                     "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 1) if device.type == "cuda" else None,
+                     "backend": backend.describe()})
+        del backend
     return rows
 
 

@@ -25,7 +25,6 @@ from parallel.distributed.replica import Replica
 from parallel.distributed.runtime import exit_on_signals, join_job
 from parallel.job import finish_job, load_backend, open_links, peak_memory_gib, plan_run
 from parallel.log import log
-from parallel.protocol.harmony import encoding
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     cfg = run.cfg
     place, watchdog, store = join_job(run.layout, cfg.runtime)
-    enc = encoding()
+    enc = run.enc
 
     writer = None
     if place.rank == 0:
@@ -49,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     # Read at signal time: rank 0 before its writer exists has nothing in flight.
     exit_on_signals(lambda: writer.stop() if writer else f"rank {place.rank} stopping")
 
-    backend = load_backend(run, place, enc)
+    backend = load_backend(run, place)
     if backend is None:
         return 2
     gen_start = time.monotonic()

@@ -9,26 +9,26 @@ the input has no record yet: re-run that shard's task to finish it, then merge a
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections import Counter
+
+from parallel.batch.output import encode_record, input_lines, read_records
 
 
 def merge(shards: list[str], input_path: str | None = None) -> list[dict]:
     records = []
     for path in shards:
-        with open(path, encoding="utf-8") as f:
-            # A shard whose task was killed mid-write may end in half a line: that request has no record yet.
-            records += [json.loads(line) for line in f if line.endswith("\n")]
+        # A shard whose task was killed mid-write may end in half a line, and one may hold lines that are not
+        # records (each said in a warning): those requests have no record here.
+        records += read_records(path)
     problems = []
     for what, key in (("line", "index"), ("id", "id")):
         repeated = [k for k, n in Counter(r[key] for r in records if r[key] is not None).items() if n > 1]
         if repeated:
             problems.append(f"{what}s written twice: {sorted(repeated, key=str)[:10]}")
     if input_path:
-        with open(input_path, encoding="utf-8") as f:
-            expected = {i for i, line in enumerate(f, start=1) if line.strip()}
+        expected = {i for i, _ in input_lines(input_path)}
         missing = sorted(expected - {r["index"] for r in records})
         if missing:
             problems.append(f"{len(missing)} input lines have no record yet, e.g. {missing[:10]}")
@@ -49,8 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"merge: {e}", file=sys.stderr)
         return 1
     tmp = f"{args.output}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    with open(tmp, "wb") as f:
+        f.writelines(map(encode_record, records))
     os.replace(tmp, args.output)
     print(f"merge: {len(records)} records from {len(args.shards)} shards into {args.output}", file=sys.stderr)
     return 0

@@ -18,7 +18,6 @@ from parallel.distributed.replica import Replica
 from parallel.distributed.runtime import join_job
 from parallel.job import finish_job, load_backend, open_links, plan_run
 from parallel.log import error, log
-from parallel.protocol.harmony import encoding
 from parallel.serve.batcher import Batcher
 from parallel.serve.http import Server
 from parallel.serve.replica import TokenStreamer
@@ -30,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     cfg = run.cfg
     place, watchdog, store = join_job(run.layout, cfg.runtime)
-    enc = encoding()
+    enc = run.enc
 
     server = None
     if place.rank == 0:
@@ -41,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     drain_on_signals(server)
 
-    backend = load_backend(run, place, enc)
+    backend = load_backend(run, place)
     if backend is None:
         return 2
     hub, link = open_links(place, store, run.layout.dp)

@@ -1,7 +1,8 @@
 """The job's configuration: typed defaults, then a YAML file, then `key=value` overrides, merged once.
 
-The dataclasses below are the schema. Merging happens in struct mode, so a misspelled key or a value of the
-wrong type fails with omegaconf's message, which names the key.
+The dataclasses below are the schema. Merging happens in struct mode, so a misspelled key, a value of the
+wrong type or one outside its Enum fails with omegaconf's message, which names the key (and the allowed
+values); then every number with a range is checked (RULES), naming its key too.
 """
 
 from __future__ import annotations
@@ -9,31 +10,55 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import Enum
+from operator import attrgetter
 from pathlib import Path
+from typing import Any
 
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-DTYPES = ("auto", "bfloat16", "float32")
-LOAD_FORMATS = ("auto", "dummy")
-MXFP4_MODES = ("auto", "require", "dequantize")
-REASONING_EFFORTS = ("low", "medium", "high")
+
+class Choice(str, Enum):
+    """A value from a fixed set, which omegaconf checks by member name. A member is named as its value and is a
+    str that prints as that value, so that it compares (`mode == "auto"`), formats, goes to torch
+    (`getattr(torch, dtype)`) and back to YAML as the plain string."""
+
+    def __str__(self) -> str:
+        return str.__str__(self)
+
+    def __format__(self, spec: str) -> str:
+        return str.__format__(self, spec)
+
+
+def _choice(name: str, *values: str) -> type[Choice]:
+    return Choice(name, [(value, value) for value in values], module=__name__, qualname=name)
+
+
+DType = _choice("DType", "auto", "bfloat16", "float32")
+LoadFormat = _choice("LoadFormat", "auto", "dummy")
+Mxfp4Mode = _choice("Mxfp4Mode", "auto", "require", "dequantize")
+Effort = _choice("Effort", "low", "medium", "high")
+EngineMode = _choice("EngineMode", "auto", "always", "never")
+AttentionChoice = _choice("AttentionChoice", "auto", "triton", "torch")
 
 
 @dataclass
 class ModelConfig:
     # A hub id, a local checkpoint folder, or `builtin:tiny` (built and cached on first use).
     path: str = MISSING
-    dtype: str = "auto"
+    # `auto`: the checkpoint's.
+    dtype: DType = DType.auto
     # `auto` picks the fastest attention with sinks that can be had here, else eager; or a transformers name.
     attn_implementation: str = "auto"
     # `dummy`: random weights of the model's shape built in place, no checkpoint read (for benchmarks).
-    load_format: str = "auto"
+    load_format: LoadFormat = LoadFormat.auto
     # MXFP4 checkpoints: `auto` dequantizes them to bf16 where the engine will generate and they fit a GPU with
     # room to spare (the engine runs float experts), else runs them natively where transformers' kernels can be
     # had, else dequantizes (with a warning); `require` fails instead of dequantizing; `dequantize` always does.
-    mxfp4: str = "auto"
+    mxfp4: Mxfp4Mode = Mxfp4Mode.auto
 
 
 @dataclass
@@ -63,7 +88,7 @@ class GenerationConfig:
     top_p: float = 1.0
     seed: int = 0
     batch_size: int = 8
-    reasoning_effort: str = "medium"
+    reasoning_effort: Effort = Effort.medium
     # Harmony's system message carries a date only when one is given (YYYY-MM-DD).
     conversation_date: str | None = None
 
@@ -85,15 +110,11 @@ class RuntimeConfig:
     progress: bool = True
 
 
-ENGINE_MODES = ("auto", "always", "never")
-ENGINE_ATTENTIONS = ("auto", "triton", "torch")
-
-
 @dataclass
 class EngineConfig:
     # `auto`: the fast engine (parallel/engine.py) on GPU for every layout but pipelines, else the plain
     # `model.generate` path; `always` also on CPU (exact there, not fast); `never`: always the plain path.
-    mode: str = "auto"
+    mode: EngineMode = EngineMode.auto
     # Requests a replica runs at a time (the engine); more wait for a finished one's place.
     slots: int = 256
     cuda_graphs: bool = True
@@ -101,7 +122,7 @@ class EngineConfig:
     compile: bool = True
     # Decode attention: `auto` is our Triton kernel on GPU (reads only live keys) where triton is installed,
     # else torch; `torch` reads every cached position (the reference).
-    attention: str = "auto"
+    attention: AttentionChoice = AttentionChoice.auto
     # GiB for the paged KV cache; None: the GPU's free memory after loading, less some headroom (1 GiB on CPU).
     cache_gib: float | None = None
     # Tokens one step computes at most: the running requests' next tokens first, then chunks of waiting prompts.
@@ -190,42 +211,39 @@ def merge_config(path: str | Path, overrides: list[str] = (), required: tuple[st
     return job
 
 
+# A check that NaN fails too, and what it asks for.
+Rule = tuple[Callable[[Any], bool], str]
+# Timeouts become a timedelta and c10d's milliseconds, which inf or 1e300 overflow: 1e9 s is 31 years.
+MAX_TIMEOUT_S = 1e9
+AT_LEAST_ONE: Rule = (lambda v: v >= 1), ">= 1"
+TIMEOUT: Rule = (lambda v: 0 < v <= MAX_TIMEOUT_S), f"in (0, {MAX_TIMEOUT_S:g}] seconds"
+# Every number with a range: a bad one fails at once naming its key, not later with a message of its own.
+RULES: dict[str, Rule] = {
+    "generation.max_new_tokens": AT_LEAST_ONE,
+    "generation.batch_size": AT_LEAST_ONE,
+    "generation.temperature": ((lambda v: v >= 0), ">= 0"),
+    "generation.top_p": ((lambda v: 0 < v <= 1), "in (0, 1]"),
+    # Batch k samples with seed + k, and torch takes seeds below 2**64.
+    "generation.seed": ((lambda v: abs(v) < 2**63), "in (-2**63, 2**63)"),
+    "engine.slots": AT_LEAST_ONE,
+    "engine.block_size": ((lambda v: v >= 1 and not v & (v - 1)), "a power of two"),
+    "engine.cache_gib": ((lambda v: v is None or 0 < v < float("inf")), "> 0, or null (the free GPU memory)"),
+    "server.port": ((lambda v: 0 < v < 65536), "a TCP port (1 to 65535)"),
+    "server.stream_interval": AT_LEAST_ONE,
+    "server.drain_timeout_s": ((lambda v: 0 <= v <= MAX_TIMEOUT_S), f"in [0, {MAX_TIMEOUT_S:g}] seconds"),
+    "runtime.heartbeat_timeout_s": TIMEOUT,
+    "runtime.collective_timeout_s": TIMEOUT,
+}
+
+
 def _check_values(job: JobConfig) -> None:
-    problems = []
-    if job.model.dtype not in DTYPES:
-        problems.append(f"model.dtype={job.model.dtype!r} is not one of {DTYPES}")
-    if job.model.load_format not in LOAD_FORMATS:
-        problems.append(f"model.load_format={job.model.load_format!r} is not one of {LOAD_FORMATS}")
-    if job.model.mxfp4 not in MXFP4_MODES:
-        problems.append(f"model.mxfp4={job.model.mxfp4!r} is not one of {MXFP4_MODES}")
-    if job.generation.reasoning_effort not in REASONING_EFFORTS:
-        problems.append(f"generation.reasoning_effort={job.generation.reasoning_effort!r} is not one of {REASONING_EFFORTS}")
-    for key in ("max_new_tokens", "batch_size"):
-        if getattr(job.generation, key) < 1:
-            problems.append(f"generation.{key} must be >= 1")
+    values = {key: attrgetter(key)(job) for key in RULES}
+    problems = [f"{key}={values[key]!r} must be {rule}" for key, (ok, rule) in RULES.items() if not ok(values[key])]
     if not 0 <= job.data.shard < job.data.num_shards:
         problems.append(f"data.shard={job.data.shard} must be in [0, data.num_shards={job.data.num_shards})")
-    if job.engine.mode not in ENGINE_MODES:
-        problems.append(f"engine.mode={job.engine.mode!r} is not one of {ENGINE_MODES}")
-    if job.engine.slots < 1:
-        problems.append("engine.slots must be >= 1")
     if job.engine.max_batched_tokens < job.engine.slots:
         problems.append(f"engine.max_batched_tokens={job.engine.max_batched_tokens} must be >= engine.slots={job.engine.slots} "
                         "(every running request's next token fits a step)")
-    if job.engine.block_size < 1 or job.engine.block_size & (job.engine.block_size - 1):
-        problems.append(f"engine.block_size={job.engine.block_size} must be a power of two")
-    if job.server.stream_interval < 1:
-        problems.append("server.stream_interval must be >= 1")
-    if job.engine.attention not in ENGINE_ATTENTIONS:
-        problems.append(f"engine.attention={job.engine.attention!r} is not one of {ENGINE_ATTENTIONS}")
-    if job.engine.cache_gib is not None and job.engine.cache_gib <= 0:
-        problems.append("engine.cache_gib must be > 0")
-    if not 0 < job.server.port < 65536:
-        problems.append(f"server.port={job.server.port} is not a TCP port")
-    if job.generation.temperature < 0:
-        problems.append("generation.temperature must be >= 0")
-    if not 0 < job.generation.top_p <= 1:
-        problems.append("generation.top_p must be in (0, 1]")
     if problems:
         raise ConfigError("; ".join(problems))
 

@@ -4,7 +4,6 @@ and choose its backend, link rank 0 with the replicas' leaders, leave the job.""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,7 +21,7 @@ from parallel.distributed.runtime import Watchdog
 from parallel.engine.choice import choose_backend
 from parallel.engine.interface import Backend
 from parallel.log import error
-from parallel.protocol.harmony import pad_token_id, stop_tokens
+from parallel.protocol.harmony import encoding, pad_token_id, stop_tokens
 
 
 @dataclass
@@ -31,23 +30,25 @@ class Run:
     path: str  # the checkpoint, resolved
     shape: GptOssConfig
     layout: Layout
+    enc: HarmonyEncoding
 
 
 def plan_run(argv: list[str] | None, required: tuple[str, ...] = (), check: Callable[[JobConfig], None] | None = None) -> Run | None:
-    """The run, or None after saying what is wrong with it. `check` runs on rank 0 only (the paths it reads and
-    writes)."""
+    """The run, or None after saying what is wrong with it. Every rank plans alike (`check`: the paths the job
+    reads and writes), so a bad run ends on every rank at once rather than with ranks waiting for each other."""
     try:
         cfg = load_config(argv, required)
-        path, shape, layout = plan_model(cfg)
-        if check and int(os.environ.get("RANK", 0)) == 0:
+        if check:
             check(cfg)
+        path, shape, layout = plan_model(cfg)
+        enc = encoding()  # offline without its vocabulary, harmony fails here, naming TIKTOKEN_ENCODINGS_BASE
     except (ConfigError, LayoutError, OSError, ValueError) as e:
         error(str(e))
         return None
-    return Run(cfg, path, shape, layout)
+    return Run(cfg, path, shape, layout, enc)
 
 
-def load_backend(run: Run, place: Placement, enc: HarmonyEncoding) -> Backend | None:
+def load_backend(run: Run, place: Placement) -> Backend | None:
     """The model on this rank's shard, behind the backend that will generate with it; None after saying why the
     model cannot load as asked (e.g. model.mxfp4=require where only dequantizing is possible)."""
     try:
@@ -55,8 +56,8 @@ def load_backend(run: Run, place: Placement, enc: HarmonyEncoding) -> Backend | 
     except RuntimeError as e:
         error(str(e))
         return None
-    return choose_backend(model, run.cfg.engine, run.layout.pp, run.cfg.generation.batch_size, stop_tokens(enc),
-                          pad_token_id(enc), place.replica_group)
+    return choose_backend(model, run.cfg.engine, run.layout.pp, run.cfg.generation.batch_size, stop_tokens(run.enc),
+                          pad_token_id(run.enc), place.replica_group)
 
 
 def open_links(place: Placement, store: dist.Store, replicas: int) -> tuple[Hub | None, Link | None]:

@@ -27,6 +27,13 @@ ROOT = Path(__file__).resolve().parents[1]
 WARM_UP_TOKENS = 16
 
 
+def job_env() -> dict[str, str]:
+    """This environment without a process group's variables: a job started from a process that has joined one
+    (bench.py's in-process runs) must not inherit its rank or its store's port."""
+    joined = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
+    return {k: v for k, v in os.environ.items() if k not in joined and not k.startswith("TORCHELASTIC_")}
+
+
 def torchrun(script: str, nproc: int) -> list[str]:
     """The command that starts `script` on nproc ranks. The wrapper takes its ranks from the allocation."""
     wrapper = os.environ.get("GPT_OSS_TORCHRUN")
@@ -62,7 +69,7 @@ def run_launcher(config: str, workload: Path, out: Path, nproc: int, overrides: 
     out.unlink(missing_ok=True)
     cmd = [*torchrun("generate.py", nproc), "--config", config, f"data.input={workload}", f"data.output={out}",
            "runtime.progress=false", "output.echo=false", *overrides]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=job_env())
     if run.returncode:
         raise RuntimeError(f"launcher failed ({' '.join(overrides)}):\n{run.stderr[-4000:]}")
     metrics = json.loads(Path(f"{out}.metrics.json").read_text())
@@ -77,6 +84,7 @@ def run_launcher(config: str, workload: Path, out: Path, nproc: int, overrides: 
         "ttft_p50_s": percentile(first, 50), "ttft_p99_s": percentile(first, 99),
         "last_first_token_s": round(max(first), 3) if first else None,
         "peak_gpu_memory_gib": metrics["peak_gpu_memory_gib"], "layout": metrics["layout"],
+        "backend": [line.split("] ", 1)[1] for line in run.stderr.splitlines() if "] replica " in line],
     }
 
 
@@ -94,7 +102,7 @@ class ServerJob:
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [*torchrun("serve.py", nproc), "--config", config, f"server.port={self.port}", *overrides]
         self.log = open(log, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, env=job_env())
 
     def __enter__(self) -> ServerJob:
         deadline = time.monotonic() + 1800

@@ -1,92 +1,214 @@
-"""The input file in, the output file out: reading requests line by line, appending records safely, resume."""
+"""The input file in, the output file out: checking both paths, reading requests line by line, appending records
+safely, resume."""
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from parallel.batch.records import error_record, record_key
 from parallel.log import warn
-from parallel.protocol.requests import Request, RequestError, parse_line
+from parallel.protocol.requests import (
+    Request,
+    RequestError,
+    is_id,
+    load_json,
+    parse_request,
+)
+
+# What the job writes beside its output (`<output>.config.yaml`, ...): written to as surely as the output.
+SIDECARS = (".config.yaml", ".metrics.json")
+# Bytes read at a time, from the end, looking for where a torn last line starts.
+TAIL_BLOCK = 1 << 16
 
 
 def check_paths(input: str, output: str) -> None:
-    """Before anything runs: the input is a file, and the output is not the input."""
-    if not Path(input).is_file():
-        raise FileNotFoundError(f"data.input: no such file {input}")
-    if Path(output).exists() and Path(output).samefile(input):
-        raise ValueError(f"data.output {output} is data.input: the output would be appended to the input")
+    """Refuse, naming data.input or data.output, a job that cannot read its input, would write into it (the same
+    file under any name: a symlink, a hard link), or cannot create or append to its output and the files beside
+    it. Writes nothing, so an entry script can run it before any process group or model exists."""
+    source = Path(input)
+    try:
+        if not source.is_file():
+            raise ValueError(f"data.input: no such file {input}" if not source.exists() else f"data.input: {input} is not a file")
+        open(source, "rb").close()
+    except OSError as e:
+        raise ValueError(f"data.input: cannot read {input}: {e.strerror or e}") from None
+    for path in [Path(output), *(Path(output + suffix) for suffix in SIDECARS)]:
+        try:
+            _check_output(path, source)
+        except OSError as e:
+            raise ValueError(f"data.output: cannot write {path}: {e.strerror or e}") from None
+
+
+def _check_output(path: Path, source: Path) -> None:
+    """Tried, not read off permission bits, which root, ACLs and read-only mounts make wrong: an existing file
+    opens for appending; a new one can be made in its nearest existing folder (the job makes those between)."""
+    if not path.exists():
+        tempfile.TemporaryFile(dir=next(p for p in path.parents if p.exists())).close()
+    elif os.path.samefile(path, source):
+        raise ValueError(f"data.output: the job would write {path}, which is data.input ({source}): choose another data.output")
+    elif not path.is_file():
+        raise ValueError(f"data.output: {path} is not a file")
+    else:
+        open(path, "ab").close()
+
+
+def input_lines(path: str) -> Iterator[tuple[int, bytes]]:
+    """The input's non-blank lines with their 1-based numbers, undecoded: each line is decoded on its own."""
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            if line.strip():
+                yield number, line
 
 
 def read_requests(path: str, shard: int = 0, num_shards: int = 1) -> Iterator[Request | dict]:
     """Each non-blank line of this shard as a Request, or as the error record that says what is wrong with it.
-    Duplicate ids are found within the shard; merging the shards (launch/merge.py) finds the rest."""
-    seen: dict[object, int] = {}
-    with open(path, encoding="utf-8") as f:
-        for index, line in enumerate(f, start=1):
-            if (index - 1) % num_shards != shard or not line.strip():
-                continue
-            try:
-                req = parse_line(line, index)
-            except RequestError as e:
-                yield error_record(_claimed_id(line, index, seen), index, f"line {index}: {e}")
-                continue
-            if req.id in seen:
-                # The record cannot carry the id: the first line owns it, and no id is written twice.
-                yield error_record(None, index, f"line {index}: duplicate id {req.id!r} (first on line {seen[req.id]})")
-                continue
-            seen[req.id] = index
-            yield req
+
+    A line's id is its "id", or its line number when it has none. The first line to claim an id keeps it; a later
+    duplicate gets an error record with id null. A line without an id owns its number: an explicit id that is
+    the number of a line without one (before or after it, in any shard) is refused on the line that chose it,
+    so that no line is refused for another line's choice. Duplicate explicit ids in different shards are found
+    when the shards are merged (launch/merge.py)."""
+    ids = _Ids(path)
+    for index, line in input_lines(path):
+        if (index - 1) % num_shards == shard:
+            yield _request_or_error(line, index, ids)
 
 
-def _claimed_id(line: str, index: int, seen: dict):
-    """The id a rejected line names, when it names a usable one, so its error record is findable by id."""
-    try:
-        rid = json.loads(line).get("id")
-    except (ValueError, AttributeError):
+class _Ids:
+    """Which line owns which id (see read_requests)."""
+
+    def __init__(self, path: str):
+        self.owner: dict[str | int, int] = {}
+        # Byte n - 1 is 1 where line n has no id: a byte a line keeps this small for inputs of millions of lines.
+        with open(path, "rb") as f:
+            self.unnamed = bytearray(_has_no_id(line) for line in f)
+
+    def claim(self, rid, index: int) -> str | None:
+        """Give line `index` the id `rid`, or say why it cannot have it."""
+        if not is_id(rid):
+            return f"id must be a string or an integer, got {rid!r:.60}"
+        if isinstance(rid, int) and rid != index and 0 < rid <= len(self.unnamed) and self.unnamed[rid - 1]:
+            return f"id {rid} is taken: line {rid} has no id, so its line number is its id"
+        if rid in self.owner:
+            return f"duplicate id {rid!r:.60} (first on line {self.owner[rid]})"
+        self.owner[rid] = index
         return None
-    if isinstance(rid, (str, int)) and not isinstance(rid, bool) and rid not in seen:
-        seen[rid] = index
-        return rid
-    return None
+
+
+def _has_no_id(line: bytes) -> bool:
+    try:
+        obj = load_json(line)
+    except RequestError:
+        return False
+    return isinstance(obj, dict) and "id" not in obj
+
+
+def _request_or_error(line: bytes, index: int, ids: _Ids) -> Request | dict:
+    """Whatever goes wrong with a line, of whatever type, costs that line only and is said in its record."""
+    obj = None
+    try:
+        obj = load_json(line)
+        req = parse_request(obj, index)
+    except Exception as e:  # noqa: BLE001 - RequestError, or anything the checks did not foresee
+        message = str(e) if isinstance(e, RequestError) else f"{type(e).__name__}: {e}"
+        # The record keeps the id the line names where that id is free, so that it can be found by its id.
+        rid = obj.get("id") if isinstance(obj, dict) else None
+        return error_record(rid if ids.claim(rid, index) is None else None, index, f"line {index}: {message}")
+    problem = ids.claim(req.id, index)
+    return req if problem is None else error_record(None, index, f"line {index}: {problem}")
+
+
+def read_records(path: str | Path) -> Iterator[dict]:
+    """The records of an output file, in file order. A line that is not a record (blank, corrupt, JSON of another
+    shape) is skipped, and said in one warning with its line number; a torn last line is not read."""
+    bad = []
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.endswith(b"\n"):
+                break
+            try:
+                record = _load_record(line)
+            except ValueError as e:
+                bad.append(f"line {number}: {e}")
+                continue
+            yield record
+    if bad:
+        more = f"; and {len(bad) - 10} more" if len(bad) > 10 else ""
+        warn(f"{path}: skipping {len(bad)} lines that are not records ({'; '.join(bad[:10])}{more})")
+
+
+def _load_record(line: bytes) -> dict:
+    if not line.strip():
+        raise ValueError("blank")
+    record = load_json(line)  # or a RequestError (a ValueError) saying why it is not JSON
+    if not _is_record(record):
+        raise ValueError(f"not a record (an object with an id and a line index): {line[:60]!r}")
+    return record
+
+
+def _is_record(obj) -> bool:
+    """What resume and merging read of a record: its id (null for lines that could not claim one), its line."""
+    if not isinstance(obj, dict) or "id" not in obj:
+        return False
+    index = obj.get("index")
+    return (obj["id"] is None or is_id(obj["id"])) and isinstance(index, int) and not isinstance(index, bool) and index > 0
 
 
 class OutputFile:
-    """Append-only JSONL. Opening an existing file resumes it: the records there are kept and their keys skipped."""
+    """Append-only JSONL. Opening an existing file resumes it: the records there are kept and their keys skipped.
+
+    Resume reads the file line by line. A torn last line (a job killed mid-write) is cut off and its request runs
+    again. Any other line that is not a record is reported with its line number and skipped: its request runs
+    again and its record is appended at the end. That line stays where it is, like every record after it: the
+    file is only ever appended to (or its torn tail cut), never rewritten, so nothing in it is lost; and a request
+    whose key is in `done` does not run again, so no record is written twice. launch/merge.py skips those lines."""
 
     def __init__(self, path: str):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.done: set[tuple] = set()
         if self.path.exists():
-            self._scan()
-        self._f = open(self.path, "a", encoding="utf-8")
-
-    def _scan(self) -> None:
-        good = 0  # bytes up to the end of the last whole record
-        with open(self.path, "rb") as f:
-            for line in f:
-                try:
-                    key = record_key(json.loads(line))
-                except (ValueError, KeyError):
-                    break
-                if not line.endswith(b"\n"):
-                    break
-                self.done.add(key)
-                good += len(line)
-        if good < self.path.stat().st_size:
-            # A job killed mid-write leaves a partial last line; its request is simply run again.
-            warn(f"{self.path}: dropping {self.path.stat().st_size - good} bytes of an unfinished record at the end")
-            os.truncate(self.path, good)
+            _cut_torn_tail(self.path)
+            self.done.update(record_key(r) for r in read_records(self.path))
+        self._f = open(self.path, "ab")
 
     def write(self, records: list[dict]) -> None:
         """Append, flush and fsync: what returns from here survives a killed job."""
-        self._f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        self._f.write(b"".join(map(encode_record, records)))
         self._f.flush()
         os.fsync(self._f.fileno())
         self.done.update(record_key(r) for r in records)
 
     def close(self) -> None:
         self._f.close()
+
+
+def encode_record(record: dict) -> bytes:
+    """One record as a line of UTF-8 JSON. A record with text UTF-8 cannot hold (a lone surrogate such as
+    "\\udc00", which a JSON escape in the input can make) is written with \\u escapes instead, which read back to
+    the same record: no record can stop the writer."""
+    try:
+        return (json.dumps(record, ensure_ascii=False) + "\n").encode()
+    except UnicodeEncodeError:
+        return (json.dumps(record) + "\n").encode()
+
+
+def _cut_torn_tail(path: Path) -> None:
+    """Cut a partial last line, so that the next record starts a line of its own."""
+    with open(path, "rb+") as f:
+        size = end = f.seek(0, os.SEEK_END)
+        while end > 0:  # back from the end, a block at a time, to the last newline
+            start = max(0, end - TAIL_BLOCK)
+            f.seek(start)
+            newline = f.read(end - start).rfind(b"\n")
+            if newline >= 0:
+                end = start + newline + 1
+                break
+            end = start
+        if end < size:
+            warn(f"{path}: dropping {size - end} bytes of an unfinished record at the end")
+            f.truncate(end)

@@ -63,7 +63,8 @@ class Writer:
             if self.echo:
                 for r in records:
                     answer = r["final"] or json.dumps(r["tool_calls"]) if r["error"] is None else f"{r['error']} {r.get('raw', '')!r:.80}"
-                    tqdm.write(f"[{r['id']}] {r['finish_reason']}: {answer}")
+                    line = f"[{r['id']}] {r['finish_reason']}: {answer}"
+                    tqdm.write(line.encode("utf-8", "backslashreplace").decode())  # text UTF-8 cannot hold, escaped
 
     def stop(self) -> str:
         """For a signal handler: let the write in progress finish, then let no other begin (the lock is kept)."""

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from parallel.distributed.channel import Link
 from parallel.distributed.mesh import Placement
 from parallel.engine.interface import Backend, Event, Work
+from parallel.log import log
 
 # An idle leader still tells its replica this often that nothing came: a quiet server is not a hung collective.
 IDLE_BEAT_S = 5.0
@@ -62,6 +63,7 @@ class Replica:
             if self.place.is_leader:
                 self.reporter.flush(self.link)
         if self.place.is_leader:
+            log(f"replica {self.place.replica}: {self.backend.summary()}", everywhere=True)
             self.link.send(("bye",))
 
     def _sync(self, news: News | None) -> News:

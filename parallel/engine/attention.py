@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -49,25 +49,31 @@ def choose_attention(choice: str, device: torch.device) -> Attention:
 
 
 def decode_torch(q, k_cache, v_cache, block_tables, seq_lens, sinks, scaling: float, window: int | None):
-    cu = torch.arange(q.shape[0] + 1, dtype=torch.int32, device=q.device)
-    return varlen_torch(q, k_cache, v_cache, cu, seq_lens, block_tables, sinks, scaling, window)
+    cu_seqlens_q = torch.arange(q.shape[0] + 1, dtype=torch.int32, device=q.device)
+    return varlen_torch(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, sinks, scaling, window)
 
 
 def varlen_torch(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, sinks, scaling: float, window: int | None):
-    out = torch.empty_like(q)
+    """In float32, a sequence at a time, reading only the keys some query may see: a query at position p sees
+    keys (p - window, p], and the sink's logit joins each softmax's denominator."""
     block_size, kv_heads, dim = k_cache.shape[1:]
-    group = q.shape[1] // kv_heads
-    cu, lens = cu_seqlens_q.tolist(), seq_lens.tolist()
-    for b, length in enumerate(lens):
-        queries = q[cu[b] : cu[b + 1]].float()  # (n, heads, D)
-        blocks = block_tables[b, : -(-length // block_size)]
-        keys, values = (c[blocks].reshape(-1, kv_heads, dim)[:length].float().repeat_interleave(group, 1) for c in (k_cache, v_cache))
-        query_pos = torch.arange(length - len(queries), length, device=q.device)[:, None]
-        key_pos = torch.arange(length, device=q.device)[None, :]
-        allowed = (key_pos <= query_pos) & (key_pos > query_pos - (window or length))
-        scores = torch.einsum("nhd,khd->hnk", queries, keys) * scaling
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        sink = sinks.float()[:, None, None].expand(-1, len(queries), 1)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    for b, seq_len in enumerate(seq_lens.tolist()):
+        start, end = cu_seqlens_q[b].item(), cu_seqlens_q[b + 1].item()
+        queries_at = torch.arange(seq_len - (end - start), seq_len, device=q.device)[:, None]
+        keys_at = torch.arange(max(0, seq_len - (end - start) - (window or seq_len) + 1), seq_len, device=q.device)
+        slots = slot_mapping(block_tables, torch.full_like(keys_at, b), keys_at, block_size)
+        keys, values = (c.reshape(-1, kv_heads, dim)[slots].float() for c in (k_cache, v_cache))
+        queries = q[start:end].float().view(end - start, kv_heads, -1, dim)
+        scores = torch.einsum("tkgd,skd->kgts", queries, keys) * scaling
+        seen = (keys_at <= queries_at) & (keys_at > queries_at - (window or seq_len))
+        scores = scores.masked_fill(~seen, float("-inf"))
+        sink = sinks.float().view(kv_heads, -1, 1, 1).expand(*scores.shape[:3], 1)
         probs = torch.softmax(torch.cat([scores, sink], -1), -1)[..., :-1]
-        out[cu[b] : cu[b + 1]] = torch.einsum("hnk,khd->nhd", probs, values).to(q.dtype)
+        out[start:end] = torch.einsum("kgts,skd->tkgd", probs, values).reshape(end - start, -1, dim).to(q.dtype)
     return out
+
+
+def slot_mapping(block_tables: torch.Tensor, seq_ids: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Flat cache rows (int64) of the tokens at `positions` of sequences `seq_ids` (block-table rows)."""
+    return block_tables[seq_ids, positions // block_size].long() * block_size + positions % block_size

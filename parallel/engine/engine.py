@@ -47,7 +47,7 @@ class Engine:
                              cfg.slots, cfg.cuda_graphs, cfg.compile)
         self.sequences: dict[int, Sequence] = {}
         self.pending: list[Event] = []  # events decided outside a step (refusals, aborts)
-        self.steps = 0
+        self.totals = {kind: [0, 0, 0.0] for kind in ("decode", "mixed")}  # steps, tokens, seconds
 
     def _agree(self, blocks: int, device: torch.device) -> int:
         """Every rank of a replica schedules alike, so all must have as many blocks as the smallest."""
@@ -99,14 +99,26 @@ class Engine:
 
     def step(self, publish: Callable[[list[Event]], None], aborted: Callable[[], set[int]] | None = None) -> None:
         events, self.pending = self.pending, []
+        start = time.perf_counter()
         step = self.scheduler.schedule()
         if step.sequences:
-            logits = self.runner.run(step.sequences, step.counts, step.decode_only)
+            decode_only = step.decode_only
+            logits = self.runner.run(step.sequences, step.counts, decode_only)
             due = self.scheduler.computed(step)
             events += self._advance(due, self._next_tokens(logits, due))
-            self.steps += 1
+            totals = self.totals["decode" if decode_only else "mixed"]
+            totals[0] += 1
+            totals[1] += sum(step.counts)
+            totals[2] += time.perf_counter() - start
         if events:
             publish(events)
+
+    def summary(self) -> str:
+        """What the steps did: how many of each kind, their tokens and time; preemptions; prefix-cache hits."""
+        parts = [f"{kind} steps {n} ({tokens} tokens, {seconds:.1f} s, {seconds / max(n, 1) * 1e3:.1f} ms a step)"
+                 for kind, (n, tokens, seconds) in self.totals.items()]
+        hits = self.pool.hits / max(self.pool.queries, 1)
+        return f"engine: {', '.join(parts)}; {self.scheduler.preemptions} preemptions; prefix cache {hits:.0%} of prompt tokens"
 
     # -- tokens ---------------------------------------------------------------------------------------------
 

@@ -63,6 +63,9 @@ class Backend(Protocol):
 
     def describe(self) -> str: ...
 
+    def summary(self) -> str:
+        """What it did, for the log at the end."""
+
 
 @dataclass
 class Completion:

@@ -21,9 +21,13 @@ class Plain:
         self.model, self.batch_size, self.stop, self.pad_id = model, batch_size, stop, pad_id
         self.waiting: deque[tuple[Work, float]] = deque()
         self.cancelled: list[Event] = []
+        self.batches = 0
 
     def describe(self) -> str:
         return f"plain model.generate, batches of up to {self.batch_size}"
+
+    def summary(self) -> str:
+        return f"plain: {self.batches} batches"
 
     def add(self, work: list[Work]) -> None:
         now = time.perf_counter()
@@ -52,6 +56,7 @@ class Plain:
         batch = [i for i in self.waiting if i[0].sampling == kind][: self.batch_size]
         for item in batch:
             self.waiting.remove(item)
+        self.batches += 1
         _Batch(self, [w for w, _ in batch], [t for _, t in batch], publish, aborted).run()
 
 

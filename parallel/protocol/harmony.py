@@ -6,6 +6,7 @@ The model in the middle knows nothing of harmony. These functions are pure and n
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass, field
 
 from openai_harmony import (
@@ -32,10 +33,25 @@ FUNCTIONS = "functions."
 PAD_TOKEN = "<|endoftext|>"
 
 
+# The file harmony reads o200k from: downloaded, or from the folder TIKTOKEN_ENCODINGS_BASE names.
+VOCABULARY_FILE = "o200k_base.tiktoken"
+
+
+class VocabularyError(OSError):
+    """harmony's vocabulary cannot be had: offline without TIKTOKEN_ENCODINGS_BASE, or that folder lacks it."""
+
+
 @functools.cache
 def encoding() -> HarmonyEncoding:
-    """o200k plus harmony's special tokens. Offline, TIKTOKEN_ENCODINGS_BASE must point at o200k_base.tiktoken."""
-    return load_harmony_encoding(HarmonyEncodingName.HARMONY_GPT_OSS)
+    """o200k plus harmony's special tokens. harmony reads o200k_base.tiktoken from the folder TIKTOKEN_ENCODINGS_BASE
+    names, else downloads it; where neither works its own error gives no hint, so VocabularyError says what to set."""
+    try:
+        return load_harmony_encoding(HarmonyEncodingName.HARMONY_GPT_OSS)
+    except HarmonyError as e:
+        base = os.environ.get("TIKTOKEN_ENCODINGS_BASE")
+        fix = (f"TIKTOKEN_ENCODINGS_BASE={base} must be a folder holding {VOCABULARY_FILE}" if base else
+               f"offline, set TIKTOKEN_ENCODINGS_BASE to a folder holding {VOCABULARY_FILE}")
+        raise VocabularyError(f"harmony's vocabulary cannot be loaded ({e}): {fix} (see README.md, Offline clusters)") from None
 
 
 def pad_token_id(enc: HarmonyEncoding) -> int:

@@ -1,4 +1,8 @@
-"""Input lines: one JSON request per line, checked here so that a bad line costs that line only."""
+"""Input lines: one JSON request per line, checked here so that a bad line costs that line only.
+
+Every field that rendering reads (parallel/protocol/harmony.py) is checked here for its type and shape, so that
+a wrong one is a RequestError naming it (`messages[2].tool_calls must be a list`), never a TypeError later.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,11 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from parallel.config import Effort
+
 ROLES = ("system", "developer", "user", "assistant", "tool")
-EFFORTS = ("low", "medium", "high")
+EFFORTS = tuple(e.value for e in Effort)
+TEXT_PART = '{"type": "text", "text": ...}'
 
 
 class RequestError(ValueError):
@@ -24,13 +31,27 @@ class Request:
     max_new_tokens: int | None = None
 
 
-def parse_line(text: str, index: int) -> Request:
-    """Parse one input line, raising RequestError with a message that says what is wrong."""
+def is_id(value: Any) -> bool:
+    """Ids are strings or integers; JSON's true and false are neither (though Python's True == 1)."""
+    return isinstance(value, (str, int)) and not isinstance(value, bool)
+
+
+def load_json(line: str | bytes) -> Any:
+    """One line's JSON. Bytes are decoded here, a line at a time, so that a bad byte costs its line only; a UTF-8
+    byte order mark at the start of a line is dropped."""
     try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
+        return json.loads((line.decode() if isinstance(line, bytes) else line).removeprefix("\ufeff"))
+    except UnicodeDecodeError as e:
+        raise RequestError(f"not UTF-8: byte {e.object[e.start]:#04x} at column {e.start + 1}") from None
+    except RecursionError:
+        raise RequestError("JSON nested too deeply") from None
+    except ValueError as e:  # JSONDecodeError, and integers longer than Python converts
         raise RequestError(f"not valid JSON: {e}") from None
-    return parse_request(obj, index)
+
+
+def parse_line(line: str | bytes, index: int) -> Request:
+    """Parse one input line, raising RequestError with a message that says what is wrong."""
+    return parse_request(load_json(line), index)
 
 
 def parse_request(obj: Any, index: int) -> Request:
@@ -38,34 +59,15 @@ def parse_request(obj: Any, index: int) -> Request:
     if not isinstance(obj, dict):
         raise RequestError(f"a request must be a JSON object, got {type(obj).__name__}")
     rid = obj.get("id", index)
-    if not isinstance(rid, (str, int)) or isinstance(rid, bool):
-        raise RequestError(f"id must be a string or an integer, got {rid!r}")
-
-    if ("prompt" in obj) == ("messages" in obj):
-        raise RequestError('give exactly one of "prompt" (text) or "messages" (a list)')
-    if "prompt" in obj:
-        if not isinstance(obj["prompt"], str):
-            raise RequestError('"prompt" must be a string')
-        messages = [{"role": "user", "content": obj["prompt"]}]
-    else:
-        messages = obj["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise RequestError('"messages" must be a non-empty list')
-        for i, m in enumerate(messages):
-            _check_message(m, i)
-
+    if not is_id(rid):
+        raise RequestError(f"id must be a string or an integer, got {rid!r:.60}")
     effort = obj.get("reasoning_effort")
     if effort is not None and effort not in EFFORTS:
-        raise RequestError(f"reasoning_effort must be one of {EFFORTS}, got {effort!r}")
-    tools = obj.get("tools") or []
-    if not isinstance(tools, list):
-        raise RequestError('"tools" must be a list of function tools')
-    for i, t in enumerate(tools):
-        _check_tool(t, i)
+        raise RequestError(f"reasoning_effort must be one of {EFFORTS}, got {effort!r:.60}")
     max_new = obj.get("max_new_tokens")
     if max_new is not None and (not isinstance(max_new, int) or isinstance(max_new, bool) or max_new < 1):
-        raise RequestError(f"max_new_tokens must be a positive integer, got {max_new!r}")
-    return Request(index=index, id=rid, messages=messages, reasoning_effort=effort, tools=tools, max_new_tokens=max_new)
+        raise RequestError(f"max_new_tokens must be a positive integer, got {max_new!r:.60}")
+    return Request(index=index, id=rid, messages=_messages(obj), reasoning_effort=effort, tools=_tools(obj), max_new_tokens=max_new)
 
 
 def message_text(content: Any) -> str:
@@ -77,31 +79,81 @@ def message_text(content: Any) -> str:
     return "".join(part["text"] for part in content)
 
 
-def _check_message(m: Any, i: int) -> None:
-    where = f"messages[{i}]"
+def _messages(obj: dict) -> list[dict]:
+    if ("prompt" in obj) == ("messages" in obj):
+        raise RequestError('give exactly one of "prompt" (text) or "messages" (a list)')
+    if "prompt" in obj:
+        if not isinstance(obj["prompt"], str):
+            raise RequestError('"prompt" must be a string')
+        return [{"role": "user", "content": obj["prompt"]}]
+    messages = obj["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise RequestError('"messages" must be a non-empty list')
+    for i, m in enumerate(messages):
+        _check_message(m, f"messages[{i}]")
+    return messages
+
+
+def _check_message(m: Any, where: str) -> None:
     if not isinstance(m, dict):
         raise RequestError(f"{where} must be an object with role and content")
     role = m.get("role")
     if role not in ROLES:
-        raise RequestError(f"{where}: unknown role {role!r} (expected one of {', '.join(ROLES)})")
-    content = m.get("content")
-    text_parts = isinstance(content, list) and all(
-        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
-    )
-    if not (isinstance(content, str) or text_parts or (content is None and role == "assistant")):
-        raise RequestError(f"{where}: content must be a string or a list of text parts")
+        raise RequestError(f"{where}: unknown role {role!r:.60} (expected one of {', '.join(ROLES)})")
+    _check_content(m.get("content"), f"{where}.content", may_be_null=role == "assistant")
     if role == "assistant":
-        for call in m.get("tool_calls") or []:
-            fn = call.get("function") if isinstance(call, dict) else None
-            if not (isinstance(fn, dict) and isinstance(fn.get("name"), str) and isinstance(fn.get("arguments"), str)):
-                raise RequestError(f"{where}: each tool call needs function.name and function.arguments (a JSON string)")
-    if role == "tool" and not isinstance(m.get("name") or m.get("tool_call_id"), str):
-        raise RequestError(f"{where}: a tool message needs the tool's name or the tool_call_id it answers")
+        _check_strings(m, where, "reasoning_content", "reasoning")
+        calls = m.get("tool_calls")
+        if calls is not None and not isinstance(calls, list):
+            raise RequestError(f"{where}.tool_calls must be a list")
+        for j, call in enumerate(calls or []):
+            _check_call(call, f"{where}.tool_calls[{j}]")
+    if role == "tool":
+        _check_strings(m, where, "name", "tool_call_id")
+        if not (m.get("name") or m.get("tool_call_id")):
+            raise RequestError(f"{where}: a tool message needs the tool's name or the tool_call_id it answers")
 
 
-def _check_tool(t: Any, i: int) -> None:
-    fn = t.get("function") if isinstance(t, dict) else None
-    if not (isinstance(t, dict) and t.get("type") == "function" and isinstance(fn, dict) and isinstance(fn.get("name"), str)):
-        raise RequestError(f'tools[{i}] must be {{"type": "function", "function": {{"name": ..., "parameters": ...}}}}')
-    if not isinstance(fn.get("parameters", {}), dict):
-        raise RequestError(f"tools[{i}].function.parameters must be a JSON schema object")
+def _check_content(content: Any, where: str, may_be_null: bool) -> None:
+    if isinstance(content, str) or (content is None and may_be_null):
+        return
+    if not isinstance(content, list):
+        raise RequestError(f"{where} must be a string or a list of text parts {TEXT_PART}")
+    for j, part in enumerate(content):
+        if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+            raise RequestError(f"{where}[{j}] must be a text part {TEXT_PART}")
+
+
+def _check_call(call: Any, where: str) -> None:
+    fn = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(fn, dict):
+        raise RequestError(f'{where} must be {{"id": ..., "type": "function", "function": {{"name": ..., "arguments": ...}}}}')
+    _check_strings(call, where, "id")
+    for key in ("name", "arguments"):
+        if not isinstance(fn.get(key), str):
+            raise RequestError(f"{where}.function.{key} must be a string" + (" (the call's JSON)" if key == "arguments" else ""))
+
+
+def _tools(obj: dict) -> list[dict]:
+    tools = obj.get("tools")
+    if tools is None:
+        return []
+    if not isinstance(tools, list):
+        raise RequestError('"tools" must be a list of function tools')
+    for i, t in enumerate(tools):
+        fn = t.get("function") if isinstance(t, dict) else None
+        if not (isinstance(fn, dict) and t.get("type") == "function" and isinstance(fn.get("name"), str)):
+            raise RequestError(f'tools[{i}] must be {{"type": "function", "function": {{"name": ..., "parameters": ...}}}}')
+        # Absent, not null: harmony takes a missing description as "" but refuses None.
+        if "description" in fn and not isinstance(fn["description"], str):
+            raise RequestError(f"tools[{i}].function.description must be a string")
+        if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
+            raise RequestError(f"tools[{i}].function.parameters must be a JSON schema object")
+    return tools
+
+
+def _check_strings(obj: dict, where: str, *keys: str) -> None:
+    """Optional text fields: absent, null or a string."""
+    for key in keys:
+        if obj.get(key) is not None and not isinstance(obj[key], str):
+            raise RequestError(f"{where}.{key} must be a string")

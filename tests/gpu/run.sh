@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The GPU checks and measurements, by name, in one device call (each step logged to $OUT/<step>.log, bounded by
+# its own timeout so one failure costs only itself). Wheels for what the GPU image lacks come from .whl/
+# (../shared/device/fetch-wheels) and harmony's vocabulary from .vocab/ (a copy of ../shared/tokenizer).
+#
+#   bash tests/gpu/run.sh engine-check bench-20b launcher-20b profile-20b
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-/tmp/gpu-out}
+mkdir -p "$OUT"
+if [ ! -d /tmp/site ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+fi
+export PYTHONPATH=/tmp/site:$PWD TIKTOKEN_ENCODINGS_BASE=$PWD/.vocab PYTHONUNBUFFERED=1
+M20=(model.path=builtin:gpt-oss-20b model.load_format=dummy)
+M120=(model.path=builtin:gpt-oss-120b model.load_format=dummy)
+BENCH=(python3 launch/bench.py --config configs/gpt-oss-20b.yaml)
+
+step() {
+    case "$1" in
+        engine-check) python3 tests/gpu/engine_check.py ;;
+        paged-check) python3 tests/gpu/paged_attention_check.py ;;
+        mxfp4-check) python3 tests/gpu/mxfp4_check.py ;;
+        bench-20b) "${BENCH[@]}" --paths isolated --batch-sizes 1 128 --new-tokens 256 --out "$OUT/bench-20b.json" "${M20[@]}" ;;
+        bench-20b-plain) "${BENCH[@]}" --paths isolated-plain --batch-sizes 1 128 --new-tokens 128 --out "$OUT/bench-20b-plain.json" "${M20[@]}" ;;
+        launcher-20b) "${BENCH[@]}" --paths launcher --requests 1000 --out "$OUT/launcher-20b.json" "${M20[@]}" ;;
+        plain-20b) "${BENCH[@]}" --paths plain --requests 128 --out "$OUT/plain-20b.json" "${M20[@]}" ;;
+        server-20b) "${BENCH[@]}" --paths server --requests 512 --concurrency 1 128 256 --out "$OUT/server-20b.json" "${M20[@]}" ;;
+        long-20b) "${BENCH[@]}" --paths launcher --workload long --requests 64 --out "$OUT/long-20b.json" "${M20[@]}" ;;
+        profile-20b) python3 tests/gpu/profile_decode.py --config configs/gpt-oss-20b.yaml --batch-sizes 1 128 240 "${M20[@]}" ;;
+        *) echo "unknown step $1"; return 2 ;;
+    esac
+}
+
+for name in "$@"; do
+    limit=${name##*:}; name=${name%%:*}; [ "$limit" = "$name" ] && limit=600
+    start=$(date +%s)
+    timeout "$limit" bash -c "$(declare -f step); $(declare -p M20 M120 BENCH OUT); step $name" > "$OUT/$name.log" 2>&1
+    echo "== $name: exit $? in $(( $(date +%s) - start )) s"
+    tail -n 15 "$OUT/$name.log" | grep -v "Loading weights"
+done
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader

@@ -1,0 +1,84 @@
+"""Bad input, bad output files and a bad environment through the real launcher (one process): each costs itself
+only, or stops the job at once with one line that names it."""
+
+import json
+
+import pytest
+
+from tests.conftest import launch, read_records, write_jsonl
+
+FAST = ["generation.max_new_tokens=2", "generation.batch_size=1"]
+
+
+@pytest.fixture
+def prompts(tmp_path):
+    return write_jsonl(tmp_path / "in.jsonl", [{"id": f"q{i}", "prompt": f"Question {i}"} for i in range(1, 4)])
+
+
+def refused(run, *words: str) -> bool:
+    """Exit 2 with one clear line that says it, and nothing loaded."""
+    return run.returncode == 2 and all(w in run.stderr for w in words) and "Traceback" not in run.stderr and "loading" not in run.stderr
+
+
+def test_an_output_that_is_the_input_is_refused_and_the_input_kept(prompts):
+    before = prompts.read_bytes()
+    run = launch(prompts, prompts=prompts)
+    assert refused(run, "data.output", "is data.input"), run.stderr
+    assert prompts.read_bytes() == before
+
+
+def test_an_unwritable_output_is_refused_before_loading(tmp_path, prompts):
+    (tmp_path / "plain-file").write_text("")
+    run = launch(tmp_path / "plain-file" / "out.jsonl", prompts=prompts)  # a path no one can create
+    assert refused(run, "data.output"), run.stderr
+
+
+def test_no_vocabulary_offline_is_named(tmp_path, prompts, monkeypatch):
+    monkeypatch.setenv("TIKTOKEN_ENCODINGS_BASE", str(tmp_path))  # an empty folder; and no network here
+    run = launch(tmp_path / "out.jsonl", prompts=prompts)
+    assert refused(run, "TIKTOKEN_ENCODINGS_BASE", "o200k_base.tiktoken"), run.stderr
+
+
+def test_lines_that_killed_the_job_cost_only_themselves(tmp_path):
+    path = tmp_path / "in.jsonl"
+    lines = [
+        b'{"id": "a", "prompt": "Hi"}',
+        b'{"id": "latin1", "prompt": "caf\xe9"}',
+        b"[" * 100_000 + b"]" * 100_000,
+        json.dumps({"id": "calls", "messages": [{"role": "assistant", "content": None, "tool_calls": 5}]}).encode(),
+        b'{"id": "b", "prompt": "Bye"}',
+    ]
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    run = launch(tmp_path / "out.jsonl", *FAST, prompts=path)
+    assert run.returncode == 0, run.stderr
+    records = {r["index"]: r for r in read_records(tmp_path / "out.jsonl")}
+    assert records[1]["usage"]["completion_tokens"] > 0 and records[5]["usage"]["completion_tokens"] > 0  # generated
+    errors = {i: records[i]["error"] for i in (2, 3, 4)}
+    assert errors[2].startswith("line 2: not UTF-8") and errors[3].startswith("line 3: JSON nested too deeply")
+    assert errors[4] == "line 4: messages[0].tool_calls must be a list"
+
+
+def test_an_id_that_cannot_be_utf8_is_written_and_resumed(tmp_path):
+    path = write_jsonl(tmp_path / "in.jsonl", ['{"id": "\\udc00", "prompt": "x"}', {"id": "after", "prompt": "y"}, {"prompt": "z"}])
+    out = tmp_path / "out.jsonl"
+    assert launch(out, *FAST, prompts=path).returncode == 0
+    assert [r["id"] for r in read_records(out)] == ["\udc00", "after", 3]
+    written = out.read_bytes()
+    rerun = launch(out, *FAST, prompts=path)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "0 requests to run" in rerun.stderr and out.read_bytes() == written
+
+
+def test_a_bad_line_in_the_output_costs_only_its_own_record(tmp_path, prompts):
+    out = tmp_path / "out.jsonl"
+    assert launch(out, *FAST, prompts=prompts).returncode == 0
+    first, _, third = out.read_bytes().splitlines(keepends=True)
+    kept = first + b"\n" + b'{"id": "q2", "ind\n' + third  # a blank line, and record 2 broken mid-file
+    out.write_bytes(kept)
+    rerun = launch(out, *FAST, prompts=prompts)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "line 2: blank" in rerun.stderr and "line 3: not valid JSON" in rerun.stderr
+    assert "1 requests to run" in rerun.stderr
+    written = out.read_bytes()
+    assert written.startswith(kept)  # append-only: the bad lines stay, every record after them too
+    assert [json.loads(line)["id"] for line in written[len(kept):].splitlines()] == ["q2"]
