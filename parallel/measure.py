@@ -142,16 +142,18 @@ async def _stream(client, model: str, prompt: str, max_tokens: int) -> dict:
 async def _clients(url: str, model: str, requests: list[dict], concurrency: int) -> tuple[list[dict], float]:
     import openai
 
-    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="bench", max_retries=0, timeout=3600)
     gate = asyncio.Semaphore(concurrency)
+    # Closed within its event loop: asyncio.run ends the loop, and a client left to the garbage collector would
+    # close its connections on that dead loop, with a traceback.
+    async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="bench", max_retries=0, timeout=3600) as client:
 
-    async def one(r):
-        async with gate:
-            return await _stream(client, model, r["prompt"], r["max_new_tokens"])
+        async def one(r):
+            async with gate:
+                return await _stream(client, model, r["prompt"], r["max_new_tokens"])
 
-    start = time.perf_counter()
-    results = await asyncio.gather(*(one(r) for r in requests))
-    return results, time.perf_counter() - start
+        start = time.perf_counter()
+        results = await asyncio.gather(*(one(r) for r in requests))
+        return results, time.perf_counter() - start
 
 
 def run_server(config: str, workload: Path, nproc: int, concurrency: list[int], overrides: list[str], log: Path,
