@@ -10,6 +10,7 @@ from datetime import datetime
 from pathlib import Path
 
 from parallel.measure import machine, run_launcher, run_server
+from parallel.scaling.slurm import allocation_hosts
 from parallel.scaling.sweep import Job, Points, Sweep, concurrency_overrides, write_atomically
 from parallel.workloads import head, write_workload
 
@@ -44,7 +45,8 @@ def run_job(sweep: Sweep, job: Job, out: Path, concurrency: list[int]) -> None:
     if job.path == "server":
         (out / "logs").mkdir(exist_ok=True)
         log = out / "logs" / f"{job.name}.log"
-        for figures in run_server(config, workload, job.gpus, concurrency, overrides, log, rounds=sweep.rounds):
+        measured = run_server(config, workload, job.gpus, concurrency, overrides, log, sweep.rounds, allocation_hosts())
+        for figures in measured:
             points.write(result(job, figures["concurrency"], figures, here))
         return
     for c in concurrency:

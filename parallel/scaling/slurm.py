@@ -51,3 +51,12 @@ def sbatch(options: list[str], out: Path, *script_args: str, **env: str) -> str:
     if run.returncode:
         raise RuntimeError(f"{' '.join(cmd)} exited {run.returncode}: {run.stderr.strip()}")
     return run.stdout.strip().split(";")[0]
+
+
+def allocation_hosts() -> list[str] | None:
+    """The nodes of this task's allocation when it has several (where a server's rank 0 may be), else None."""
+    if int(os.environ.get("SLURM_NNODES", "1")) < 2:
+        return None
+    listing = subprocess.run(["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]], capture_output=True,
+                             text=True, check=True)
+    return listing.stdout.split()
