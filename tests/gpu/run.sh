@@ -3,9 +3,9 @@
 # its own timeout so one failure costs only itself). Wheels for what the GPU image lacks come from .whl/
 # (../shared/device/fetch-wheels) and harmony's vocabulary from .vocab/ (a copy of ../shared/tokenizer).
 #
-#   bash tests/gpu/run.sh engine-check bench-20b launcher-20b profile-20b
+#   bash tests/gpu/run.sh engine-check bench-20b launcher-20b profile-20b scaling-20b
 set -uo pipefail
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/../.." || exit 1
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
 if [ ! -d /tmp/site ]; then
@@ -28,6 +28,15 @@ step() {
         server-20b) "${BENCH[@]}" --paths server --requests 512 --concurrency 1 128 256 --out "$OUT/server-20b.json" "${M20[@]}" ;;
         long-20b) "${BENCH[@]}" --paths launcher --workload long --requests 64 --out "$OUT/long-20b.json" "${M20[@]}" ;;
         profile-20b) python3 tests/gpu/profile_decode.py --config configs/gpt-oss-20b.yaml --batch-sizes 1 128 240 "${M20[@]}" ;;
+        # The 20b front, ~4 min: the engine's server at 1, 32 and 256 clients (one server: ~1 min of loading and
+        # compiling, then ~1 min of points), the plain recipe in batches of 1 and 16 (a job each, ~1 min each).
+        # MXFP4 experts once they land: add --variant mxfp4:model.mxfp4=require (~2 min more). Swept in /tmp, so a
+        # call that ran out of time resumes there on the same machine; the report comes back in $OUT.
+        scaling-20b) python3 launch/scaling.py run --config configs/gpt-oss-20b.yaml --out /tmp/scaling-20b --paths server plain \
+                         --concurrency 1 32 256 --plain-concurrency 1 16 --rounds 2 --variant bf16 "${M20[@]}"
+                     status=$?
+                     mkdir -p "$OUT/scaling-20b" && cp /tmp/scaling-20b/{front.png,results.csv,results.json,summary.md} "$OUT/scaling-20b/"
+                     return $status ;;
         *) echo "unknown step $1"; return 2 ;;
     esac
 }
