@@ -27,7 +27,7 @@ from parallel.log import log
 from parallel.scaling.jobs import prepare, run_job
 from parallel.scaling.report import write_report
 from parallel.scaling.slurm import submit
-from parallel.scaling.sweep import PATHS, Points, Sweep, named
+from parallel.scaling.sweep import PATHS, Job, Points, Sweep, named_sets
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,7 +46,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "submit":
         todo = [(i, job) for i, job in enumerate(sweep.jobs()) if Points(out).missing(job)]
-        ids = submit(out, todo, args.ranks_per_node, not args.cpu, args.sbatch, args.wait)
+        try:
+            ids = submit(out, todo, args.ranks_per_node, not args.cpu, args.sbatch, args.wait)
+        except (RuntimeError, ValueError) as e:
+            log(f"ERROR: {e}")
+            return 1
         log(f"{len(todo)} jobs submitted as array(s) {', '.join(ids[:-1]) or '(none)'}; the report is job {ids[-1]}")
         return 0
     return run(sweep, out, args.gpus)
@@ -65,12 +69,8 @@ def run(sweep: Sweep, out: Path, gpus: int | None) -> int:
         if gpus is not None and job.gpus > gpus:
             log(f"{job.name}: needs {job.gpus} GPUs, --gpus is {gpus}: skipped")
             continue
-        log(f"{job.name}: concurrency {' '.join(map(str, missing))}")
-        try:
-            run_job(sweep, job, out, missing)
-        except (RuntimeError, subprocess.TimeoutExpired) as e:
+        if not measure(sweep, job, out, missing):
             failed.append(job.name)
-            log(f"ERROR: {job.name} failed: {e}")
     report(out)
     if failed:
         log(f"ERROR: {len(failed)} jobs failed ({', '.join(failed)}); run the same command again to retry them")
@@ -85,14 +85,19 @@ def task(out: Path, index: int) -> int:
     if ranks != job.gpus:
         log(f"ERROR: {job.name} needs {job.gpus} ranks, this allocation starts {ranks}")
         return 2
-    missing = Points(out).missing(job)
-    log(f"{job.name}: concurrency {' '.join(map(str, missing))}")
+    return 0 if measure(sweep, job, out, Points(out).missing(job)) else 1
+
+
+def measure(sweep: Sweep, job: Job, out: Path, concurrency: list[int]) -> bool:
+    """Whether the job measured its points; why not, in the log (a launcher's ends the message, a server's stays
+    in <out>/logs)."""
+    log(f"{job.name}: concurrency {' '.join(map(str, concurrency))}")
     try:
-        run_job(sweep, job, out, missing)
+        run_job(sweep, job, out, concurrency)
     except (RuntimeError, subprocess.TimeoutExpired) as e:
         log(f"ERROR: {job.name} failed: {e}")
-        return 1
-    return 0
+        return False
+    return True
 
 
 def report(out: Path) -> int:
@@ -102,8 +107,8 @@ def report(out: Path) -> int:
 
 
 def sweep_of(args: argparse.Namespace, argv: list[str]) -> Sweep:
-    models = dict(map(named, args.model)) or {Path(args.config).stem: []}
-    variants = dict(map(named, args.variant)) or {"engine": []}
+    models = named_sets(args.model) or {Path(args.config).stem: []}
+    variants = named_sets(args.variant) or {"engine": []}
     workload = {"kind": args.workload, "seed": args.seed, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens}
     return Sweep(args.config, args.overrides, models, variants, args.layouts, args.paths, args.concurrency,
                  args.plain_concurrency if "plain" in args.paths else [], workload, args.rounds,

@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt
 import pytest
 
 from parallel.scaling.slurm import placement
-from parallel.scaling.sweep import Sweep, degrees, named
+from parallel.scaling.sweep import Sweep, degrees, named_sets
 from tests.conftest import ROOT
 
 NEW_TOKENS, ROUNDS = 8, 2
@@ -80,7 +80,7 @@ def test_a_sweep_resumed_under_other_conditions_is_refused(tmp_path):
 
 def test_sweep_plan_jobs_and_slurm_placement():
     sweep = Sweep("c.yaml", ["model.load_format=dummy"], {"20b": ["model.path=builtin:gpt-oss-20b"]},
-                  dict(map(named, ["bf16", "mxfp4:model.mxfp4=require,engine.slots=64"])), ["1", "dp=2,tp=2"],
+                  named_sets(["bf16", "mxfp4:model.mxfp4=require,engine.slots=64"]), ["1", "dp=2,tp=2"],
                   ["server", "launcher", "plain"], [1, 64], [8], {"kind": "sharegpt"}, 4)
     jobs = sweep.jobs()
     # a layout: one server job a variant (all concurrencies), a launcher job a variant and concurrency, plain per batch
@@ -97,5 +97,6 @@ def test_sweep_plan_jobs_and_slurm_placement():
     for bad in ("tp2", "tp=0", "xp=2", ""):
         with pytest.raises(ValueError, match="layout"):
             degrees(bad)
-    with pytest.raises(ValueError, match="key=value"):
-        named("mxfp4:model.mxfp4")
+    for bad in (["mxfp4:model.mxfp4"], ["a_b"], ["bf16", "bf16:engine.slots=2"]):
+        with pytest.raises(ValueError, match="key=value"):
+            named_sets(bad)

@@ -50,7 +50,7 @@ def front(curves: dict[tuple, list[dict]], name, title: str, out: Path) -> Path:
 
 def scaling(curves: dict[tuple, list[dict]], name, title: str, out: Path) -> Path:
     """Each configuration's best tok/s per GPU against GPU count, a line a layout family through the one-GPU
-    point, and that point's figure dashed across as ideal linear scaling."""
+    point, and that point's figure dotted across as ideal linear scaling."""
     configs: dict[tuple, dict[str, float]] = {}
     for (model, path, variant, layout), rows in curves.items():
         configs.setdefault((model, path, variant), {})[layout] = max(r["output_tokens_per_s_per_gpu"] for r in rows)

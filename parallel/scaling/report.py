@@ -5,7 +5,7 @@ reports what it has and names what it lacks):
 - front.png: output tok/s per GPU against tok/s per user (left) and against the median time to first token (right),
   one curve a layout, variant and path, its points the concurrencies swept: the throughput-latency front;
 - scaling.png, where the sweep has more than one GPU count: each configuration's best tok/s per GPU against its
-  GPUs, a line a layout family (tp, dp, ...), with ideal linear scaling (the one-GPU figure at every count) dashed.
+  GPUs, a line a layout family (tp, dp, ...), with ideal linear scaling (the one-GPU figure at every count) dotted.
 A curve is (model, path, variant, layout); labels name only what differs between the sweep's curves.
 """
 

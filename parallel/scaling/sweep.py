@@ -26,20 +26,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PATHS = ("launcher", "server", "plain")
-NAME = re.compile(r"[A-Za-z0-9][\w.+-]*")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+-]*")  # no `_`: it joins the parts of a point's id
 # What the points' figures depend on: a sweep resumed with other values here would mix incomparable points.
 CONDITIONS = ("config", "overrides", "models", "variants", "workload", "rounds")
 
 
-def named(spec: str) -> tuple[str, list[str]]:
-    """`mxfp4:model.mxfp4=require,engine.slots=64` -> ("mxfp4", [overrides]); `bf16` alone has none."""
-    name, _, rest = spec.partition(":")
-    if not NAME.fullmatch(name):
-        raise ValueError(f"{spec!r}: a name (letters, digits, . _ + -) comes first, then :key=value,key=value")
-    overrides = [o for o in rest.split(",") if o]
-    if bad := [o for o in overrides if "=" not in o]:
-        raise ValueError(f"{spec!r}: {bad} is not key=value")
-    return name, overrides
+def named_sets(specs: list[str]) -> dict[str, list[str]]:
+    """`--variant` / `--model` values, `NAME:key=value,key=value` (`bf16` alone has none), by name."""
+    sets: dict[str, list[str]] = {}
+    for spec in specs:
+        name, _, rest = spec.partition(":")
+        overrides = [o for o in rest.split(",") if o]
+        if not NAME.fullmatch(name) or name in sets:
+            raise ValueError(f"{spec!r}: a name of its own (letters, digits, . + -) comes first, then :key=value,...")
+        if bad := [o for o in overrides if "=" not in o]:
+            raise ValueError(f"{spec!r}: {bad} is not key=value")
+        sets[name] = overrides
+    return sets
 
 
 def degrees(layout: str) -> dict[str, int]:
@@ -48,11 +51,11 @@ def degrees(layout: str) -> dict[str, int]:
         return {}
     try:
         found = {k: int(v) for k, v in (part.split("=") for part in layout.split(","))}
+        if set(found) <= {"tp", "ep", "pp", "dp"} and min(found.values()) >= 1:
+            return found
     except ValueError:
-        found = {"?": 0}
-    if not found or set(found) - {"tp", "ep", "pp", "dp"} or min(found.values()) < 1:
-        raise ValueError(f"layout {layout!r}: `1`, or degrees like tp=2 or dp=2,tp=2 (tp, ep, pp, dp)")
-    return found
+        pass
+    raise ValueError(f"layout {layout!r}: `1`, or degrees like tp=2 or dp=2,tp=2 (tp, ep, pp, dp)")
 
 
 def gpus_of(layout: str) -> int:
@@ -100,6 +103,13 @@ class Sweep:
     rounds: int
     command: str = ""
 
+    def __post_init__(self) -> None:
+        """Refuse what could not run, before anything does."""
+        for layout in self.layouts:
+            degrees(layout)
+        if min([*self.concurrency, *self.plain_concurrency, self.rounds]) < 1:
+            raise ValueError("concurrencies and rounds must be >= 1")
+
     def jobs(self) -> list[Job]:
         """Every job, in a fixed order: a Slurm array task finds its job by its index here."""
         jobs = []
@@ -135,7 +145,7 @@ class Sweep:
         """Keep this sweep's plan in `path`; a plan there already must measure under the same conditions."""
         if path.exists():
             old = json.loads(path.read_text())
-            if changed := [k for k in CONDITIONS if old[k] != dataclasses.asdict(self)[k]]:
+            if changed := [k for k in CONDITIONS if old.get(k) != dataclasses.asdict(self)[k]]:
                 raise ValueError(f"{path} holds a sweep with other {', '.join(changed)}: its points would not compare "
                                  "with this sweep's; use another --out")
         write_atomically(path, json.dumps(dataclasses.asdict(self), indent=2) + "\n")
