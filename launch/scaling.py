@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +33,9 @@ from parallel.scaling.sweep import PATHS, Job, Points, Sweep, named_sets
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # A stop (kill, Slurm's time limit) unwinds as Ctrl-C does, ending the job in hand with the sweep (a server
+    # runs in a session of its own, which only its `with` block ends); a rerun measures its points again.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     args = parse_args_and_overrides(parser(), argv)
     out = Path(args.out)
     if args.command == "report":
@@ -147,4 +151,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        log("stopped; the same command measures the points left")
+        sys.exit(130)
