@@ -4,9 +4,9 @@ import pytest
 import torch
 from transformers import GptOssForCausalLM
 
-from parallel.config import EngineConfig, merge_config
+from parallel.config import EngineConfig, ModelConfig, merge_config
 from parallel.distributed.checkpoint import read_model_config
-from parallel.distributed.layout import Layout
+from parallel.distributed.layout import Layout, LayoutError
 from parallel.distributed.loading import plan_model
 from parallel.distributed.mxfp4 import settle_mxfp4
 from tests.conftest import ROOT, launch, read_records
@@ -43,32 +43,42 @@ def test_mxfp4_checkpoint_answers_like_its_dequantized_weights(mxfp4_checkpoints
     assert {r["id"]: r["raw"] for r in read_records(out)} == reference_answers
 
 
-def test_requiring_native_mxfp4_fails_where_it_cannot_run(mxfp4_checkpoints, tmp_path):
-    checkpoints = mxfp4_checkpoints
-    run = launch(tmp_path / "a.jsonl", f"model.path={checkpoints['mxfp4']}", "model.mxfp4=require",
+def test_requiring_mxfp4_is_refused_where_the_engine_does_not_run(mxfp4_checkpoints, tmp_path):
+    """Experts kept in MXFP4 run in the engine only; on CPU engine.mode=auto would generate on the plain path."""
+    run = launch(tmp_path / "a.jsonl", f"model.path={mxfp4_checkpoints['mxfp4']}", "model.mxfp4=require",
                  prompts=ROOT / "examples" / "prompts.jsonl")
     assert run.returncode == 2
-    assert "model.mxfp4=require, but MXFP4 experts were dequantized" in run.stderr
+    assert "model.mxfp4=require keeps the experts in MXFP4, which only the engine runs" in run.stderr
+    assert "loading" not in run.stderr
 
 
-@pytest.mark.parametrize(("model", "layout", "gpu_gb", "settled"), [
-    ("builtin:gpt-oss-20b", {"tp": 1, "ep": 1}, 80, "dequantize"),  # 39 GiB in bf16: the engine, on one H100
-    ("builtin:gpt-oss-120b", {"tp": 2, "ep": 1}, 141, "auto"),  # every rank holds all experts: 216 GiB
-    ("builtin:gpt-oss-120b", {"tp": 1, "ep": 4}, 80, "dequantize"),  # experts split four ways: 56 GiB a rank
+def dummy(model: str) -> ModelConfig:
+    return ModelConfig(path=model, load_format="dummy")
+
+
+@pytest.mark.parametrize(("model", "layout", "gpu_gb"), [
+    ("builtin:gpt-oss-20b", {"tp": 1, "ep": 1}, 80),  # 39 GiB in bf16: the engine, on one H100
+    ("builtin:gpt-oss-120b", {"tp": 1, "ep": 4}, 80),  # experts split four ways: 56 GiB a rank
 ])
-def test_mxfp4_experts_are_dequantized_for_the_engine_where_bf16_fits_a_gpu(model, layout, gpu_gb, settled):
+def test_mxfp4_experts_that_cannot_run_natively_are_dequantized_where_bf16_fits_a_gpu(model, layout, gpu_gb):
     shape = read_model_config(model)
-    assert settle_mxfp4(EngineConfig(), shape, Layout(dp=1, pp=1, **layout), gpu_gb * 10**9) == settled
+    assert settle_mxfp4(dummy(model), EngineConfig(), shape, Layout(dp=1, pp=1, **layout), gpu_gb * 10**9) == "dequantize"
 
 
-def test_mxfp4_experts_stay_as_they_are_where_the_engine_does_not_run():
-    shape, one = read_model_config("builtin:gpt-oss-20b"), Layout(dp=1, pp=1, tp=1, ep=1)
-    assert settle_mxfp4(EngineConfig(mode="auto"), shape, one, None) == "auto"  # no GPU: the plain path
-    assert settle_mxfp4(EngineConfig(mode="never"), shape, one, 80 * 10**9) == "auto"
-    assert settle_mxfp4(EngineConfig(mode="auto"), shape, Layout(dp=1, pp=2, tp=1, ep=1), 80 * 10**9) == "auto"
+def test_mxfp4_experts_that_cannot_run_natively_nor_fit_in_bf16_are_refused_naming_the_install():
+    shape = read_model_config("builtin:gpt-oss-120b")  # every rank of tp=2 holds all experts: 216 GiB in bf16
+    with pytest.raises(LayoutError, match="cannot run natively here.*pip install"):
+        settle_mxfp4(dummy("builtin:gpt-oss-120b"), EngineConfig(), shape, Layout(dp=1, pp=1, tp=2, ep=1), 141 * 10**9)
 
 
-def test_planning_an_mxfp4_checkpoint_for_the_engine_settles_on_dequantizing(mxfp4_checkpoints):
+def test_mxfp4_experts_are_left_to_transformers_where_the_engine_does_not_run():
+    shape, one, model = read_model_config("builtin:gpt-oss-20b"), Layout(dp=1, pp=1, tp=1, ep=1), dummy("builtin:gpt-oss-20b")
+    assert settle_mxfp4(model, EngineConfig(mode="auto"), shape, one, None) == "auto"  # no GPU: the plain path
+    assert settle_mxfp4(model, EngineConfig(mode="never"), shape, one, 80 * 10**9) == "auto"
+    assert settle_mxfp4(model, EngineConfig(mode="auto"), shape, Layout(dp=1, pp=2, tp=1, ep=1), 80 * 10**9) == "auto"
+
+
+def test_planning_an_mxfp4_checkpoint_for_the_engine_without_triton_kernels_settles_on_dequantizing(mxfp4_checkpoints):
     cfg = merge_config(ROOT / "configs" / "tiny.yaml", [f"model.path={mxfp4_checkpoints['mxfp4']}", "engine.mode=always"])
     plan_model(cfg)
     assert cfg.model.mxfp4 == "dequantize"

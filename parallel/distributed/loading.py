@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 from dataclasses import asdict
@@ -20,6 +21,7 @@ from parallel.distributed.checkpoint import (
 from parallel.distributed.layout import Layout, LayoutError, plan_layout
 from parallel.distributed.mesh import Placement
 from parallel.distributed.mxfp4 import gpu_bytes, is_mxfp4, report_mxfp4, settle_mxfp4
+from parallel.engine.mxfp4 import BIASES, PACKED, Mxfp4Experts
 from parallel.log import log, warn
 
 # transformers 5.23 ships no tensor-parallel rules for gpt-oss's attention (only embeddings and lm_head), so
@@ -32,6 +34,10 @@ ATTENTION_TP_PLAN = {
     "model.layers.*.self_attn.sinks": "colwise",
     "model.layers.*.self_attn": "local_params",
 }
+# Experts kept in MXFP4 are split by expert over all of a replica's ranks, under tp as under ep, through the
+# tensor plan (Shard(0), each rank reading only its share): transformers' expert plan would also hook the
+# experts' forward, which only the engine calls, with its own routing.
+PACKED_EXPERTS_TP_PLAN = {f"model.layers.*.mlp.experts.{name}": "grouped_gemm" for name in (*PACKED, *BIASES)}
 
 
 def plan_model(cfg: JobConfig) -> tuple[str, GptOssConfig, Layout]:
@@ -51,8 +57,7 @@ def plan_model(cfg: JobConfig) -> tuple[str, GptOssConfig, Layout]:
     )
     if cfg.engine.mode == "always" and layout.pp > 1:
         raise LayoutError(f"engine.mode=always: the engine does not run pipeline stages ({layout}); use engine.mode=auto")
-    if is_mxfp4(shape) and cfg.model.mxfp4 == "auto":
-        cfg.model.mxfp4 = settle_mxfp4(cfg.engine, shape, layout, gpu_bytes())
+    cfg.model.mxfp4 = settle_mxfp4(cfg.model, cfg.engine, shape, layout, gpu_bytes())
     return path, shape, layout
 
 
@@ -87,32 +92,62 @@ def load_model(path: str, config: GptOssConfig, model_cfg: ModelConfig, layout: 
         transformers_logging.set_verbosity_error()
         # The same draws on every rank: weights that a layout replicates come out equal everywhere.
         torch.manual_seed(0)
-    mxfp4 = is_mxfp4(config)
-    if mxfp4 and model_cfg.mxfp4 == "dequantize":
+    mxfp4, packed = is_mxfp4(config), model_cfg.mxfp4 == "require"
+    if packed:
+        # Without a quantization config transformers neither dequantizes nor swaps in its own MXFP4 experts: the
+        # checkpoint's blocks, scales and biases load as they are into Mxfp4Experts' parameters.
+        kwargs["config"] = copy.deepcopy(config)
+        kwargs["config"].quantization_config = None
+    elif mxfp4 and model_cfg.mxfp4 == "dequantize":
         kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
     log(f"loading {path or 'random weights'} ({layout}, attention: {kwargs['attn_implementation']})")
+    model_class = _model_class(place if layout.replica_size > 1 else None, packed)
     if layout.replica_size == 1:
-        model = GptOssForCausalLM.from_pretrained(path, device_map=place.device, **kwargs)
+        model = model_class.from_pretrained(path, device_map=place.device, **kwargs)
     else:
-        distributed = DistributedConfig(
-            tp_size=layout.mp,
-            tp_plan=ATTENTION_TP_PLAN if layout.tp > 1 else None,
-            ep_size=layout.ep,
-            pp_size=layout.pp,
-        )
-        model = _on_replica_mesh(place).from_pretrained(path, distributed_config=distributed, **kwargs)
-    if mxfp4:
+        tp_plan = (ATTENTION_TP_PLAN if layout.tp > 1 else {}) | (PACKED_EXPERTS_TP_PLAN if packed else {})
+        distributed = DistributedConfig(tp_size=layout.mp, tp_plan=tp_plan or None, ep_size=1 if packed else layout.ep,
+                                        pp_size=layout.pp)
+        model = model_class.from_pretrained(path, distributed_config=distributed, **kwargs)
+    if packed:
+        _prepare_packed_experts(model, random=model_cfg.load_format == "dummy")
+    if mxfp4 or packed:
         report_mxfp4(model, model_cfg.mxfp4)
     return model.eval()
 
 
-def _on_replica_mesh(place: Placement) -> type[GptOssForCausalLM]:
-    """transformers lays its device mesh over the whole world (`initialize_distributed_mesh`); a data-parallel
-    replica must shard over its own ranks only, so this subclass hands transformers the replica's sub-mesh."""
+def _prepare_packed_experts(model: GptOssForCausalLM, random: bool) -> None:
+    """Each layer's experts: this rank's share, random where no checkpoint was read, then in the layouts of the
+    path that runs them (parallel/engine/mxfp4.py), one layer at a time."""
+    for layer in model.model.layers:
+        experts = layer.mlp.experts
+        experts.localize_()
+        if random:
+            experts.fill_random_()
+        experts.prepare(model.dtype)
 
-    def prepare_distribute_model(cls, distributed_config, device_map=None):
-        return distributed_config, place.device, place.model_mesh
 
+def _model_class(place: Placement | None, packed: bool) -> type[GptOssForCausalLM]:
+    """GptOssForCausalLM, or a subclass of it:
+    - for a replica spanning ranks (`place`): transformers lays its device mesh over the whole world
+      (`initialize_distributed_mesh`); a data-parallel replica must shard over its own ranks only, so the subclass
+      hands transformers the replica's sub-mesh;
+    - with `packed` experts: each layer's experts are Mxfp4Experts, whose parameters the checkpoint's MXFP4
+      tensors load into as they are."""
     base = GptOssForCausalLM
     # Keep the base's module: transformers reads the model's source file to decide which kernels it may swap in.
-    return type(base.__name__, (base,), {"__module__": base.__module__, "prepare_distribute_model": classmethod(prepare_distribute_model)})
+    attrs = {"__module__": base.__module__}
+    if place is not None:
+        attrs["prepare_distribute_model"] = classmethod(lambda cls, distributed_config, device_map=None:
+                                                        (distributed_config, place.device, place.model_mesh))
+    if packed:
+        attrs["__init__"] = _with_packed_experts
+    return type(base.__name__, (base,), attrs) if len(attrs) > 1 else base
+
+
+def _with_packed_experts(self: GptOssForCausalLM, config: GptOssConfig) -> None:
+    GptOssForCausalLM.__init__(self, config)
+    for layer in self.model.layers:
+        layer.mlp.experts = Mxfp4Experts(config.num_local_experts, config.hidden_size, config.intermediate_size,
+                                         top_k=config.num_experts_per_tok, limit=config.swiglu_limit,
+                                         alpha=config.swiglu_alpha)

@@ -3,7 +3,7 @@ come (the replica loop hands them over between steps).
 
 A step is what the scheduler (parallel/engine/scheduler.py) gives it: the running requests' next tokens first,
 then chunks of waiting prompts, flattened; the runner (parallel/engine/runner.py) computes them through the
-model's own weights and the paged cache (decode-only steps in CUDA graphs); the sampler picks each finished
+model's own weights and the paged cache (every step a CUDA graph on GPU); the sampler picks each finished
 sequence's next token. The KV cache takes the memory left after loading (or `engine.cache_gib`), in blocks;
 a request that could never fit it is refused with an error, and when blocks run out the newest running request
 is preempted and recomputed later. Full blocks are shared between requests with the same prefix.
@@ -44,7 +44,7 @@ class Engine:
         self.pool = BlockPool(num_blocks, cfg.block_size, cfg.prefix_caching)
         self.scheduler = Scheduler(self.pool, cfg.slots, cfg.max_batched_tokens)
         self.runner = Runner(model, group, choose_attention(cfg.attention, model.device), num_blocks, cfg.block_size,
-                             cfg.slots, cfg.cuda_graphs, cfg.compile)
+                             cfg.slots, cfg.max_batched_tokens, cfg.cuda_graphs, cfg.compile)
         self.sequences: dict[int, Sequence] = {}
         self.pending: list[Event] = []  # events decided outside a step (refusals, aborts)
         self.totals = {kind: [0, 0, 0.0] for kind in ("decode", "mixed")}  # steps, tokens, seconds
@@ -63,9 +63,14 @@ class Engine:
         shards = [f"{r.heads} heads a rank" if r.tp else "", "experts split" if r.ep else ""]
         return (f"up to {cfg.slots} requests at a time, {cfg.max_batched_tokens} tokens a step, paged KV cache of "
                 f"{tokens} tokens ({cfg.block_size}-token blocks, prefix caching {'on' if cfg.prefix_caching else 'off'}), "
-                f"attention via {r.attention.name}, experts via {'grouped_mm' if r.grouped else 'expert loop'}, "
+                f"attention via {r.attention.name}, experts via {self._experts_path()}, "
                 f"CUDA graphs {'on' if r.cuda_graphs else 'off'}, torch.compile {'on' if r.compiled else 'off'}"
                 + "".join(f", {x}" for x in shards if x))
+
+    def _experts_path(self) -> str:
+        if self.runner.packed:
+            return f"MXFP4 through {self.runner.layers[0].mlp.experts.path}"
+        return "bf16 grouped_mm" if self.runner.grouped else "an expert loop"
 
     # -- the Backend interface ------------------------------------------------------------------------------
 

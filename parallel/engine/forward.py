@@ -57,13 +57,24 @@ def qkv(x, cos, sin, head_dim: int, eps: float, norm, wq, bq, wk, bk, wv, bv):
     return q, k, v
 
 
-def experts_block(x, attended, eps: float, bo, norm, router_w, router_b, gate_up, gate_up_bias, down, down_bias,
-                   first_expert: int, top_k: int, limit: float, alpha: float, grouped: bool):
-    """The residual after attention, and the experts' output for it (under ep, this rank's experts' part)."""
+def residual_norm(x, attended, eps: float, bo, norm):
+    """The residual after attention, and its norm as (tokens, hidden) rows for the experts."""
     x = x + attended + bo
-    batch, width, hidden = x.shape
-    h = rms_norm(x, norm, eps).reshape(batch * width, hidden)
+    return x, rms_norm(x, norm, eps).reshape(-1, x.shape[-1])
+
+
+def experts_block(x, attended, eps: float, bo, norm, router_w, router_b, gate_up, gate_up_bias, down, down_bias,
+                  first_expert: int, top_k: int, limit: float, alpha: float, grouped: bool):
+    """The residual after attention, and the experts' output for it (under ep, this rank's experts' part)."""
+    x, h = residual_norm(x, attended, eps, bo, norm)
     return x, experts(h, router_w, router_b, gate_up, gate_up_bias, down, down_bias, first_expert, top_k, limit, alpha, grouped).view_as(x)
+
+
+def packed_experts_block(residual_norm, x, attended, eps: float, bo, norm, router_w, router_b, packed):
+    """experts_block for experts kept in MXFP4 (parallel/engine/mxfp4.py): the module knows its share and runs
+    outside the compiled code (dynamo does not trace triton_kernels' launchers; the step's CUDA graph holds it)."""
+    x, h = residual_norm(x, attended, eps, bo, norm)
+    return x, packed(h, router_w, router_b).view_as(x)
 
 
 def experts(x, router_w, router_b, gate_up, gate_up_bias, down, down_bias, first_expert: int, top_k: int,
@@ -104,14 +115,15 @@ def swiglu(gate_up: torch.Tensor, limit: float, alpha: float) -> torch.Tensor:
     return (up + 1) * gate * torch.sigmoid(gate * alpha)
 
 
-def layer_weights(layer, config, first_expert: int, grouped: bool) -> tuple[tuple, tuple, tuple]:
-    """One layer's local tensors for qkv, attention and experts_block."""
+def layer_weights(layer, config, first_expert: int, grouped: bool, packed: bool) -> tuple[tuple, tuple, tuple]:
+    """One layer's local tensors for qkv, attention and experts_block (packed_experts_block: the experts module)."""
     attn, mlp, experts = layer.self_attn, layer.mlp, layer.mlp.experts
     projections = tuple(map(local, (layer.input_layernorm.weight, attn.q_proj.weight, attn.q_proj.bias,
                                     attn.k_proj.weight, attn.k_proj.bias, attn.v_proj.weight, attn.v_proj.bias)))
     attention = (local(attn.sinks), attn.scaling, local(attn.o_proj.weight))
-    moe = (local(attn.o_proj.bias), local(layer.post_attention_layernorm.weight), local(mlp.router.weight),
-           local(mlp.router.bias), *map(local, (experts.gate_up_proj, experts.gate_up_proj_bias, experts.down_proj,
-                                               experts.down_proj_bias)),
+    norm_router = tuple(map(local, (attn.o_proj.bias, layer.post_attention_layernorm.weight, mlp.router.weight, mlp.router.bias)))
+    if packed:
+        return projections, attention, (*norm_router, experts)
+    moe = (*norm_router, *map(local, (experts.gate_up_proj, experts.gate_up_proj_bias, experts.down_proj, experts.down_proj_bias)),
            first_expert, config.num_experts_per_tok, config.swiglu_limit, config.swiglu_alpha, grouped)
     return projections, attention, moe

@@ -1,8 +1,7 @@
 """A step's tensors and the model's forward over them: flat tokens (no padding) through the lean layer functions
 of parallel/engine/forward.py, keys and values written into the paged cache, attention through it, logits only
-where a sequence's next token is due. Decode-only steps replay a CUDA graph captured for their row count
-(rounded up to a power of two); steps with prompt tokens run eagerly, their layer pieces compiled with dynamic
-shapes so that one compilation serves every token count.
+where a sequence's next token is due. On GPU every step replays a CUDA graph (parallel/engine/graphs.py); the
+layer pieces are compiled with dynamic shapes, so one compilation serves every graph's token count.
 
 Under tp and ep every rank of the replica runs the same step on its shards: the partial sums after o_proj (tp)
 and after the experts (ep) are all-reduced in the replica, a vocabulary split of the embedding is summed, and
@@ -11,7 +10,8 @@ lm_head's module gathers a vocabulary split of the logits.
 
 from __future__ import annotations
 
-import numpy as np
+from functools import partial
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -23,24 +23,19 @@ from parallel.engine.forward import (
     experts_block,
     layer_weights,
     local,
+    packed_experts_block,
     qkv,
+    residual_norm,
     vocab_shard_start,
 )
+from parallel.engine.graphs import StepGraphs, StepInputs
+from parallel.engine.mxfp4 import Mxfp4Experts
 from parallel.engine.scheduler import Sequence
-
-
-def buckets(slots: int) -> list[int]:
-    """Row counts a decode graph is captured for: powers of two, and `slots` itself."""
-    sizes, b = [], 1
-    while b < slots:
-        sizes.append(b)
-        b *= 2
-    return [*sizes, slots]
 
 
 class Runner:
     def __init__(self, model, group, attention: Attention, num_blocks: int, block_size: int, slots: int,
-                 cuda_graphs: bool, compile: bool):
+                 max_batched_tokens: int, cuda_graphs: bool, compile: bool):
         config = model.config
         self.model, self.group, self.attention = model, group, attention
         self.device, self.dtype = model.device, model.dtype
@@ -54,9 +49,11 @@ class Runner:
         self.kv_heads = local(attn.k_proj.weight).shape[0] // self.head_dim
         self.tp = self.heads < config.num_attention_heads
         experts = self.layers[0].mlp.experts
-        if not isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor):
-            raise NotImplementedError("the engine runs float or packed MXFP4 experts, not transformers' native MXFP4 modules")
-        local_experts = local(experts.gate_up_proj).shape[0]
+        self.packed = isinstance(experts, Mxfp4Experts)
+        if not self.packed and not isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor):
+            raise NotImplementedError("the engine runs float experts and its own MXFP4 ones, not transformers' native "
+                                      "MXFP4 modules")
+        local_experts = local(experts.gate_up_proj_bias).shape[0]
         self.ep = local_experts < config.num_local_experts
         # transformers shards the experts in order along the expert dimension of the replica's ranks.
         first_expert = dist.get_rank(group) * local_experts if self.ep else 0
@@ -64,16 +61,18 @@ class Runner:
         self.vocab_start = vocab_shard_start(self.vocab, self.embedding.shape[0], group)
         # grouped_mm runs bf16 on Hopper and anything on CPU; elsewhere a loop over the experts hit.
         self.grouped = GROUPED_MM is not None and (self.device.type == "cpu" or self.dtype == torch.bfloat16)
-        self.weights = [layer_weights(layer, config, first_expert, self.grouped) for layer in self.layers]
+        self.weights = [layer_weights(layer, config, first_expert, self.grouped, self.packed) for layer in self.layers]
         shape = (len(self.layers), num_blocks, block_size, self.kv_heads, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.cuda_graphs = cuda_graphs and self.device.type == "cuda" and self.grouped
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda" and (self.grouped or self.packed)
         self.compiled = self.cuda_graphs and compile
-        pieces = (qkv, experts_block)
-        self.pieces = tuple(torch.compile(p, dynamic=True) for p in pieces) if self.compiled else pieces
-        self.max_blocks = -(-config.max_position_embeddings // block_size)
-        self.graphs: dict[int, tuple] = {}
+        wrap = (lambda f: torch.compile(f, dynamic=True)) if self.compiled else (lambda f: f)
+        moe = partial(packed_experts_block, wrap(residual_norm)) if self.packed else wrap(experts_block)
+        self.pieces = (wrap(qkv), moe)
+        max_blocks = -(-config.max_position_embeddings // block_size)
+        self.graphs = StepGraphs(self.forward, attention.decode, attention.varlen, slots, max_batched_tokens, max_blocks,
+                                 self.device) if self.cuda_graphs else None
 
     @staticmethod
     def cache_bytes_per_block(model, block_size: int, group) -> int:
@@ -111,88 +110,16 @@ class Runner:
 
     def run(self, sequences: list[Sequence], counts: list[int], decode_only: bool) -> torch.Tensor:
         """Logits (R, vocab) for the sequences whose every known token the step computes, in order."""
-        if decode_only:
-            return self._decode(sequences)
-        return self._mixed(sequences, counts)
-
-    def _tables(self, sequences: list[Sequence], width: int) -> np.ndarray:
-        tables = np.zeros((len(sequences), width), dtype=np.int32)
-        for i, seq in enumerate(sequences):
-            tables[i, : len(seq.blocks)] = seq.blocks
-        return tables
-
-    def _mixed(self, sequences: list[Sequence], counts: list[int]) -> torch.Tensor:
-        bs = self.block_size
-        ids, positions, slots, take = [], [], [], []
-        for seq, n in zip(sequences, counts):
-            span = range(seq.computed, seq.computed + n)
-            ids += seq.tokens[span.start : span.stop]
-            positions += span
-            slots += [seq.blocks[p // bs] * bs + p % bs for p in span]
-            if span.stop == len(seq.tokens):
-                take.append(len(ids) - 1)
-        cu = np.zeros(len(sequences) + 1, dtype=np.int32)
-        cu[1:] = np.cumsum(counts)
-        seq_lens = np.array([seq.computed + n for seq, n in zip(sequences, counts)], dtype=np.int32)
-        tables = self._tables(sequences, max(len(seq.blocks) for seq in sequences))
+        step = StepInputs.of(sequences, counts, self.block_size, decode_only)
+        if self.graphs is not None:
+            return self.graphs.run(step)
         dev = self.device
-        cu, seq_lens, tables = (torch.from_numpy(a).to(dev) for a in (cu, seq_lens, tables))
+        ids, positions, slots, take = (torch.from_numpy(a).to(dev) for a in (step.ids, step.positions, step.slots, step.take))
+        cu, lens, tables = (torch.from_numpy(a).to(dev) for a in (step.cu, step.seq_lens, step.tables))
 
         def attend(q, k_cache, v_cache, sinks, scaling, window):
-            return self.attention.varlen(q, k_cache, v_cache, cu, seq_lens, tables, sinks, scaling, window)
-
-        tensors = (torch.tensor(a, dtype=torch.long, device=dev) for a in (ids, positions, slots, take))
-        ids, positions, slots, take = tensors
-        return self.forward(ids, positions, slots, attend, take)
-
-    def _decode(self, sequences: list[Sequence]) -> torch.Tensor:
-        n, bs = len(sequences), self.block_size
-        positions = np.fromiter((len(s.tokens) - 1 for s in sequences), dtype=np.int64, count=n)
-        ids = np.fromiter((s.tokens[-1] for s in sequences), dtype=np.int64, count=n)
-        tables = self._tables(sequences, int(positions.max()) // bs + 1)
-        slots = tables[np.arange(n), positions // bs].astype(np.int64) * bs + positions % bs
-        if not self.cuda_graphs:
-            dev = self.device
-            lens, tables = torch.from_numpy(positions + 1).int().to(dev), torch.from_numpy(tables).to(dev)
-
-            def attend(q, k_cache, v_cache, sinks, scaling, window):
+            if decode_only:
                 return self.attention.decode(q, k_cache, v_cache, tables, lens, sinks, scaling, window)
+            return self.attention.varlen(q, k_cache, v_cache, cu, lens, tables, sinks, scaling, window)
 
-            return self.forward(*(torch.from_numpy(a).to(dev) for a in (ids, positions, slots)), attend)
-        rows = next(b for b in buckets(self.slots) if b >= n)
-        if rows not in self.graphs:
-            self.graphs[rows] = self._capture(rows)
-        graph, inputs, static_tables, logits = self.graphs[rows]
-        host = np.zeros((4, rows), dtype=np.int64)  # padded rows: token 0 at position 0, written to the null block
-        host[0, :n], host[1, :n], host[2, :n], host[3] = ids, positions, slots, 1
-        host[3, :n] = positions + 1
-        inputs.copy_(torch.from_numpy(host), non_blocking=True)
-        static_tables[:n, : tables.shape[1]].copy_(torch.from_numpy(tables), non_blocking=True)
-        graph.replay()
-        return logits[:n]
-
-    def _capture(self, rows: int):
-        """A decode step of `rows` sequences as a CUDA graph. Its inputs are static buffers: ids, positions, cache
-        rows and key counts in one (4, rows) tensor, and the block tables."""
-        inputs = torch.zeros(4, rows, dtype=torch.long, device=self.device)
-        inputs[3] = 1
-        tables = torch.zeros(rows, self.max_blocks, dtype=torch.int32, device=self.device)
-
-        def step():
-            lens = inputs[3].to(torch.int32)
-
-            def attend(q, k_cache, v_cache, sinks, scaling, window):
-                return self.attention.decode(q, k_cache, v_cache, tables, lens, sinks, scaling, window)
-
-            return self.forward(inputs[0], inputs[1], inputs[2], attend)
-
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm up outside the graph: lazy inits, autotuning, compilation
-            for _ in range(2):
-                step()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            logits = step()
-        return graph, inputs, tables, logits
+        return self.forward(ids, positions, slots, attend, None if decode_only else take)

@@ -3,7 +3,7 @@
 # its own timeout so one failure costs only itself). Wheels for what the GPU image lacks come from .whl/
 # (../shared/device/fetch-wheels) and harmony's vocabulary from .vocab/ (a copy of ../shared/tokenizer).
 #
-#   bash tests/gpu/run.sh engine-check bench-20b launcher-20b profile-20b scaling-20b
+#   bash tests/gpu/run.sh engine-check:120 bench-20b launcher-20b:300      (a step's seconds after the colon; 600)
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 OUT=${OUT:-/tmp/gpu-out}
@@ -21,19 +21,25 @@ step() {
         engine-check) python3 tests/gpu/engine_check.py ;;
         paged-check) python3 tests/gpu/paged_attention_check.py ;;
         mxfp4-check) python3 tests/gpu/mxfp4_check.py ;;
+        # 20b random weights: MXFP4 experts (model.mxfp4=auto keeps them packed where triton_kernels runs), or bf16
         bench-20b) "${BENCH[@]}" --paths isolated --batch-sizes 1 128 --new-tokens 256 --out "$OUT/bench-20b.json" "${M20[@]}" ;;
-        bench-20b-plain) "${BENCH[@]}" --paths isolated-plain --batch-sizes 1 128 --new-tokens 128 --out "$OUT/bench-20b-plain.json" "${M20[@]}" ;;
+        bench-20b-bf16) "${BENCH[@]}" --paths isolated --batch-sizes 1 128 --new-tokens 256 --out "$OUT/bench-20b-bf16.json" "${M20[@]}" model.mxfp4=dequantize ;;
+        bench-20b-plain) "${BENCH[@]}" --paths isolated-plain --batch-sizes 1 128 --new-tokens 128 --out "$OUT/bench-20b-plain.json" "${M20[@]}" model.mxfp4=dequantize ;;
         launcher-20b) "${BENCH[@]}" --paths launcher --requests 1000 --out "$OUT/launcher-20b.json" "${M20[@]}" ;;
-        plain-20b) "${BENCH[@]}" --paths plain --requests 128 --out "$OUT/plain-20b.json" "${M20[@]}" ;;
-        server-20b) "${BENCH[@]}" --paths server --requests 512 --concurrency 1 128 256 --out "$OUT/server-20b.json" "${M20[@]}" ;;
+        launcher-20b-bf16) "${BENCH[@]}" --paths launcher --requests 1000 --out "$OUT/launcher-20b-bf16.json" "${M20[@]}" model.mxfp4=dequantize ;;
+        server-20b) "${BENCH[@]}" --paths server --requests 384 --concurrency 1 128 256 --out "$OUT/server-20b.json" "${M20[@]}" ;;
         long-20b) "${BENCH[@]}" --paths launcher --workload long --requests 64 --out "$OUT/long-20b.json" "${M20[@]}" ;;
+        bench-120b) PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True python3 launch/bench.py --config configs/gpt-oss-120b.yaml \
+            --paths isolated --batch-sizes 1 64 --new-tokens 256 --out "$OUT/bench-120b.json" "${M120[@]}" ;;
         profile-20b) python3 tests/gpu/profile_decode.py --config configs/gpt-oss-20b.yaml --batch-sizes 1 128 240 "${M20[@]}" ;;
-        # The 20b front, ~4 min: the engine's server at 1, 32 and 256 clients (one server: ~1 min of loading and
-        # compiling, then ~1 min of points), the plain recipe in batches of 1 and 16 (a job each, ~1 min each).
-        # MXFP4 experts once they land: add --variant mxfp4:model.mxfp4=require (~2 min more). Swept in /tmp, so a
-        # call that ran out of time resumes there on the same machine; the report comes back in $OUT.
+        # The 20b front, ~6 min: the engine's server with bf16 experts and with MXFP4 ones, each at 1, 32 and 256
+        # clients (a server a variant: ~1 min of loading and compiling, then ~1 min of points), and the plain recipe
+        # (bf16 experts) in batches of 1 and 16 (a job each, ~1 min each): model.mxfp4=dequantize for every job, which
+        # the mxfp4 variant overrides. Swept in /tmp, so a call that ran out of time resumes there on the same
+        # machine; the report comes back in $OUT.
         scaling-20b) python3 launch/scaling.py run --config configs/gpt-oss-20b.yaml --out /tmp/scaling-20b --paths server plain \
-                         --concurrency 1 32 256 --plain-concurrency 1 16 --rounds 2 --variant bf16 "${M20[@]}"
+                         --concurrency 1 32 256 --plain-concurrency 1 16 --rounds 2 --variant bf16 \
+                         --variant mxfp4:model.mxfp4=require "${M20[@]}" model.mxfp4=dequantize
                      status=$?
                      mkdir -p "$OUT/scaling-20b" && cp /tmp/scaling-20b/{front.png,results.csv,results.json,summary.md} "$OUT/scaling-20b/"
                      return $status ;;

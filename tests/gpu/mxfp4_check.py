@@ -1,0 +1,188 @@
+"""GPU check of experts kept in MXFP4 (parallel/engine/mxfp4.py) through triton_kernels (CI has no GPU; run by
+hand; gpt-oss-120b on one GPU is measured by launch/bench.py, tests/gpu/run.sh's bench-120b):
+
+    python tests/gpu/mxfp4_check.py
+
+1. One MoE layer at gpt-oss-20b's shape (32 experts, hidden and intermediate 2880, top-4) and 120b's (128
+   experts), 1 and 128 tokens, all experts and an ep share (the second half): triton_kernels' output, eager and
+   replayed from a CUDA graph on new inputs, against a float32 reference on the same packed weights (relative L2
+   error), beside torch's bf16 grouped_mm on the weights dequantized (the engine's bf16 path); a layer's time,
+   each path replayed from a CUDA graph.
+2. Greedy tokens: the taught tiny model (tests/taught.py) with its experts quantized to MXFP4, through the engine
+   in bf16 (CUDA graphs, torch.compile) on the packed experts, against the same engine on them dequantized.
+Exits non-zero if an error is over TOLERANCE (~3e-3 expected), a graph replay differs from eager, or a token differs.
+"""
+
+import gc
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+# tests/conftest.py (for `quantize`) turns Triton's interpreter on where it sees no /dev/nvidia0.
+os.environ.setdefault("TRITON_INTERPRET", "0")
+
+import torch  # noqa: E402
+from transformers import GptOssForCausalLM  # noqa: E402
+
+from parallel.config import EngineConfig  # noqa: E402
+from parallel.engine.engine import Engine  # noqa: E402
+from parallel.engine.forward import experts as engine_experts  # noqa: E402
+from parallel.engine.interface import Sampling, Work, complete  # noqa: E402
+from parallel.engine.mxfp4 import Mxfp4Experts, dequantize  # noqa: E402
+from parallel.protocol.harmony import encoding, render_prompt, stop_tokens  # noqa: E402
+from parallel.protocol.requests import parse_request  # noqa: E402
+from tests.conftest import quantize  # noqa: E402
+from tests.taught import LESSONS, teach  # noqa: E402
+
+HIDDEN = INNER = 2880
+MATH = {"top_k": 4, "limit": 7.0, "alpha": 1.702}
+TOLERANCE = 1e-2
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative L2 error; 0 where both are zero (a token none of whose experts this share holds)."""
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def layer_inputs(experts: int, tokens: int, gen: torch.Generator):
+    """Tokens and a router whose logits are exact in bf16 and float32 and never tie, so that every path picks the
+    same experts and the errors measure the experts' arithmetic alone: expert e's logit is the token's feature e,
+    and the first `experts` features are a permutation of distinct multiples of 1/64."""
+    h = torch.randn(tokens, HIDDEN, device="cuda", generator=gen)
+    h[:, :experts] = (torch.rand(tokens, experts, device="cuda", generator=gen).argsort(dim=1) + 1) / 64
+    router_w = torch.eye(experts, HIDDEN, device="cuda", dtype=torch.bfloat16)
+    return h.bfloat16(), router_w, torch.zeros(experts, device="cuda", dtype=torch.bfloat16)
+
+
+def in_graph(fn, *static):
+    """fn(*static) captured in a CUDA graph, warmed up beside it first (lazy inits, compiles) as the engine does."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn(*static)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn(*static)
+    return graph, out
+
+
+def replay_us(graph: torch.cuda.CUDAGraph, reps: int = 50) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    graph.replay()
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1000 / reps
+
+
+@torch.no_grad()
+def layer_rows(name: str, total: int, local: int, first: int, gen: torch.Generator) -> list[dict]:
+    """A layer of `local` random experts from `first` on: both token counts, every path."""
+    reference = Mxfp4Experts.random_packed(local, HIDDEN, INNER, device="cuda", dtype=torch.float32, first_expert=first, **MATH)
+    with torch.device("cuda"):
+        fast = Mxfp4Experts(local, HIDDEN, INNER, first_expert=first, **MATH)
+    fast.load_state_dict(reference.state_dict())
+    fast.prepare(torch.bfloat16)
+    assert fast.kernel is not None, "triton_kernels did not take the experts"
+    bf16 = (dequantize(reference.gate_up_proj_blocks, reference.gate_up_proj_scales, torch.bfloat16),
+            reference.gate_up_proj_bias.bfloat16(),
+            dequantize(reference.down_proj_blocks, reference.down_proj_scales, torch.bfloat16),
+            reference.down_proj_bias.bfloat16())
+
+    def grouped(h, router_w, router_b):
+        return engine_experts(h, router_w, router_b, *bf16, first, MATH["top_k"], MATH["limit"], MATH["alpha"], True)
+
+    rows = []
+    for tokens in (1, 128):
+        h, router_w, router_b = layer_inputs(total, tokens, gen)
+        # Captured on one input, replayed on another: the routing must be recomputed inside the graph.
+        static = layer_inputs(total, tokens, gen)[0]
+        graph, graphed = in_graph(fast, static, router_w, router_b)
+        static.copy_(h)
+        graph.replay()
+        truth, eager = reference(h.float(), router_w, router_b), fast(h, router_w, router_b)
+        grouped_graph, _ = in_graph(grouped, h, router_w, router_b)
+        rows.append(dict(layer=f"{name} experts {first}-{first + local - 1} of {total}", tokens=tokens,
+                         mxfp4=relative(eager, truth), graph=relative(graphed, truth), same=torch.equal(graphed, eager),
+                         bf16=relative(grouped(h, router_w, router_b), truth), mxfp4_us=replay_us(graph),
+                         bf16_us=replay_us(grouped_graph)))
+        del graph, grouped_graph
+    return rows
+
+
+def layer_check() -> bool:
+    gen = torch.Generator("cuda").manual_seed(0)
+    print(f"{'layer':<34} {'tokens':>6} {'MXFP4 err':>9} {'in graph':>9} {'= eager':>7} {'bf16 err':>9} "
+          f"{'MXFP4 us':>9} {'bf16 us':>8}", flush=True)
+    ok = True
+    for name, total in (("20b", 32), ("120b", 128)):
+        for local, first in ((total, 0), (total // 2, total // 2)):
+            for r in layer_rows(name, total, local, first, gen):
+                print(f"{r['layer']:<34} {r['tokens']:>6} {r['mxfp4']:>9.2e} {r['graph']:>9.2e} {r['same']!s:>7} "
+                      f"{r['bf16']:>9.2e} {r['mxfp4_us']:>9.1f} {r['bf16_us']:>8.1f}", flush=True)
+                ok &= r["mxfp4"] <= TOLERANCE and r["graph"] <= TOLERANCE and r["same"]
+            gc.collect()
+            torch.cuda.empty_cache()
+    return ok
+
+
+def packed_twin(experts, config) -> Mxfp4Experts:
+    """A layer's float experts quantized to MXFP4, as Mxfp4Experts on the GPU; the float ones are set to the
+    values those dequantize to, so that both hold the same weights."""
+    with torch.device("cuda"):
+        packed = Mxfp4Experts(config.num_local_experts, config.hidden_size, config.intermediate_size,
+                              top_k=config.num_experts_per_tok, limit=config.swiglu_limit, alpha=config.swiglu_alpha)
+    state = {}
+    for name in ("gate_up_proj", "down_proj"):
+        weight = getattr(experts, name)
+        state[f"{name}_blocks"], state[f"{name}_scales"], dequantized = quantize(weight.detach().float().cpu())
+        state[f"{name}_bias"] = getattr(experts, f"{name}_bias").float()
+        weight.data.copy_(dequantized)
+    packed.load_state_dict(state)
+    packed.prepare(torch.bfloat16)
+    return packed
+
+
+def greedy_check() -> bool:
+    enc = encoding()
+    model = GptOssForCausalLM.from_pretrained(teach(Path(tempfile.mkdtemp()), device="cuda"), dtype=torch.bfloat16,
+                                              attn_implementation="eager").cuda().eval()
+    prompts = [render_prompt(enc, parse_request(obj, 0), "medium") for obj, _ in LESSONS]
+    answers = [enc.encode(text, allowed_special="all") for _, text in LESSONS]
+    twins = [packed_twin(layer.mlp.experts, model.config) for layer in model.model.layers]
+    runs = {}
+    for kind in ("dequantized", "mxfp4"):
+        if kind == "mxfp4":
+            for layer, packed in zip(model.model.layers, twins):
+                layer.mlp.experts = packed
+        engine = Engine(model, EngineConfig(slots=2), stop_tokens(enc))
+        out = complete(engine, [Work(i, p, 64, Sampling()) for i, p in enumerate(prompts)])
+        runs[kind] = [out[i][0] for i in range(len(prompts))]
+        print(f"engine, {kind} experts ({engine.describe()}): {sum(t == a for t, a in zip(runs[kind], answers))}/"
+              f"{len(answers)} lessons answered token for token", flush=True)
+    same = sum(a == b for a, b in zip(runs["mxfp4"], runs["dequantized"]))
+    print(f"greedy bf16: MXFP4 experts = dequantized experts on {same}/{len(prompts)} prompts", flush=True)
+    return same == len(prompts)
+
+
+def main() -> int:
+    import triton
+
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
+    checks = [layer_check, greedy_check]
+    ok = True
+    for check in checks:
+        ok &= check()
+        gc.collect()
+        torch.cuda.empty_cache()
+    print("OK" if ok else "FAILED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
