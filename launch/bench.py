@@ -55,11 +55,13 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 128])
     parser.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per job")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--workdir", type=Path, help="workload, outputs and the jobs' logs (default: a new temporary folder)")
     parser.add_argument("overrides", nargs="*")
     args = parse_args_and_overrides(parser)
 
     enc = encoding()
-    workdir = Path(tempfile.mkdtemp(prefix="bench-"))
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
     workload = workdir / f"{args.workload}.jsonl"
     drawn = write_workload(workload, enc, args.workload, args.requests, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens)
     result = {"machine": machine(), "workload": {"kind": args.workload, "requests": args.requests,

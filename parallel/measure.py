@@ -66,13 +66,17 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 def run_launcher(config: str, workload: Path, out: Path, nproc: int, overrides: list[str], timeout_s: float = 3600) -> dict:
-    """One batch job; its metrics plus output tok/s, total tok/s and the records' time-to-first-token spread."""
+    """One batch job (its log beside its output, as it runs); its metrics plus output tok/s, total tok/s and the
+    records' time-to-first-token spread."""
     out.unlink(missing_ok=True)
     cmd = [*torchrun("generate.py", nproc), "--config", config, f"data.input={workload}", f"data.output={out}",
            "runtime.progress=false", "output.echo=false", *overrides]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=job_env())
-    if run.returncode:
-        raise RuntimeError(f"launcher failed ({' '.join(overrides)}):\n{run.stderr[-4000:]}")
+    log = Path(f"{out}.log")
+    with open(log, "w") as f:
+        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=timeout_s, env=job_env()).returncode
+    stderr = log.read_text()
+    if code:
+        raise RuntimeError(f"launcher failed ({' '.join(overrides)}):\n{stderr[-4000:]}")
     metrics = json.loads(Path(f"{out}.metrics.json").read_text())
     records = [json.loads(line) for line in out.read_text().split("\n") if line]
     first = [r["timing"]["queued_s"] + r["timing"]["first_token_s"] for r in records if "timing" in r]
@@ -85,7 +89,7 @@ def run_launcher(config: str, workload: Path, out: Path, nproc: int, overrides: 
         "ttft_p50_s": percentile(first, 50), "ttft_p99_s": percentile(first, 99),
         "last_first_token_s": round(max(first), 3) if first else None,
         "peak_gpu_memory_gib": metrics["peak_gpu_memory_gib"], "layout": metrics["layout"],
-        "backend": [line.split("] ", 1)[1] for line in run.stderr.splitlines() if "] replica " in line],
+        "backend": [line.split("] ", 1)[1] for line in stderr.splitlines() if "] replica " in line],
     }
 
 

@@ -11,6 +11,7 @@ is preempted and recomputed later. Full blocks are shared between requests with 
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Callable, Iterable
 
@@ -70,7 +71,7 @@ class Engine:
     def _experts_path(self) -> str:
         if self.runner.packed:
             return f"MXFP4 through {self.runner.layers[0].mlp.experts.path}"
-        return "bf16 grouped_mm" if self.runner.grouped else "an expert loop"
+        return "grouped_mm" if self.runner.grouped else "an expert loop"
 
     # -- the Backend interface ------------------------------------------------------------------------------
 
@@ -163,6 +164,7 @@ def _cache_bytes(cfg: EngineConfig, device: torch.device) -> int:
         return int(cfg.cache_gib * 2**30)
     if device.type != "cuda":
         return CPU_CACHE_BYTES
+    gc.collect()  # an engine dropped before this one holds its cache until its reference cycles are collected
     torch.cuda.empty_cache()
     free = torch.cuda.mem_get_info(device)[0] - CACHE_HEADROOM_BYTES
     log(f"engine: {free / 2**30:.1f} GiB of GPU memory for the KV cache")

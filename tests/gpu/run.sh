@@ -14,7 +14,7 @@ fi
 export PYTHONPATH=/tmp/site:$PWD TIKTOKEN_ENCODINGS_BASE=$PWD/.vocab PYTHONUNBUFFERED=1
 M20=(model.path=builtin:gpt-oss-20b model.load_format=dummy)
 M120=(model.path=builtin:gpt-oss-120b model.load_format=dummy)
-BENCH=(python3 launch/bench.py --config configs/gpt-oss-20b.yaml)
+BENCH=(python3 launch/bench.py --config configs/gpt-oss-20b.yaml --workdir /tmp/jobs)
 
 step() {
     case "$1" in
@@ -23,14 +23,14 @@ step() {
         mxfp4-check) python3 tests/gpu/mxfp4_check.py ;;
         # 20b random weights: MXFP4 experts (model.mxfp4=auto keeps them packed where triton_kernels runs), or bf16
         bench-20b) "${BENCH[@]}" --paths isolated --batch-sizes 1 128 --new-tokens 256 --out "$OUT/bench-20b.json" "${M20[@]}" ;;
-        bench-20b-bf16) "${BENCH[@]}" --paths isolated --batch-sizes 1 128 --new-tokens 256 --out "$OUT/bench-20b-bf16.json" "${M20[@]}" model.mxfp4=dequantize ;;
-        bench-20b-plain) "${BENCH[@]}" --paths isolated-plain --batch-sizes 1 128 --new-tokens 128 --out "$OUT/bench-20b-plain.json" "${M20[@]}" model.mxfp4=dequantize ;;
+        # bf16 experts: the engine and the plain recipe (model.generate) on the same model, in one process
+        bench-20b-bf16) "${BENCH[@]}" --paths isolated isolated-plain --batch-sizes 1 128 --new-tokens 128 --out "$OUT/bench-20b-bf16.json" "${M20[@]}" model.mxfp4=dequantize ;;
         launcher-20b) "${BENCH[@]}" --paths launcher --requests 1000 --out "$OUT/launcher-20b.json" "${M20[@]}" ;;
         launcher-20b-bf16) "${BENCH[@]}" --paths launcher --requests 1000 --out "$OUT/launcher-20b-bf16.json" "${M20[@]}" model.mxfp4=dequantize ;;
         server-20b) "${BENCH[@]}" --paths server --requests 384 --concurrency 1 128 256 --out "$OUT/server-20b.json" "${M20[@]}" ;;
         long-20b) "${BENCH[@]}" --paths launcher --workload long --requests 64 --out "$OUT/long-20b.json" "${M20[@]}" ;;
         bench-120b) PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True python3 launch/bench.py --config configs/gpt-oss-120b.yaml \
-            --paths isolated --batch-sizes 1 64 --new-tokens 256 --out "$OUT/bench-120b.json" "${M120[@]}" ;;
+            --paths isolated --batch-sizes 1 64 --new-tokens 256 --workdir /tmp/jobs --out "$OUT/bench-120b.json" "${M120[@]}" ;;
         profile-20b) python3 tests/gpu/profile_decode.py --config configs/gpt-oss-20b.yaml --batch-sizes 1 128 240 "${M20[@]}" ;;
         # The 20b front, ~6 min: the engine's server with bf16 experts and with MXFP4 ones, each at 1, 32 and 256
         # clients (a server a variant: ~1 min of loading and compiling, then ~1 min of points), and the plain recipe
@@ -50,8 +50,12 @@ step() {
 for name in "$@"; do
     limit=${name##*:}; name=${name%%:*}; [ "$limit" = "$name" ] && limit=600
     start=$(date +%s)
+    rm -rf /tmp/jobs
     timeout "$limit" bash -c "$(declare -f step); $(declare -p M20 M120 BENCH OUT); step $name" > "$OUT/$name.log" 2>&1
-    echo "== $name: exit $? in $(( $(date +%s) - start )) s"
+    code=$?
+    # the jobs a bench step started: the end of their logs, with the engine's step counts
+    for job in /tmp/jobs/*.log; do [ -f "$job" ] && { echo "--- $job"; grep -v "Loading weights" "$job" | tail -n 12; } >> "$OUT/$name.log"; done
+    echo "== $name: exit $code in $(( $(date +%s) - start )) s"
     tail -n 15 "$OUT/$name.log" | grep -v "Loading weights"
 done
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
