@@ -67,6 +67,8 @@ def test_a_killed_sweep_reruns_only_its_missing_points(tmp_path):
         requests = int(r["concurrency"]) * (ROUNDS if r["path"] == "launcher" else 1)
         assert (int(r["requests"]), int(r["output_tokens"])) == (requests, requests * NEW_TOKENS)
         assert r["gpus"] == ("1" if r["layout"] == "1" else "2") and r["machine"].startswith("CPU")
+        generation = "generation: plain model.generate" if r["path"] == "plain" else "generation: the engine"
+        assert generation in (out / "logs" / f"{r['point']}.log").read_text()  # each job's log is kept
     assert "| dp=2 (2 GPUs) · launcher | 2 |" in (out / "summary.md").read_text()
 
 

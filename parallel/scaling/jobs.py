@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from datetime import datetime
 from pathlib import Path
@@ -37,23 +38,26 @@ def prepare(sweep: Sweep, out: Path) -> None:
 
 
 def run_job(sweep: Sweep, job: Job, out: Path, concurrency: list[int]) -> None:
-    """Measure the job's points at these concurrencies, writing each one's result as it comes. A server's log
-    stays in <out>/logs; a launcher job that fails raises with the end of its log."""
-    points, here = Points(out), machine()
+    """Measure the job's points at these concurrencies, writing each one's result as it comes. Its logs stay in
+    <out>/logs (a launcher job's records go with its temporary folder, once measured); a job that fails raises
+    with the end of its log."""
+    points, here, logs = Points(out), machine(), out / "logs"
+    logs.mkdir(exist_ok=True)
     config, overrides = sweep.job_config(job)
     workload = out / "workload.jsonl"
     if job.path == "server":
-        (out / "logs").mkdir(exist_ok=True)
-        log = out / "logs" / f"{job.name}.log"
+        log = logs / f"{job.name}.log"
         measured = run_server(config, workload, job.gpus, concurrency, overrides, log, sweep.rounds, allocation_hosts())
         for figures in measured:
             points.write(result(job, figures["concurrency"], figures, here))
         return
     for c in concurrency:
         with tempfile.TemporaryDirectory(prefix="scaling-") as work:
-            share = head(workload, sweep.requests(job, c), Path(work) / "input.jsonl")
-            figures = run_launcher(config, share, Path(work) / "output.jsonl", job.gpus,
-                                   [*overrides, *concurrency_overrides(job, c)])
+            share, output = head(workload, sweep.requests(job, c), Path(work) / "input.jsonl"), Path(work) / "output.jsonl"
+            try:
+                figures = run_launcher(config, share, output, job.gpus, [*overrides, *concurrency_overrides(job, c)])
+            finally:
+                shutil.move(f"{output}.log", logs / f"{job.point(c)}.log")
         points.write(result(job, c, figures, here))
 
 
