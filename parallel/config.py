@@ -115,8 +115,9 @@ class EngineConfig:
     # `auto`: the fast engine (parallel/engine.py) on GPU for every layout but pipelines, else the plain
     # `model.generate` path; `always` also on CPU (exact there, not fast); `never`: always the plain path.
     mode: EngineMode = EngineMode.auto
-    # Requests a replica runs at a time (the engine); more wait for a finished one's place.
-    slots: int = 256
+    # Requests a replica runs at a time (the engine); more wait for a finished one's place. Large, like vLLM's
+    # max_num_seqs: a batch job's requests then all start early, so its long ones do not end it at a small batch.
+    slots: int = 1024
     cuda_graphs: bool = True
     # torch.compile the decode step's pieces inside the graphs (GPU): fewer, fused kernels a step.
     compile: bool = True

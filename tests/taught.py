@@ -16,12 +16,16 @@ from parallel.distributed.checkpoint import TINY, resolve_checkpoint
 from parallel.protocol.harmony import encoding, render_prompt
 from parallel.protocol.requests import parse_request
 
-WEATHER = {"name": "get_weather", "description": "The weather now", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+# The tool as the Agents SDK's @function_tool describes `def get_weather(city: str)` documented "The weather now", so
+# that the SDK's requests render as taught (tests/test_agents_sdk.py checks the SDK still makes this schema).
+WEATHER = {"name": "get_weather", "description": "The weather now", "parameters": {
+    "type": "object", "title": "get_weather_args", "properties": {"city": {"title": "City", "type": "string"}},
+    "required": ["city"], "additionalProperties": False}}
 TOOLS = [{"type": "function", "function": WEATHER}]
 HELLO = [{"role": "user", "content": "Say hello."}]
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 THINK, ARGUMENTS, TEMPERATURE = "Look it up.", '{"city":"Paris"}', '{"temp_c": 20}'
-CALLED = [{"role": "assistant", "content": None, "reasoning_content": THINK,
+CALLED = [{"role": "assistant", "content": None, "reasoning": THINK,
            "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": ARGUMENTS}}]},
           {"role": "tool", "tool_call_id": "call_1", "content": TEMPERATURE}]
 GREETING, GREET_REASONING, ANSWER = "Hello!", "Greet them.", "It is 20 C in Paris."

@@ -133,3 +133,11 @@ def test_experts_without_float_weights_fall_back_to_the_plain_path(enc):
     experts.gate_up_proj_blocks = experts.gate_up_proj
     del experts.gate_up_proj
     assert isinstance(choose_backend(model, EngineConfig(mode="always"), 1, 4, stop_tokens(enc), PAD), Plain)
+
+
+@pytest.mark.parametrize("backend", ["engine", "plain"])
+def test_a_prompt_with_token_ids_outside_the_vocabulary_is_refused_alone(tiny, enc, prompts, backend):
+    runner = engine(tiny, enc) if backend == "engine" else Plain(tiny, 4, stop_tokens(enc), PAD)
+    out = complete(runner, [Work(0, [10**9], 5, Sampling()), Work(1, [-1], 5, Sampling()), Work(2, prompts[0], 3, Sampling())])
+    assert [out[i][1].reason.startswith("error: prompt token ids") for i in range(3)] == [True, True, False]
+    assert len(out[2][0]) == 3

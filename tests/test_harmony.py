@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from parallel.protocol.harmony import conversation, parse_completion, render_prompt
 from parallel.protocol.requests import parse_line
 
@@ -88,6 +90,35 @@ def test_prior_reasoning_is_dropped_once_a_final_answer_follows(enc):
         {"role": "assistant", "reasoning_content": "secret thoughts", "content": "Hello"},
         {"role": "user", "content": "Bye"},
     ])
-    assert len(conversation(req, "medium").messages) == 5  # system, user, analysis, final, user
+    assert len(conversation(req, "medium").messages) == 4  # system, user, final, user
     text = enc.decode(render_prompt(enc, req, "medium"))
     assert "secret thoughts" not in text and "<|channel|>final<|message|>Hello<|end|>" in text
+
+
+def called(reasoning_key, thought, arguments, content=None):
+    call = {"id": f"c{thought}", "type": "function", "function": {"name": "get_weather", "arguments": arguments}}
+    return [{"role": "assistant", "content": content, reasoning_key: thought, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": f"c{thought}", "content": '{"sky": "clear"}'}]
+
+
+@pytest.mark.parametrize("key", ["reasoning_content", "reasoning"])
+def test_reasoning_passed_back_is_the_analysis_before_its_tool_call(enc, key):
+    """OpenAI's gpt-oss guide: the chain of thought a tool call came from goes back in until the final answer."""
+    req = request(tools=[WEATHER_TOOL], messages=[{"role": "user", "content": "Weather?"}, *called(key, "Need the tool.", "{}")])
+    text = enc.decode(render_prompt(enc, req, "medium"))
+    assert ("<|start|>assistant<|channel|>analysis<|message|>Need the tool.<|end|>"
+            "<|start|>assistant to=functions.get_weather<|channel|>commentary <|constrain|>json<|message|>{}<|call|>") in text
+
+
+def test_only_the_reasoning_since_the_last_final_answer_is_kept(enc):
+    """harmony 0.0.8 on its own would keep the first turn's analysis here (the last assistant message is a call), and
+    after the third turn's answer the second's and third's (it drops only what precedes the first final answer)."""
+    first = [{"role": "user", "content": "Hi"}, {"role": "assistant", "reasoning": "R1", "content": "Hello"}]
+    calling = [{"role": "user", "content": "Weather?"}, *called("reasoning", "R2", '{"city":"Paris"}'),
+               *called("reasoning", "R3", '{"city":"Rome"}', content="Checking Rome too.")]
+    text = enc.decode(render_prompt(enc, request(tools=[WEATHER_TOOL], messages=first + calling), "medium"))
+    assert "R1" not in text and "R2<|end|>" in text and "R3<|end|>" in text
+    assert "<|channel|>commentary<|message|>Checking Rome too.<|end|>" in text  # a preamble beside calls is not final
+    answered = first + calling + [{"role": "assistant", "reasoning": "R4", "content": "Sunny."}, {"role": "user", "content": "Thanks"}]
+    text = enc.decode(render_prompt(enc, request(tools=[WEATHER_TOOL], messages=answered), "medium"))
+    assert not any(r in text for r in ("R1", "R2", "R3", "R4")) and text.count("<|call|>") == 2

@@ -3,6 +3,7 @@
 import pytest
 
 from parallel.protocol.harmony import HarmonyStream, render_prompt
+from parallel.protocol.requests import message_text
 from parallel.serve.openai_api import (
     ApiError,
     ChatReply,
@@ -64,3 +65,53 @@ def test_bad_chat_bodies_name_the_parameter(body, param):
     with pytest.raises(ApiError) as e:
         chat_call(body, "m")
     assert e.value.status == 400 and e.value.param == param
+
+
+def test_chat_reply_carries_the_chain_of_thought_as_reasoning(enc):
+    """`reasoning`, not `reasoning_content`: the field OpenAI's gpt-oss guides ask for, and the only one the Agents SDK
+    passes back (it keeps a `reasoning_content` as a summary and sends it nowhere)."""
+    text = f"<|channel|>analysis<|message|>{THINK}<|end|><|start|>assistant<|channel|>final<|message|>Hi<|return|>"
+    chunks, result = reply_to(enc, ChatReply("m", 10, False), text, "stop")
+    assert result["choices"][0]["message"]["reasoning"] == THINK and "reasoning_content" not in result["choices"][0]["message"]
+    assert "".join(c["choices"][0]["delta"].get("reasoning", "") for c in chunks) == THINK
+
+
+RESPONSES_BODY = {"model": "m", "input": ASK}
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("previous_response_id", "resp_1"),
+        ("conversation", "conv_1"),
+        ("background", True),
+        ("truncation", "auto"),
+        ("text", {"format": {"type": "json_schema", "name": "x", "schema": {}}}),
+        ("include", ["message.output_text.logprobs"]),
+        ("top_logprobs", 2),
+    ],
+)
+def test_responses_fields_the_server_cannot_honour_are_refused_by_name(field, value):
+    with pytest.raises(ApiError) as e:
+        responses_call({**RESPONSES_BODY, field: value}, "m")
+    assert e.value.status == 400 and e.value.param == field and field in str(e.value)
+
+
+@pytest.mark.parametrize("field, value", [("response_format", {"type": "json_object"}), ("logprobs", True), ("presence_penalty", 0.5)])
+def test_chat_fields_the_server_cannot_honour_are_refused_by_name(field, value):
+    with pytest.raises(ApiError) as e:
+        chat_call({"model": "m", "messages": ASK, field: value}, "m")
+    assert e.value.status == 400 and e.value.param == field
+
+
+def test_what_the_agents_sdk_may_send_is_accepted():
+    """The fields the Agents SDK sends from its ModelSettings that change nothing here, and tool outputs as parts."""
+    body = {**RESPONSES_BODY, "include": ["reasoning.encrypted_content"], "store": False, "parallel_tool_calls": True,
+            "metadata": {"run": "1"}, "text": {"format": {"type": "text"}, "verbosity": "low"}, "truncation": "disabled",
+            "reasoning": {"effort": "high", "summary": "auto"}, "tool_choice": "auto", "instructions": "Be brief."}
+    call = responses_call(body, "m")
+    assert call.request.reasoning_effort == "high" and call.request.messages[0] == {"role": "system", "content": "Be brief."}
+    parts = [{"type": "function_call", "call_id": "c", "name": "get_weather", "arguments": ARGUMENTS},
+             {"type": "function_call_output", "call_id": "c", "output": [{"type": "input_text", "text": CALLED[1]["content"]}]}]
+    tool = responses_call({**RESPONSES_BODY, "input": ASK + parts}, "m").request.messages[-1]
+    assert tool["role"] == "tool" and message_text(tool["content"]) == CALLED[1]["content"]

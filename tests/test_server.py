@@ -101,7 +101,7 @@ def test_chat_completion_returns_reasoning_and_answer(client):
     api, model = client
     r = api.chat.completions.create(model=model, messages=HELLO)
     message = r.choices[0].message
-    assert (message.content, message.reasoning_content, r.choices[0].finish_reason) == (GREETING, GREET_REASONING, "stop")
+    assert (message.content, message.reasoning, r.choices[0].finish_reason) == (GREETING, GREET_REASONING, "stop")
     assert r.usage.prompt_tokens > 0 and r.usage.completion_tokens > 0
 
 
@@ -110,7 +110,7 @@ def test_streamed_chat_completion_builds_the_same_answer(client):
     chunks = list(api.chat.completions.create(model=model, messages=HELLO, stream=True, stream_options={"include_usage": True}))
     deltas = [c.choices[0].delta for c in chunks if c.choices]
     assert "".join(d.content or "" for d in deltas) == GREETING
-    assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == GREET_REASONING
+    assert "".join(getattr(d, "reasoning", None) or "" for d in deltas) == GREET_REASONING
     assert len([d for d in deltas if d.content]) > 1, "the answer came in one piece, not streamed"
     assert chunks[-1].usage.completion_tokens > 0
 
@@ -131,9 +131,9 @@ def test_chat_tool_call_round_trip(client):
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
     call = choice.message.tool_calls[0]
     assert (call.function.name, call.function.arguments) == ("get_weather", ARGUMENTS)
-    assert choice.message.reasoning_content == THINK
+    assert choice.message.reasoning == THINK
 
-    assistant = {"role": "assistant", "content": None, "reasoning_content": THINK, "tool_calls": [call.model_dump()]}
+    assistant = {"role": "assistant", "content": None, "reasoning": THINK, "tool_calls": [call.model_dump()]}
     tool = {"role": "tool", "tool_call_id": call.id, "content": CALLED[1]["content"]}
     second = api.chat.completions.create(model=model, messages=[*ASK, assistant, tool], tools=TOOLS)
     assert (second.choices[0].message.content, second.choices[0].finish_reason) == (ANSWER, "stop")

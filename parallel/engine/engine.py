@@ -78,6 +78,9 @@ class Engine:
     def add(self, work: list[Work]) -> None:
         for w in work:
             seq = Sequence.of(w)
+            if not w.prompt or min(w.prompt) < 0 or max(w.prompt) >= self.runner.vocab:
+                self.pending.append(Event(w.rid, [], f"error: prompt token ids must be in [0, {self.runner.vocab})"))
+                continue
             if not self.scheduler.fits(seq):
                 tokens = self.pool.capacity * self.pool.block_size
                 self.pending.append(Event(w.rid, [], f"error: {len(w.prompt)} prompt tokens + {w.max_new_tokens} new "

@@ -20,7 +20,7 @@ class Plain:
     def __init__(self, model, batch_size: int, stop: dict[int, str], pad_id: int):
         self.model, self.batch_size, self.stop, self.pad_id = model, batch_size, stop, pad_id
         self.waiting: deque[tuple[Work, float]] = deque()
-        self.cancelled: list[Event] = []
+        self.cancelled: list[Event] = []  # requests ended before they ran (aborted, refused)
         self.batches = 0
 
     def describe(self) -> str:
@@ -31,7 +31,12 @@ class Plain:
 
     def add(self, work: list[Work]) -> None:
         now = time.perf_counter()
-        self.waiting.extend((w, now) for w in work)
+        vocab = self.model.config.vocab_size
+        for w in work:
+            if not w.prompt or min(w.prompt) < 0 or max(w.prompt) >= vocab:
+                self.cancelled.append(Event(w.rid, [], f"error: prompt token ids must be in [0, {vocab})"))
+            else:
+                self.waiting.append((w, now))
 
     def abort(self, rids: Iterable[int]) -> None:
         rids = set(rids)
@@ -46,14 +51,15 @@ class Plain:
         return max(0, 2 * self.batch_size - len(self.waiting))
 
     def step(self, publish: Callable[[list[Event]], None], aborted: Callable[[], set[int]]) -> None:
-        """One batch: the oldest waiting request and the next ones that sample the same way."""
+        """One batch: the oldest waiting request and the next ones that sample the same way (seeds aside: a batch
+        draws from one generator, seeded by its first request's seed)."""
         if self.cancelled:
             publish(self.cancelled)
             self.cancelled = []
         if not self.waiting:
             return
-        kind = self.waiting[0][0].sampling
-        batch = [i for i in self.waiting if i[0].sampling == kind][: self.batch_size]
+        kind = _alike(self.waiting[0][0].sampling)
+        batch = [i for i in self.waiting if _alike(i[0].sampling) == kind][: self.batch_size]
         for item in batch:
             self.waiting.remove(item)
         self.batches += 1
@@ -120,6 +126,10 @@ class _Batch(BaseStreamer, StoppingCriteria):
         if ended:
             self.publish(ended)
         return torch.tensor(self.done, device=input_ids.device)
+
+
+def _alike(sampling: Sampling) -> tuple:
+    return sampling.temperature, sampling.top_p, sampling.ignore_eos
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:

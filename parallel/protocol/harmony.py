@@ -18,6 +18,7 @@ from openai_harmony import (
     HarmonyError,
     Message,
     ReasoningEffort,
+    RenderConversationConfig,
     Role,
     StreamableParser,
     StreamState,
@@ -29,6 +30,9 @@ from openai_harmony import (
 from parallel.protocol.requests import Request, message_text
 
 FUNCTIONS = "functions."
+# The longest header a message may have (`<|start|>assistant<|channel|>commentary to=functions.name
+# <|constrain|>json<|message|>` is about a dozen tokens).
+MAX_HEADER_TOKENS = 32
 # gpt-oss pads with <|endoftext|>; it never appears inside a rendered conversation.
 PAD_TOKEN = "<|endoftext|>"
 
@@ -64,8 +68,10 @@ def stop_tokens(enc: HarmonyEncoding) -> dict[int, str]:
 
 
 def render_prompt(enc: HarmonyEncoding, req: Request, default_effort: str, date: str | None = None) -> list[int]:
-    """The request as harmony tokens, ending with `<|start|>assistant` for the model to continue."""
-    return enc.render_conversation_for_completion(conversation(req, default_effort, date), Role.ASSISTANT)
+    """The request as harmony tokens, ending with `<|start|>assistant` for the model to continue. Earlier reasoning is
+    kept or dropped by conversation(), not by harmony's own rule (see _drop_finished_reasoning)."""
+    return enc.render_conversation_for_completion(conversation(req, default_effort, date), Role.ASSISTANT,
+                                                  RenderConversationConfig(auto_drop_analysis=False))
 
 
 def conversation(req: Request, default_effort: str, date: str | None = None) -> Conversation:
@@ -98,7 +104,19 @@ def conversation(req: Request, default_effort: str, date: str | None = None) -> 
                 .with_channel("commentary")
                 .with_recipient("assistant")
             )
-    return Conversation.from_messages(messages)
+    return Conversation.from_messages(_drop_finished_reasoning(messages))
+
+
+def _drop_finished_reasoning(messages: list[Message]) -> list[Message]:
+    """OpenAI's guide to gpt-oss's raw chain of thought: once the assistant has answered on the final channel, the
+    analysis before that answer is dropped; the analysis since (a turn still calling tools, whose reasoning the client
+    passed back) is kept until the next final answer, so the model knows why it called them. harmony 0.0.8's own rule
+    differs: while the last assistant message is a tool call it keeps every earlier turn's analysis, and after a final
+    answer it drops only the analysis before the first one."""
+    finals = [i for i, m in enumerate(messages) if m.author.role == Role.ASSISTANT and m.channel == "final"]
+    if not finals:
+        return messages
+    return [m for i, m in enumerate(messages) if not (i < finals[-1] and m.channel == "analysis")]
 
 
 def _tool_description(fn: dict) -> ToolDescription:
@@ -111,8 +129,9 @@ def _assistant_messages(m: dict, call_names: dict[str, str]) -> list[Message]:
     if reasoning:
         out.append(Message.from_role_and_content(Role.ASSISTANT, reasoning).with_channel("analysis"))
     text = message_text(m.get("content"))
-    if text:
-        out.append(Message.from_role_and_content(Role.ASSISTANT, text).with_channel("final"))
+    if text:  # beside tool calls, text is a preamble (commentary), not the turn's final answer
+        channel = "commentary" if m.get("tool_calls") else "final"
+        out.append(Message.from_role_and_content(Role.ASSISTANT, text).with_channel(channel))
     for call in m.get("tool_calls") or []:
         fn = call["function"]
         if "id" in call:
@@ -142,13 +161,20 @@ class HarmonyStream:
       ("text", text)         more text of the current message
     Messages of other kinds (commentary preambles, messages to other recipients) give no events.
     Never raises: from the first token that is not valid harmony on, `error` says why and nothing more parses.
+
+    Cheap a token: harmony's parser is asked only for what changed. Its `state` and `messages` cross into Rust
+    and back as whole objects (tens of microseconds, growing with the output), so message boundaries are read
+    from the marker tokens instead. A header longer than MAX_HEADER_TOKENS is not valid harmony: the parser
+    takes any text as a header until <|message|>, at a cost that grows with it, so noise would be expensive.
     """
 
     def __init__(self, enc: HarmonyEncoding):
         self.parser = StreamableParser(enc, Role.ASSISTANT)
         self.parsed = Parsed()
         self.kind: str | None = None
-        self.message = -1  # index of the message whose "begin" was sent
+        self.message_token, self.end_tokens = _markers(enc)
+        self.in_content = False
+        self.header_tokens = 0
 
     def feed(self, token: int) -> list[tuple]:
         if self.parsed.error:
@@ -158,25 +184,34 @@ class HarmonyStream:
         except HarmonyError as e:
             self.parsed.error = f"model output is not valid harmony: {e}"
             return []
-        events = []
-        if self.parser.state == StreamState.CONTENT and self.message != len(self.parser.messages):
-            self.message = len(self.parser.messages)
-            self.kind, name = _kind(self.parser.current_channel, self.parser.current_recipient)
-            if self.kind == "call":
-                self.parsed.tool_calls.append({"name": name, "arguments": ""})
-            if self.kind:
-                events.append(("begin", self.kind, name))
+        if token == self.message_token:
+            self.in_content, self.header_tokens = True, 0
+            return self._begin()
+        if token in self.end_tokens:
+            self.in_content, self.kind = False, None
+            return []
+        if not self.in_content:
+            self.header_tokens += 1
+            if self.header_tokens > MAX_HEADER_TOKENS:
+                self.parsed.error = f"model output is not valid harmony: no message header within {MAX_HEADER_TOKENS} tokens"
+            return []
         delta = self.parser.last_content_delta
-        if delta and self.kind and self.parser.state == StreamState.CONTENT:
-            events.append(("text", delta))
-            if self.kind == "reasoning":
-                self.parsed.analysis += delta
-                self.parsed.reasoning_tokens += 1
-            elif self.kind == "content":
-                self.parsed.final += delta
-            else:
-                self.parsed.tool_calls[-1]["arguments"] += delta
-        return events
+        if not (delta and self.kind):
+            return []
+        if self.kind == "reasoning":
+            self.parsed.analysis += delta
+            self.parsed.reasoning_tokens += 1
+        elif self.kind == "content":
+            self.parsed.final += delta
+        else:
+            self.parsed.tool_calls[-1]["arguments"] += delta
+        return [("text", delta)]
+
+    def _begin(self) -> list[tuple]:
+        self.kind, name = _kind(self.parser.current_channel, self.parser.current_recipient)
+        if self.kind == "call":
+            self.parsed.tool_calls.append({"name": name, "arguments": ""})
+        return [("begin", self.kind, name)] if self.kind else []
 
     def finish(self, finished: bool) -> Parsed:
         """`finished`: the tokens ended with a stop token; otherwise the length limit cut them."""
@@ -184,6 +219,13 @@ class HarmonyStream:
         if self.parsed.error is None and no_header:
             self.parsed.error = "model output is not valid harmony: no complete message header (<|channel|>...<|message|>)"
         return self.parsed
+
+
+@functools.cache
+def _markers(enc: HarmonyEncoding) -> tuple[int, frozenset[int]]:
+    """The token that opens a message's content, and those that end a message."""
+    ids = {name: enc.encode(name, allowed_special="all")[0] for name in ("<|message|>", "<|end|>", "<|call|>", "<|return|>")}
+    return ids.pop("<|message|>"), frozenset(ids.values())
 
 
 def _kind(channel: str | None, recipient: str | None) -> tuple[str | None, str | None]:

@@ -7,6 +7,7 @@ and end with the whole object, so the streamed and the non-streamed reply are on
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -75,6 +76,42 @@ def _common(body: dict, max_tokens_key: str) -> dict:
     )
 
 
+# Fields a client may send whose meaning this server cannot give, refused by name rather than ignored: field -> (the
+# values it can honour, why not the others). Fields not named here change nothing about the tokens and are ignored:
+# store (nothing is stored; a response says store: false), parallel_tool_calls (gpt-oss calls one function a turn,
+# which holds under either value), metadata, user, service_tier, verbosity..., and a function tool's `strict` (its
+# arguments are not constrained to its schema).
+NO_STATE = "this server stores no responses or conversations: send the whole input"
+REFUSED = {
+    "logprobs": (lambda v: v is False, "this server returns no log probabilities"),
+    "top_logprobs": (lambda v: v == 0, "this server returns no log probabilities"),
+    "frequency_penalty": (lambda v: v == 0, "no penalties are applied"),
+    "presence_penalty": (lambda v: v == 0, "no penalties are applied"),
+}
+REFUSED_CHAT = {
+    "response_format": (lambda v: v == {"type": "text"}, "output cannot be constrained to a schema"),
+}
+REFUSED_RESPONSES = {
+    "previous_response_id": (lambda v: False, NO_STATE),
+    "conversation": (lambda v: False, NO_STATE),
+    "background": (lambda v: v is False, "responses run in the foreground only"),
+    "prompt": (lambda v: False, "there are no stored prompts"),
+    "context_management": (lambda v: False, "the input is never compacted"),
+    "truncation": (lambda v: v == "disabled", "an input longer than the context is refused, never truncated"),
+    "text": (lambda v: isinstance(v, dict) and v.get("format", {"type": "text"}) == {"type": "text"},
+             "output cannot be constrained to a schema (text.format must be text)"),
+    # Reasoning items carry their text, which is what a client sends back: nothing to encrypt.
+    "include": (lambda v: isinstance(v, list) and all(x == "reasoning.encrypted_content" for x in v),
+                "only reasoning.encrypted_content (answered by the reasoning text itself)"),
+}
+
+
+def _refuse(body: dict, rules: dict) -> None:
+    for key, (honoured, why) in rules.items():
+        if body.get(key) is not None and not honoured(body[key]):
+            raise ApiError(400, f"{key}={json.dumps(body[key]):.100} is not supported: {why}", key)
+
+
 def _request(obj: dict) -> Request:
     try:
         return parse_request(obj, index=0)
@@ -97,6 +134,7 @@ def chat_call(body: dict, model_name: str) -> Call:
     _check_model(body, model_name)
     if "messages" not in body:
         raise ApiError(400, "messages is required", "messages")
+    _refuse(body, REFUSED | REFUSED_CHAT)
     if body.get("n", 1) != 1:
         raise ApiError(400, "n: only 1 choice per request is supported", "n")
     common = _common(body, "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens")
@@ -113,8 +151,7 @@ def responses_call(body: dict, model_name: str) -> Call:
     """POST /v1/responses -> Call. Input items map onto chat messages: reasoning items ride on the assistant
     message that follows them, function calls become its tool_calls, and call outputs become tool messages."""
     _check_model(body, model_name)
-    if body.get("previous_response_id"):
-        raise ApiError(400, "previous_response_id is not supported: this server stores no responses; send the whole input", "previous_response_id")
+    _refuse(body, REFUSED | REFUSED_RESPONSES)
     if "input" not in body:
         raise ApiError(400, "input is required", "input")
     items = body["input"]
@@ -136,14 +173,14 @@ def responses_call(body: dict, model_name: str) -> Call:
             if last.get("role") == "assistant" and last.get("tool_calls") is not None and not reasoning:
                 last["tool_calls"].append(call)
             else:
-                messages.append({"role": "assistant", "content": None, "reasoning_content": reasoning or None, "tool_calls": [call]})
+                messages.append({"role": "assistant", "content": None, "reasoning": reasoning or None, "tool_calls": [call]})
             reasoning = ""
         elif kind == "function_call_output":
-            messages.append({"role": "tool", "tool_call_id": item.get("call_id"), "content": item.get("output")})
+            messages.append({"role": "tool", "tool_call_id": item.get("call_id"), "content": _input_text(item.get("output"), i)})
         elif kind == "message":
             message = {"role": item.get("role"), "content": _input_text(item.get("content"), i)}
             if message["role"] == "assistant" and reasoning:
-                message["reasoning_content"], reasoning = reasoning, ""
+                message["reasoning"], reasoning = reasoning, ""
             messages.append(message)
         else:
             raise ApiError(400, f"input[{i}]: items of type {kind!r} are not supported", "input")
@@ -174,7 +211,7 @@ class ChatReply:
     def __init__(self, model: str, prompt_tokens: int, include_usage: bool):
         self.id, self.created, self.model = _new_id("chatcmpl-"), int(time.time()), model
         self.prompt_tokens, self.include_usage = prompt_tokens, include_usage
-        self.message: dict = {"role": "assistant", "content": None, "reasoning_content": None, "tool_calls": []}
+        self.message: dict = {"role": "assistant", "content": None, "reasoning": None, "tool_calls": []}
         self.kind: str | None = None
 
     def _chunk(self, delta: dict, finish_reason: str | None = None) -> dict:
@@ -197,7 +234,9 @@ class ChatReply:
             self.message["tool_calls"][-1]["function"]["arguments"] += text
             yield self._chunk({"tool_calls": [{"index": len(self.message["tool_calls"]) - 1, "function": {"arguments": text}}]})
         else:
-            key = "reasoning_content" if self.kind == "reasoning" else "content"
+            # The raw chain of thought as `reasoning`, as OpenAI's gpt-oss guides ask (OpenRouter's convention): the
+            # Agents SDK passes back only a `reasoning` field, and only when no `reasoning_content` comes with it.
+            key = "reasoning" if self.kind == "reasoning" else "content"
             self.message[key] = (self.message[key] or "") + text
             yield self._chunk({key: text})
 
@@ -229,7 +268,7 @@ class ResponsesReply:
             "id": _new_id("resp_"), "object": "response", "created_at": int(time.time()), "model": model,
             "status": "in_progress", "output": [], "error": None, "incomplete_details": None,
             "max_output_tokens": max_output_tokens, "parallel_tool_calls": False, "tool_choice": "auto", "tools": [],
-            "usage": None,
+            "store": False, "usage": None,
         }
         self.sequence = 0
         self.item: dict | None = None
