@@ -29,12 +29,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     cfg = run.cfg
     place, watchdog, store = join_job(run.layout, cfg.runtime)
-    enc = run.enc
 
     server = None
     if place.rank == 0:
         try:  # bind before loading: a port in use fails in a second, not after the weights
-            server = Server(cfg, enc, run.shape.max_position_embeddings)
+            server = Server(cfg, run.enc, run.shape.max_position_embeddings, run.shape.vocab_size)
         except OSError as e:
             error(f"cannot listen on {cfg.server.host}:{cfg.server.port}: {e}")
             return 2

@@ -31,7 +31,7 @@ from parallel.distributed.runtime import join_job
 from parallel.engine.interface import Event, Sampling, Work
 from parallel.job import Run, finish_job, load_backend, open_links
 from parallel.protocol.harmony import encoding, parse_completion
-from parallel.protocol.prompts import Prompt, budget, prepare
+from parallel.protocol.prompts import Prompt, fit, prepare
 from parallel.protocol.requests import parse_request
 from parallel.serve.replica import TokenStreamer
 
@@ -85,7 +85,7 @@ class LLM:
             ids = list(ids)
             if not ids or not all(isinstance(t, int) and 0 <= t < self.vocab for t in ids):
                 raise ValueError(f"prompt_token_ids[{i}] must be a non-empty list of token ids below {self.vocab}")
-            prompts.append(Prompt(ids, budget(len(ids), max_new_tokens, self.gen, self.context)))
+            prompts.append(fit(ids, max_new_tokens, self.gen.max_new_tokens, self.context, "prompt_token_ids"))
         return self._run(prompts, self._sampling(temperature, top_p, seed))
 
     def chat(self, messages: list, tools: list[dict] | None = None, reasoning_effort: str | None = None,

@@ -72,8 +72,7 @@ class ParallelConfig:
 
 @dataclass
 class DataConfig:
-    # Required by launch/generate.py, unused by launch/serve.py.
-    input: str | None = None
+    input: str | None = None  # JSONL in and out: required by launch/generate.py, unused by launch/serve.py
     output: str | None = None
     # This job runs input lines whose (line number - 1) % num_shards == shard (Slurm job arrays).
     shard: int = 0
@@ -149,6 +148,12 @@ class ServerConfig:
     # Steps of tokens a replica gathers before sending them to rank 0 (a request's first and last tokens go at
     # once): larger costs streaming smoothness, saves rank 0 work at high concurrency.
     stream_interval: int = 1
+    # A request body larger than this is refused with 413 before it is read (a Content-Length over it), or cut
+    # off where it passes it (a chunked body). A context-filling prompt is well under 1 MB of JSON.
+    max_body_bytes: int = 4 * 2**20
+    # A request's head and body must arrive within this long of the connection going quiet: a client that
+    # trickles them (slowloris) is disconnected instead of holding a connection forever.
+    request_timeout_s: float = 30.0
 
 
 @dataclass
@@ -232,6 +237,8 @@ RULES: dict[str, Rule] = {
     "server.port": ((lambda v: 0 < v < 65536), "a TCP port (1 to 65535)"),
     "server.stream_interval": AT_LEAST_ONE,
     "server.drain_timeout_s": ((lambda v: 0 <= v <= MAX_TIMEOUT_S), f"in [0, {MAX_TIMEOUT_S:g}] seconds"),
+    "server.max_body_bytes": AT_LEAST_ONE,
+    "server.request_timeout_s": TIMEOUT,
     "runtime.heartbeat_timeout_s": TIMEOUT,
     "runtime.collective_timeout_s": TIMEOUT,
 }

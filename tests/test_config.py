@@ -33,6 +33,8 @@ def test_overrides_reach_typed_fields():
         ("runtime.heartbeat_timeout_s=nan", "runtime.heartbeat_timeout_s"),
         ("server.drain_timeout_s=-1", "server.drain_timeout_s"),
         ("engine.cache_gib=0", "engine.cache_gib"),
+        ("server.max_body_bytes=0", "server.max_body_bytes"),
+        ("server.request_timeout_s=-1", "server.request_timeout_s"),
     ],
 )
 def test_bad_values_fail_naming_the_key(override, named):

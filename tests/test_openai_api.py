@@ -4,13 +4,8 @@ import pytest
 
 from parallel.protocol.harmony import HarmonyStream, render_prompt
 from parallel.protocol.requests import message_text
-from parallel.serve.openai_api import (
-    ApiError,
-    ChatReply,
-    ResponsesReply,
-    chat_call,
-    responses_call,
-)
+from parallel.serve.openai_api import ApiError, chat_call, responses_call
+from parallel.serve.replies import ChatReply, ResponsesReply
 from tests.taught import ARGUMENTS, ASK, CALLED, THINK, TOOLS, WEATHER
 
 
@@ -36,7 +31,7 @@ def test_responses_input_renders_like_the_same_chat(enc):
 
 def test_tool_call_becomes_tool_calls_not_content(enc):
     text = f"<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{ARGUMENTS}<|call|>"
-    chunks, result = reply_to(enc, ChatReply("m", 10, False), text, "tool_call")
+    chunks, result = reply_to(enc, ChatReply(enc, "m", 10, False), text, "tool_call")
     message = result["choices"][0]["message"]
     assert message["content"] is None and message["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": ARGUMENTS}
     assert result["choices"][0]["finish_reason"] == "tool_calls"
@@ -45,7 +40,7 @@ def test_tool_call_becomes_tool_calls_not_content(enc):
 
 def test_broken_harmony_is_a_reply_with_what_parsed(enc):
     text = "<|channel|>final<|message|>Partly<|end|><|start|><|start|><|message|>x<|return|>"
-    _, result = reply_to(enc, ResponsesReply("m", 10, 100), text, "stop")
+    _, result = reply_to(enc, ResponsesReply(enc, "m", 10, 100), text, "stop")
     assert result["output"][0]["content"][0]["text"] == "Partly"
     assert "not valid harmony" in result["harmony_error"] and "<|" not in str(result["output"])
     assert result["usage"]["output_tokens"] > 0
@@ -115,3 +110,51 @@ def test_what_the_agents_sdk_may_send_is_accepted():
              {"type": "function_call_output", "call_id": "c", "output": [{"type": "input_text", "text": CALLED[1]["content"]}]}]
     tool = responses_call({**RESPONSES_BODY, "input": ASK + parts}, "m").request.messages[-1]
     assert tool["role"] == "tool" and message_text(tool["content"]) == CALLED[1]["content"]
+
+
+def test_completion_text_is_decoded_across_tokens(enc):
+    """A character whose bytes span tokens arrives whole, once, whichever token boundaries the arrivals cut."""
+    from parallel.serve.replies import CompletionReply
+
+    text = "a🦜b𓀀<|return|>"
+    tokens = enc.encode(text, allowed_special="all")
+    reply = CompletionReply(enc, "m", 3, include_usage=True)
+    pieces = [c["choices"][0]["text"] for t in tokens for c in reply.tokens([t])]
+    *last, usage = reply.end("stop")
+    assert "".join(pieces) == text and "\ufffd" not in "".join(pieces)
+    assert reply.result()["choices"][0] == {"index": 0, "text": text, "logprobs": None, "finish_reason": "stop"}
+    assert usage["usage"] == {"prompt_tokens": 3, "completion_tokens": len(tokens), "total_tokens": 3 + len(tokens)}
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"model": "m"}, "prompt"),
+        ({"model": "m", "prompt": ""}, "prompt"),
+        ({"model": "m", "prompt": ["a", "b"]}, "prompt"),
+        ({"model": "m", "prompt": [1, True]}, "prompt"),
+        ({"model": "m", "prompt": "x", "stop": ["\n"]}, "stop"),
+        ({"model": "m", "prompt": "x", "echo": True}, "echo"),
+        ({"model": "m", "prompt": "x", "seed": 2**64}, "seed"),
+        ({"model": "m", "prompt": "x", "max_tokens": -1}, "max_tokens"),
+        ({"model": "m", "prompt": "x", "stream_options": "yes"}, "stream_options"),
+    ],
+)
+def test_bad_completion_bodies_name_the_parameter(body, param):
+    from parallel.serve.openai_api import completion_call
+
+    with pytest.raises(ApiError) as e:
+        completion_call(body, "m")
+    assert e.value.status == 400 and e.value.param == param
+
+
+def test_seed_and_a_null_n_are_taken():
+    call = chat_call({"model": "m", "messages": ASK, "n": None, "seed": -5, "max_completion_tokens": None, "max_tokens": 7}, "m")
+    assert (call.options.seed, call.options.max_tokens) == (-5, 7)
+
+
+def test_api_error_survives_a_worker_process():
+    import pickle
+
+    e = pickle.loads(pickle.dumps(ApiError(400, "bad", "prompt", "code")))
+    assert (e.status, str(e), e.param, e.code) == (400, "bad", "prompt", "code")

@@ -3,18 +3,16 @@
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
 
-from tests.conftest import ROOT
+from parallel.protocol.harmony import render_prompt
+from parallel.protocol.requests import parse_request
+from tests.serving import KEY, health, post, start_server, stop_server
 from tests.taught import (
     ANSWER,
     ARGUMENTS,
@@ -23,53 +21,18 @@ from tests.taught import (
     GREET_REASONING,
     GREETING,
     HELLO,
+    LESSONS,
     THINK,
     TOOLS,
     WEATHER,
 )
 
-KEY = "sesame"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(model, *overrides, nproc=2, env=None):
-    port = free_port()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), str(ROOT / "launch" / "serve.py"),
-           "--config", str(ROOT / "configs" / "tiny.yaml"), f"model.path={model}", f"server.port={port}",
-           "generation.max_new_tokens=64", *overrides]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            env={**os.environ, **(env or {})})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=1)
-            return proc, url
-        except OSError:
-            time.sleep(0.5)
-    proc.kill()
-    pytest.fail(f"server did not come up:\n{proc.stdout.read()}")
-
-
-def stop_server(proc) -> str:
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        out, _ = proc.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-    return out
-
 
 @pytest.fixture(scope="module")
 def server(taught_model):
     """tp=2 through the engine (what a GPU gets by default), the API key from the environment."""
-    proc, url = start_server(taught_model, "parallel.tp=2", "engine.mode=always", "generation.batch_size=16", env={"GPT_OSS_API_KEY": KEY})
+    proc, url = start_server(taught_model, "parallel.tp=2", "engine.mode=always", "generation.batch_size=16", "engine.slots=16",
+                             env={"GPT_OSS_API_KEY": KEY})
     yield url
     assert "generation: the engine" in stop_server(proc)  # the engine served, not the plain fallback
 
@@ -77,19 +40,6 @@ def server(taught_model):
 @pytest.fixture(scope="module")
 def client(server, taught_model):
     return openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0), str(taught_model)
-
-
-def health(url) -> dict:
-    return json.load(urllib.request.urlopen(f"{url}/health"))
-
-
-def post(url, path, body: bytes, key=KEY) -> tuple[int, dict]:
-    request = urllib.request.Request(f"{url}{path}", data=body, headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request) as r:
-            return r.status, json.load(r)
-    except urllib.error.HTTPError as e:
-        return e.code, json.load(e)
 
 
 def test_models_lists_the_served_model(client):
@@ -243,3 +193,82 @@ def test_sigterm_drains_requests_in_flight(taught_model):
     assert "draining" in out and "served 1 requests" in out and "generation: plain" in out, out
     with pytest.raises(OSError):
         urllib.request.urlopen(f"{url}/health", timeout=2)
+
+
+def hello_tokens(enc) -> list[int]:
+    """The hello lesson's prompt as the server renders it, for the raw Completions API."""
+    return render_prompt(enc, parse_request({"messages": HELLO}, 0), "medium")
+
+
+def test_completion_continues_a_raw_prompt(client, enc):
+    """Token ids or the same prompt as text (special tokens written out): the taught harmony answer, as text."""
+    api, model = client
+    ids = hello_tokens(enc)
+    by_ids = api.completions.create(model=model, prompt=ids, max_tokens=64)
+    by_text = api.completions.create(model=model, prompt=enc.decode(ids), max_tokens=64)
+    assert by_ids.choices[0].text == by_text.choices[0].text == LESSONS[0][1]
+    assert by_ids.choices[0].finish_reason == "stop" and by_ids.usage.prompt_tokens == len(ids)
+
+
+def test_streamed_completion_builds_the_same_text(client, enc):
+    api, model = client
+    chunks = list(api.completions.create(model=model, prompt=hello_tokens(enc), max_tokens=64, stream=True,
+                                         stream_options={"include_usage": True}))
+    texts = [c.choices[0].text for c in chunks if c.choices]
+    assert "".join(texts) == LESSONS[0][1] and len([t for t in texts if t]) > 1
+    assert chunks[-1].usage.completion_tokens == len(enc.encode(LESSONS[0][1], allowed_special="all"))
+
+
+def test_completion_runs_to_max_tokens_with_ignore_eos(client, enc):
+    """What benchmarks on random weights send: a fixed number of tokens, whatever they are."""
+    api, model = client
+    r = api.completions.create(model=model, prompt=hello_tokens(enc), max_tokens=40, extra_body={"ignore_eos": True})
+    assert (r.usage.completion_tokens, r.choices[0].finish_reason) == (40, "length")
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [({"prompt": [0, 10**7]}, "prompt"), ({"prompt": "hi", "max_tokens": 10**6}, "max_tokens"), ({"prompt": "hi", "stop": "."}, "stop")],
+)
+def test_bad_completion_is_refused_naming_the_field(client, server, body, param):
+    api, model = client
+    code, reply = post(server, "/v1/completions", json.dumps({"model": model, **body}).encode())
+    assert code == 400 and reply["error"]["param"] == param, reply
+
+
+def test_seed_makes_sampling_repeatable(client):
+    api, model = client
+
+    def sample(seed):
+        return api.completions.create(model=model, prompt="Once upon a time", max_tokens=12, temperature=2, seed=seed,
+                                      extra_body={"ignore_eos": True}).choices[0].text
+
+    assert sample(1) == sample(1)
+    assert len({sample(seed) for seed in range(2, 6)}) > 1
+    chat = [api.chat.completions.create(model=model, messages=HELLO, temperature=2, seed=9, max_tokens=12).choices[0].message
+            for _ in range(2)]
+    assert chat[0] == chat[1]
+
+
+def test_requests_cut_by_the_drain_deadline_say_so(taught_model):
+    """server.drain_timeout_s passes with requests still generating: the streamed one ends with an error event and
+    the other is a 503, never a 200 that looks complete; meanwhile /health says draining and new requests get 503."""
+    proc, url = start_server(taught_model, "engine.mode=always", "server.drain_timeout_s=3", nproc=1)
+    api, model = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0), str(taught_model)
+    long = dict(model=model, max_tokens=4000, extra_body={"ignore_eos": True})
+    with ThreadPoolExecutor(1) as pool:
+        whole = pool.submit(api.completions.create, prompt="Hi", **long)
+        stream = api.chat.completions.create(messages=HELLO, stream=True, **long)
+        while (h := health(url))["running_batches"] == 0 or h["requests_in_flight"] < 2:
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGTERM)
+        while health(url)["status"] != "draining":
+            time.sleep(0.1)
+        assert post(url, "/v1/chat/completions", json.dumps({"model": model, "messages": HELLO}).encode())[0] == 503
+        with pytest.raises(openai.APIError, match="drain_timeout_s"):
+            list(stream)
+        with pytest.raises(openai.APIStatusError, match="drain_timeout_s") as cut:
+            whole.result(timeout=60)
+    assert cut.value.status_code == 503
+    out, _ = proc.communicate(timeout=60)
+    assert "2 unfinished requests cut" in out, out

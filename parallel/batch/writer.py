@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from dataclasses import dataclass
 
 from tqdm import tqdm
 
@@ -15,16 +14,13 @@ from parallel.distributed.runtime import fatal
 STOP_WAIT_S = 10.0
 
 
-@dataclass
 class Totals:
-    """What the metrics need of the records written, as running sums: a long job keeps no records in memory."""
+    """What the metrics need of the records written, as running sums: a long job keeps no records in memory.
+    first_token_s sums over the `timed` records that carry timing."""
 
-    requests: int = 0
-    errors: int = 0
-    prompt_tokens: int = 0
-    generated_tokens: int = 0
-    first_token_s: float = 0.0  # summed over the records that carry timing
-    timed: int = 0
+    def __init__(self):
+        self.requests = self.errors = self.prompt_tokens = self.generated_tokens = self.timed = 0
+        self.first_token_s = 0.0
 
     def add(self, records: list[dict]) -> None:
         for r in records:

@@ -27,22 +27,22 @@ class Prompt:
 
 
 def prepare(enc: HarmonyEncoding, req: Request, gen: GenerationConfig, context: int) -> Prompt:
-    """The request rendered with harmony, with its budget (see `budget`)."""
+    """The request rendered with harmony, with its budget (see `fit`; generation.max_new_tokens by default)."""
     try:
         tokens = render_prompt(enc, req, gen.reasoning_effort, gen.conversation_date)
     except Exception as e:  # harmony rejects what it cannot render, e.g. a tool schema it cannot type
         raise PromptError(f"cannot render the conversation with harmony: {e}", "messages") from None
-    return Prompt(tokens, budget(len(tokens), req.max_new_tokens, gen, context))
+    return fit(tokens, req.max_new_tokens, gen.max_new_tokens, context, "messages")
 
 
-def budget(prompt_tokens: int, asked: int | None, gen: GenerationConfig, context: int) -> int:
-    """New tokens a prompt may make: `asked`, which must fit the context after the prompt, or else
-    generation.max_new_tokens cut to what the context leaves."""
-    room = context - prompt_tokens
+def fit(tokens: list[int], max_new_tokens: int | None, default: int, context: int, param: str) -> Prompt:
+    """Prompt tokens with their budget: `max_new_tokens` as asked, which must fit the context after the prompt,
+    or else `default` cut to what the context leaves. `param` names the prompt's field in errors."""
+    room = context - len(tokens)
     if room < 1:
-        raise PromptError(f"the prompt's {prompt_tokens} tokens fill the model's context of {context}", "messages",
-                          "context_length_exceeded", prompt_tokens)
-    if asked is not None and asked > room:
-        raise PromptError(f"{prompt_tokens} prompt tokens + max_new_tokens {asked} exceed the model's "
-                          f"context of {context}", "max_tokens", "context_length_exceeded", prompt_tokens)
-    return asked or min(gen.max_new_tokens, room)
+        raise PromptError(f"the prompt's {len(tokens)} tokens fill the model's context of {context}", param,
+                          "context_length_exceeded", len(tokens))
+    if max_new_tokens is not None and max_new_tokens > room:
+        raise PromptError(f"{len(tokens)} prompt tokens + max_new_tokens {max_new_tokens} exceed the model's "
+                          f"context of {context}", "max_tokens", "context_length_exceeded", len(tokens))
+    return Prompt(tokens, max_new_tokens or min(default, room))

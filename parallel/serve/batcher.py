@@ -34,10 +34,13 @@ class Ticket:
 
     def put(self, item: list[int] | str) -> None:
         """Thread-safe: hands an item to whoever waits on the ticket."""
-        if self.loop:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-        else:
+        if not self.loop:
             self.queue.put(item)
+            return
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the loop is closed (the server stopped): no one waits, and the dispatcher goes on
+            pass
 
 
 class Batcher:
@@ -46,7 +49,8 @@ class Batcher:
         self.lock = threading.Lock()
         self.tickets: dict[int, Ticket] = {}
         self.ids = itertools.count()
-        self.stats = {"requests": 0}
+        self.generating: dict[int, int] = {}  # rid -> its replica, from its first token to its end
+        self.stats = {"requests": 0, "largest_batch": 0}  # largest_batch: most requests generating on one replica
 
     def next_id(self) -> int:
         return next(self.ids)
@@ -68,6 +72,8 @@ class Batcher:
         for event in events:
             with self.lock:
                 ticket = self.tickets.get(event.rid)
+                if ticket is not None and event.reason is None:
+                    self._generating(event.rid)
             if ticket is None:
                 continue
             if event.tokens:
@@ -75,9 +81,19 @@ class Batcher:
             if event.reason is not None:
                 self._finish(event.rid, event.reason)
 
+    def _generating(self, rid: int) -> None:
+        """The request makes tokens on its replica (lock held)."""
+        replica = self.dispatcher.owner.get(rid)
+        if rid in self.generating or replica is None:
+            return
+        self.generating[rid] = replica
+        together = sum(r == replica for r in self.generating.values())
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], together)
+
     def _finish(self, rid: int, reason: str) -> None:
         with self.lock:
             ticket = self.tickets.pop(rid, None)
+            self.generating.pop(rid, None)
         if ticket is not None:
             ticket.put(reason)
 
@@ -101,4 +117,6 @@ class Batcher:
             return len(self.tickets)
 
     def status(self) -> dict:
-        return {"requests_in_flight": self.in_flight(), **self.dispatcher.status(), **self.stats}
+        with self.lock:
+            mine = {"requests_in_flight": len(self.tickets), "running_batches": len(set(self.generating.values())), **self.stats}
+        return {**mine, **self.dispatcher.status()}

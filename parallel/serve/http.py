@@ -1,224 +1,139 @@
-"""Rank 0's HTTP server: OpenAI's Chat Completions and Responses APIs, run through the batcher.
+"""Rank 0's HTTP server: uvicorn (HTTP/1.1 through h11) running the ASGI app of app.py on its own event loop, in
+a thread of rank 0.
 
-The standard library's threading HTTP server: one thread per connection, each waiting on its job's tokens
-while the replicas generate. Errors are OpenAI error bodies for that request only; the server keeps serving.
+The socket is bound before the model loads (a port in use fails at once, not after the weights), and handed to
+uvicorn once the batcher exists. h11 parses strictly (a malformed Content-Length or an oversized head is a 400
+and a closed connection); the protocol below adds a deadline for each request to arrive whole; the app's gate
+bounds bodies. SIGTERM drains: new requests are refused with 503 while those in flight get
+server.drain_timeout_s to finish; whatever is left is cut and told so; then uvicorn stops.
 """
 
 from __future__ import annotations
 
-import json
+import asyncio
+import functools
 import os
-import queue
-import select
+import signal
 import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import h11
+import uvicorn
 from openai_harmony import HarmonyEncoding
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from parallel.config import JobConfig
-from parallel.engine.interface import Sampling, Work
 from parallel.log import error, log
-from parallel.protocol.harmony import HarmonyStream
-from parallel.protocol.prompts import PromptError, prepare
-from parallel.serve.batcher import Batcher, Ticket
-from parallel.serve.openai_api import (
-    ApiError,
-    Call,
-    ChatReply,
-    ResponsesReply,
-    chat_call,
-    responses_call,
-)
+from parallel.serve.app import DRAIN_CUT, Api
+from parallel.serve.batcher import Batcher
+from parallel.serve.prepare import Settings
 
 API_KEY_ENV = "GPT_OSS_API_KEY"
-CLIENT_CHECK_S = 0.25
+# After the drain, how long uvicorn waits for replies still being written (to a client that reads slowly).
+SHUTDOWN_GRACE_S = 3
 
 
-class Server(ThreadingHTTPServer):
-    daemon_threads = True
-    # The standard library's backlog of 5 resets clients that connect together (a pool of 32 workers does).
-    request_queue_size = 1024
+class DeadlineProtocol(H11Protocol):
+    """uvicorn's h11 protocol, with a deadline: a request's head and body must arrive within `timeout_s` of the
+    connection opening or its previous reply ending. A client that trickles them (slowloris) is disconnected
+    instead of holding a connection forever; uvicorn's own keep-alive timer only covers a silent one."""
 
-    def __init__(self, cfg: JobConfig, enc: HarmonyEncoding, context_length: int):
-        super().__init__((cfg.server.host, cfg.server.port), Handler)
-        self.model_name = cfg.server.model_name or cfg.model.path
-        self.api_key = cfg.server.api_key or os.environ.get(API_KEY_ENV)
-        self.enc, self.gen, self.context_length = enc, cfg.generation, context_length
-        self.drain_timeout_s = cfg.server.drain_timeout_s
-        self.batcher: Batcher | None = None
-        self.started = self.draining = False
+    def __init__(self, *args, timeout_s: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.timeout_s = timeout_s
+        self.deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.conn.their_state not in (h11.IDLE, h11.SEND_BODY):  # the request is in, whole
+            self._disarm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.conn.their_state in (h11.IDLE, h11.SEND_BODY):  # the next request is not in yet
+            self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        self._disarm()
+        self.deadline = self.loop.call_later(self.timeout_s, self.transport.close)
+
+    def _disarm(self) -> None:
+        if self.deadline:
+            self.deadline.cancel()
+            self.deadline = None
+
+
+class Server:
+    def __init__(self, cfg: JobConfig, enc: HarmonyEncoding, context_length: int, vocab_size: int):
+        server = cfg.server
+        self.socket = _bind(server.host, server.port)  # OSError: the caller says why and exits
+        model_name = server.model_name or cfg.model.path
+        self.api = Api(Settings(model_name, cfg.generation, context_length, vocab_size), enc,
+                       server.api_key or os.environ.get(API_KEY_ENV), server.max_body_bytes)
+        self.protocol = functools.partial(DeadlineProtocol, timeout_s=server.request_timeout_s)
+        self.drain_timeout_s = server.drain_timeout_s
+        self.started = False
 
     def start(self, batcher: Batcher) -> None:
-        self.batcher, self.started = batcher, True
-        threading.Thread(target=self.serve_forever, daemon=True, name="http").start()
-        host, port = self.server_address[:2]
-        log(f"serving {self.model_name!r} at http://{host}:{port}/v1 (api key {'required' if self.api_key else 'not required'})")
+        self.api.batcher = batcher
+        # No access log (a line a request would drown the job's log) and no lifespan; uvicorn's own errors still
+        # reach stderr. Off the main thread, uvicorn installs no signal handlers: SIGTERM is launch/serve.py's.
+        config = uvicorn.Config(self.api.asgi, http=self.protocol, ws="none", lifespan="off", log_config=None,
+                                log_level="error", access_log=False, proxy_headers=False,
+                                timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
+        self.uvicorn = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self._serve, daemon=True, name="http")
+        self.thread.start()
+        self.started = True
+        host, port = self.socket.getsockname()[:2]
+        key = "required" if self.api.asgi.expected else "not required"
+        log(f"serving {self.api.settings.model_name!r} at http://{host}:{port}/v1 (api key {key})")
+
+    def _serve(self) -> None:
+        try:
+            asyncio.run(self.uvicorn.serve(sockets=[self.socket]))
+        except BaseException as e:  # noqa: BLE001 - SystemExit too: how uvicorn says it cannot start
+            error(f"the HTTP server failed: {type(e).__name__}: {e}")
+        if not self.api.draining:  # it stopped on its own: the job ends as on SIGTERM rather than serve no one
+            error("the HTTP server stopped; shutting down")
+            os.kill(os.getpid(), signal.SIGTERM)
 
     def drain(self) -> None:
-        """SIGTERM: refuse new requests, let those in flight finish (within drain_timeout_s), end the replicas."""
-        self.draining = True
-        self.shutdown()
-        self.server_close()
+        """SIGTERM: refuse new requests (503; /health says draining), let those in flight finish within
+        drain_timeout_s, cut the rest (each client is told), stop serving, end the replicas."""
+        self.api.draining = True
+        batcher = self.api.batcher
         deadline = time.monotonic() + self.drain_timeout_s
-        while self.batcher.in_flight() and time.monotonic() < deadline:
+        while batcher.in_flight() and time.monotonic() < deadline:
             time.sleep(0.05)
-        cut = self.batcher.cut_all("error: the server shut down (server.drain_timeout_s) before the request finished")
+        cut = batcher.cut_all(DRAIN_CUT)
         if cut:
             error(f"drain timeout: {cut} unfinished requests cut")
-        self.batcher.dispatcher.close()
+        self.uvicorn.should_exit = True
+        self.thread.join()
+        self.api.preparer.close()
+        batcher.dispatcher.close()
         log("drained: every request answered or cut; stopping")
 
-    def ticket(self, call: Call) -> Ticket:
-        """The request as prompt tokens with its budget, checked against the context, ready for the batcher."""
-        call.request.max_new_tokens = call.max_tokens
-        try:
-            prompt = prepare(self.enc, call.request, self.gen, self.context_length)
-        except PromptError as e:
-            raise ApiError(400, str(e), e.param, e.code) from None
-        rid = self.batcher.next_id()
-        sampling = Sampling(
-            temperature=self.gen.temperature if call.temperature is None else call.temperature,
-            top_p=self.gen.top_p if call.top_p is None else call.top_p,
-            seed=self.gen.seed + rid,
-            ignore_eos=call.ignore_eos,
-        )
-        return Ticket(Work(rid, prompt.tokens, prompt.max_new_tokens, sampling))
 
-
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: Server
-
-    def log_message(self, format, *args) -> None:  # noqa: A002 - the base class's signature
-        pass  # one line per request would drown the job's log
-
-    def do_GET(self) -> None:
-        if self.path == "/health":
-            state = "draining" if self.server.draining else "ok"
-            return self._json(200, {"status": state, "model": self.server.model_name, **self.server.batcher.status()})
-        self._handle(lambda: self._models() if self.path == "/v1/models" else self._no_route())
-
-    def do_POST(self) -> None:
-        routes = {"/v1/chat/completions": (chat_call, self._chat_reply), "/v1/responses": (responses_call, self._responses_reply)}
-        if self.path not in routes:
-            return self._handle(self._no_route)
-        parse, reply = routes[self.path]
-        self._handle(lambda: self._complete(parse(self._body(), self.server.model_name), reply))
-
-    def _handle(self, action) -> None:
-        try:
-            self._authorize()
-            action()
-        except ApiError as e:
-            self._json(e.status, e.body())
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-        except Exception as e:  # noqa: BLE001 - a bug costs this request, not the server
-            error(f"{self.command} {self.path} failed: {type(e).__name__}: {e}")
-            self._json(500, ApiError(500, f"internal error: {type(e).__name__}: {e}").body())
-
-    def _authorize(self) -> None:
-        key = self.server.api_key
-        if key and self.headers.get("Authorization") != f"Bearer {key}":
-            raise ApiError(401, "Incorrect or missing API key: send Authorization: Bearer <key>", code="invalid_api_key")
-
-    def _no_route(self) -> None:
-        raise ApiError(404, f"no route {self.command} {self.path}")
-
-    def _models(self) -> None:
-        model = {"id": self.server.model_name, "object": "model", "created": 0, "owned_by": "gpt-oss-launch"}
-        self._json(200, {"object": "list", "data": [model]})
-
-    def _body(self) -> dict:
-        length = int(self.headers.get("Content-Length") or 0)
-        try:
-            body = json.loads(self.rfile.read(length))
-        except ValueError as e:
-            raise ApiError(400, f"the request body is not valid JSON: {e}") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "the request body must be a JSON object")
-        return body
-
-    def _chat_reply(self, call: Call, work: Work) -> ChatReply:
-        return ChatReply(self.server.model_name, len(work.prompt), call.include_usage)
-
-    def _responses_reply(self, call: Call, work: Work) -> ResponsesReply:
-        return ResponsesReply(self.server.model_name, len(work.prompt), work.max_new_tokens)
-
-    def _complete(self, call: Call, make_reply) -> None:
-        if self.server.draining:
-            raise ApiError(503, "the server is shutting down")
-        ticket = self.server.ticket(call)
-        reply = make_reply(call, ticket.work)
-        bare = isinstance(reply, ChatReply)
-        self.checked = time.monotonic()
-        try:
-            self.server.batcher.submit(ticket)
-            if call.stream:
-                self._start_stream()
-                self._send(reply.start(), bare)
-            stream, count = HarmonyStream(self.server.enc), 0
-            while isinstance(event := self._next_event(ticket), list):
-                for token in event:
-                    count += 1
-                    for harmony_event in stream.feed(token):
-                        chunks = reply.on(harmony_event)
-                        if call.stream:
-                            self._send(chunks, bare)
-                        else:
-                            list(chunks)
-            if event.startswith("error"):
-                failure = ApiError(500, f"generation failed: {event}")
-                if not call.stream:
-                    raise failure
-                final = [failure.body() | ({} if bare else {"type": "error"})]
-            else:
-                final = reply.finish(event, stream.finish(event in ("stop", "tool_call")), count)
-            if call.stream:
-                self._send(final, bare)
-                if bare:
-                    self.wfile.write(b"data: [DONE]\n\n")
-            else:
-                list(final)
-                self._json(200, reply.result())
-        except (BrokenPipeError, ConnectionResetError):  # the client went away: free its row
-            self.server.batcher.cancel(ticket)
-
-    def _next_event(self, ticket: Ticket) -> list[int] | str:
-        """The request's next tokens or finish reason. Looks at the connection every CLIENT_CHECK_S, so that a client
-        that went away is noticed even when nothing is written to it (a non-streamed request, or output that
-        parses to no delta)."""
-        while True:
-            if time.monotonic() - self.checked > CLIENT_CHECK_S:
-                self.checked = time.monotonic()
-                readable, _, _ = select.select([self.connection], [], [], 0)
-                if readable and not self.connection.recv(1, socket.MSG_PEEK):
-                    raise ConnectionResetError("the client closed the connection")
-            try:
-                return ticket.queue.get(timeout=CLIENT_CHECK_S)
-            except queue.Empty:
-                pass
-
-    def _start_stream(self) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Connection", "close")  # the stream ends when the connection does
-        self.end_headers()
-        self.close_connection = True
-
-    def _send(self, chunks, bare: bool) -> None:
-        """Chat Completions streams bare `data:` lines; the Responses API names each event too."""
-        for chunk in chunks:
-            head = b"" if bare else f"event: {chunk['type']}\n".encode()
-            self.wfile.write(head + b"data: " + json.dumps(chunk).encode() + b"\n\n")
-
-    def _json(self, status: int, body: dict) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+def _bind(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port (IPv4 or IPv6). Connections wait in its backlog until uvicorn serves."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart need not wait out TIME_WAIT
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    return sock

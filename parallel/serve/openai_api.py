@@ -1,21 +1,19 @@
-"""The OpenAI Chat Completions and Responses APIs at the edge of the server, as pure functions of JSON.
+"""The OpenAI APIs' requests at the edge of the server, as pure functions of JSON.
 
-A request body becomes a `Call` (the launcher's Request plus sampling and limits); a request's reply is built
-from HarmonyStream's events by `ChatReply` or `ResponsesReply`, which yield the stream's chunks as they go
-and end with the whole object, so the streamed and the non-streamed reply are one code path.
+A request body becomes a `Call`: what to generate from (a conversation to render with harmony, or for the
+legacy Completions API a raw prompt) and `Options` (sampling, limits, streaming). Anything the server cannot do
+as asked is an ApiError naming the field, never a silent change of meaning. Replies are in `replies.py`.
 """
 
 from __future__ import annotations
 
 import json
-import time
-import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from parallel.protocol.harmony import Parsed
 from parallel.protocol.requests import Request, RequestError, parse_request
+
+INT64 = 2**63
 
 
 class ApiError(Exception):
@@ -25,6 +23,9 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.param, self.code = status, param, code
 
+    def __reduce__(self):  # raised in a worker process, rebuilt in the server's
+        return ApiError, (self.status, str(self), self.param, self.code)
+
     def body(self) -> dict:
         kind = {401: "authentication_error", 404: "not_found_error"}.get(self.status, "invalid_request_error")
         if self.status >= 500:
@@ -33,18 +34,23 @@ class ApiError(Exception):
 
 
 @dataclass
-class Call:
-    request: Request
-    max_tokens: int | None  # None: generation.max_new_tokens
-    temperature: float | None  # None: the config's
+class Options:
+    """How to generate, as the request asks; None: the config's."""
+
+    max_tokens: int | None
+    temperature: float | None
     top_p: float | None
+    seed: int | None
     ignore_eos: bool
     stream: bool
-    include_usage: bool  # Chat Completions streams a usage chunk only when asked (stream_options)
+    include_usage: bool  # Chat and Completions stream a usage chunk only when asked (stream_options)
 
 
-def _new_id(prefix: str) -> str:
-    return prefix + uuid.uuid4().hex[:24]
+@dataclass
+class Call:
+    options: Options
+    request: Request | None = None  # a conversation, rendered with harmony (Chat Completions, Responses)
+    prompt: str | list[int] | None = None  # a raw prompt: text (o200k tokens) or token ids (Completions)
 
 
 def _check_model(body: dict, model_name: str) -> None:
@@ -64,15 +70,22 @@ def _optional(body: dict, key: str, kind: type | tuple, check=lambda v: True, wh
     return value
 
 
-def _common(body: dict, max_tokens_key: str) -> dict:
-    """Sampling, limits and streaming, the same on both APIs."""
-    return dict(
+def _options(body: dict, max_tokens_key: str, usage: bool | None = None) -> Options:
+    """Sampling, limits and streaming, the same on every API. `usage`: None where stream_options decides."""
+    _optional(body, "n", int, lambda v: v == 1, "1 (one choice per request)")
+    stream_options = _optional(body, "stream_options", dict, why="an object")
+    if usage is None:
+        usage = bool(stream_options and stream_options.get("include_usage"))
+    return Options(
         max_tokens=_optional(body, max_tokens_key, int, lambda v: v >= 1, "a positive integer"),
         temperature=_optional(body, "temperature", (int, float), lambda v: 0 <= v <= 2, "a number in [0, 2]"),
         top_p=_optional(body, "top_p", (int, float), lambda v: 0 < v <= 1, "a number in (0, 1]"),
+        # The engine's sampling noise is a hash of the seed as a signed 64-bit integer.
+        seed=_optional(body, "seed", int, lambda v: -INT64 <= v < INT64, "a 64-bit signed integer"),
         # vLLM's extension: run to the token limit (benchmarks with fixed output lengths).
         ignore_eos=bool(_optional(body, "ignore_eos", bool)),
         stream=bool(_optional(body, "stream", bool)),
+        include_usage=usage,
     )
 
 
@@ -135,16 +148,31 @@ def chat_call(body: dict, model_name: str) -> Call:
     if "messages" not in body:
         raise ApiError(400, "messages is required", "messages")
     _refuse(body, REFUSED | REFUSED_CHAT)
-    if body.get("n", 1) != 1:
-        raise ApiError(400, "n: only 1 choice per request is supported", "n")
-    common = _common(body, "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens")
-    options = body.get("stream_options") or {}
+    newer = body.get("max_completion_tokens") is not None
+    options = _options(body, "max_completion_tokens" if newer else "max_tokens")
     request = _request({
         "messages": body["messages"],
         "tools": _tools(body, lambda t: t),
         "reasoning_effort": body.get("reasoning_effort"),
     })
-    return Call(request, include_usage=bool(isinstance(options, dict) and options.get("include_usage")), **common)
+    return Call(options, request=request)
+
+
+# Completions fields that would change what comes back, which this server cannot honour: refused, not ignored.
+UNSUPPORTED_COMPLETION = {"echo": False, "suffix": None, "logprobs": None, "best_of": 1, "stop": None}
+
+
+def completion_call(body: dict, model_name: str) -> Call:
+    """POST /v1/completions (the legacy API, as vLLM serves it) -> Call: a raw prompt, no harmony."""
+    _check_model(body, model_name)
+    for key, default in UNSUPPORTED_COMPLETION.items():
+        if body.get(key) not in (None, default, [], ""):
+            raise ApiError(400, f"{key} is not supported by this server", key)
+    prompt = body.get("prompt")
+    ids = isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+    if not (isinstance(prompt, str) or ids) or not prompt:
+        raise ApiError(400, "prompt must be a non-empty string or a non-empty list of token ids (one prompt a request)", "prompt")
+    return Call(_options(body, "max_tokens"), prompt=prompt)
 
 
 def responses_call(body: dict, model_name: str) -> Call:
@@ -166,7 +194,7 @@ def responses_call(body: dict, model_name: str) -> Call:
             raise ApiError(400, f"input[{i}] must be an object", "input")
         kind = item.get("type", "message")
         if kind == "reasoning":
-            reasoning += "".join(part.get("text", "") for part in item.get("content") or [])
+            reasoning += _reasoning_text(item.get("content"), i)
         elif kind == "function_call":
             call = {"id": item.get("call_id"), "type": "function", "function": {"name": item.get("name"), "arguments": item.get("arguments")}}
             last = messages[-1] if messages else {}
@@ -184,9 +212,16 @@ def responses_call(body: dict, model_name: str) -> Call:
             messages.append(message)
         else:
             raise ApiError(400, f"input[{i}]: items of type {kind!r} are not supported", "input")
-    effort = (body.get("reasoning") or {}).get("effort") if isinstance(body.get("reasoning"), dict) else None
+    effort = body["reasoning"].get("effort") if isinstance(body.get("reasoning"), dict) else None
     request = _request({"messages": messages, "tools": _tools(body, _chat_tool), "reasoning_effort": effort})
-    return Call(request, include_usage=True, **_common(body, "max_output_tokens"))
+    return Call(_options(body, "max_output_tokens", usage=True), request=request)
+
+
+def _reasoning_text(content: Any, i: int) -> str:
+    parts = content or []
+    if not (isinstance(parts, list) and all(isinstance(p, dict) and isinstance(p.get("text", ""), str) for p in parts)):
+        raise ApiError(400, f"input[{i}]: a reasoning item's content must be a list of text parts", "input")
+    return "".join(part.get("text", "") for part in parts)
 
 
 def _input_text(content: Any, i: int) -> Any:
@@ -203,143 +238,3 @@ def _chat_tool(tool: Any) -> Any:
     if not isinstance(tool, dict) or tool.get("type") != "function":
         raise ApiError(400, "tools: only function tools are supported", "tools")
     return {"type": "function", "function": {k: tool[k] for k in ("name", "description", "parameters") if k in tool}}
-
-
-class ChatReply:
-    """A chat.completion, or the chat.completion.chunk stream that builds it."""
-
-    def __init__(self, model: str, prompt_tokens: int, include_usage: bool):
-        self.id, self.created, self.model = _new_id("chatcmpl-"), int(time.time()), model
-        self.prompt_tokens, self.include_usage = prompt_tokens, include_usage
-        self.message: dict = {"role": "assistant", "content": None, "reasoning": None, "tool_calls": []}
-        self.kind: str | None = None
-
-    def _chunk(self, delta: dict, finish_reason: str | None = None) -> dict:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model, "choices": [choice]}
-
-    def start(self) -> Iterator[dict]:
-        yield self._chunk({"role": "assistant", "content": ""})
-
-    def on(self, event: tuple) -> Iterator[dict]:
-        if event[0] == "begin":
-            self.kind = event[1]
-            if self.kind == "call":
-                call = {"id": _new_id("call_"), "type": "function", "function": {"name": event[2], "arguments": ""}}
-                self.message["tool_calls"].append(call)
-                yield self._chunk({"tool_calls": [{"index": len(self.message["tool_calls"]) - 1, **call}]})
-            return
-        text = event[1]
-        if self.kind == "call":
-            self.message["tool_calls"][-1]["function"]["arguments"] += text
-            yield self._chunk({"tool_calls": [{"index": len(self.message["tool_calls"]) - 1, "function": {"arguments": text}}]})
-        else:
-            # The raw chain of thought as `reasoning`, as OpenAI's gpt-oss guides ask (OpenRouter's convention): the
-            # Agents SDK passes back only a `reasoning` field, and only when no `reasoning_content` comes with it.
-            key = "reasoning" if self.kind == "reasoning" else "content"
-            self.message[key] = (self.message[key] or "") + text
-            yield self._chunk({key: text})
-
-    def finish(self, reason: str, parsed: Parsed, completion_tokens: int) -> Iterator[dict]:
-        self.finish_reason = {"tool_call": "tool_calls" if self.message["tool_calls"] else "stop", "length": "length"}.get(reason, "stop")
-        self.usage = {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": self.prompt_tokens + completion_tokens,
-                      "completion_tokens_details": {"reasoning_tokens": parsed.reasoning_tokens}}
-        self.harmony_error = parsed.error
-        yield self._chunk({}, self.finish_reason)
-        if self.include_usage:
-            yield {**self._chunk({}), "choices": [], "usage": self.usage}
-
-    def result(self) -> dict:
-        message = {**self.message, "tool_calls": self.message["tool_calls"] or None}
-        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": self.finish_reason}
-        if self.harmony_error:  # what parsed is in the message; this says the rest was not valid harmony
-            choice["harmony_error"] = self.harmony_error
-        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
-                "choices": [choice], "usage": self.usage}
-
-
-class ResponsesReply:
-    """A response object, or the response.* event stream that builds it."""
-
-    def __init__(self, model: str, prompt_tokens: int, max_output_tokens: int):
-        self.prompt_tokens = prompt_tokens
-        self.response = {
-            "id": _new_id("resp_"), "object": "response", "created_at": int(time.time()), "model": model,
-            "status": "in_progress", "output": [], "error": None, "incomplete_details": None,
-            "max_output_tokens": max_output_tokens, "parallel_tool_calls": False, "tool_choice": "auto", "tools": [],
-            "store": False, "usage": None,
-        }
-        self.sequence = 0
-        self.item: dict | None = None
-
-    def _event(self, kind: str, **fields) -> dict:
-        self.sequence += 1
-        return {"type": kind, "sequence_number": self.sequence - 1, **fields}
-
-    def _at(self) -> dict:
-        return {"item_id": self.item["id"], "output_index": len(self.response["output"]) - 1}
-
-    def start(self) -> Iterator[dict]:
-        yield self._event("response.created", response=dict(self.response))
-        yield self._event("response.in_progress", response=dict(self.response))
-
-    def on(self, event: tuple) -> Iterator[dict]:
-        if event[0] == "begin":
-            yield from self._close_item()
-            kind = event[1]
-            if kind == "reasoning":
-                self.item = {"type": "reasoning", "id": _new_id("rs_"), "summary": [], "content": [{"type": "reasoning_text", "text": ""}]}
-            elif kind == "call":
-                self.item = {"type": "function_call", "id": _new_id("fc_"), "call_id": _new_id("call_"), "name": event[2], "arguments": ""}
-            else:
-                self.item = {"type": "message", "id": _new_id("msg_"), "role": "assistant",
-                             "content": [{"type": "output_text", "text": "", "annotations": [], "logprobs": []}]}
-            self.item["status"] = "in_progress"
-            self.response["output"].append(self.item)
-            yield self._event("response.output_item.added", output_index=len(self.response["output"]) - 1, item=dict(self.item, content=[]) if "content" in self.item else dict(self.item))
-            if self.item["type"] != "function_call":
-                yield self._event("response.content_part.added", **self._at(), content_index=0, part=dict(self.item["content"][0]))
-            return
-        text = event[1]
-        if self.item["type"] == "function_call":
-            self.item["arguments"] += text
-            yield self._event("response.function_call_arguments.delta", **self._at(), delta=text)
-        else:
-            self.item["content"][0]["text"] += text
-            kind = "response.reasoning_text.delta" if self.item["type"] == "reasoning" else "response.output_text.delta"
-            yield self._event(kind, **self._at(), content_index=0, delta=text, **({"logprobs": []} if "output_text" in kind else {}))
-
-    def _close_item(self) -> Iterator[dict]:
-        item = self.item
-        if item is None:
-            return
-        item["status"] = "completed"
-        if item["type"] == "function_call":
-            yield self._event("response.function_call_arguments.done", **self._at(), name=item["name"], arguments=item["arguments"])
-        else:
-            part = item["content"][0]
-            kind = "response.reasoning_text.done" if item["type"] == "reasoning" else "response.output_text.done"
-            yield self._event(kind, **self._at(), content_index=0, text=part["text"])
-            yield self._event("response.content_part.done", **self._at(), content_index=0, part=dict(part))
-        yield self._event("response.output_item.done", output_index=len(self.response["output"]) - 1, item=dict(item))
-        self.item = None
-
-    def finish(self, reason: str, parsed: Parsed, completion_tokens: int) -> Iterator[dict]:
-        yield from self._close_item()
-        if reason == "length":
-            self.response.update(status="incomplete", incomplete_details={"reason": "max_output_tokens"})
-        else:
-            self.response["status"] = "completed"
-        if parsed.error:
-            self.response["harmony_error"] = parsed.error
-        self.response["usage"] = {
-            "input_tokens": self.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
-            "output_tokens": completion_tokens, "output_tokens_details": {"reasoning_tokens": parsed.reasoning_tokens},
-            "total_tokens": self.prompt_tokens + completion_tokens,
-        }
-        kind = "response.completed" if self.response["status"] == "completed" else "response.incomplete"
-        yield self._event(kind, response=self.result())
-
-    def result(self) -> dict:
-        return self.response

@@ -1,0 +1,77 @@
+"""Starting and stopping launch/serve.py as users do (torchrun), for the server's tests."""
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from tests.conftest import ROOT
+
+KEY = "sesame"
+
+
+def free_port() -> int:
+    """A free port below Linux's ephemeral range (32768+), where gloo's and the OS's own picks never land
+    between this check and the server's bind."""
+    while True:
+        port = random.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+
+
+def start_server(model, *overrides, nproc=2, env=None):
+    port = free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), str(ROOT / "launch" / "serve.py"),
+           "--config", str(ROOT / "configs" / "tiny.yaml"), f"model.path={model}", f"server.port={port}",
+           "generation.max_new_tokens=64", *overrides]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env={**os.environ, **(env or {})})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=1)
+            return proc, url
+        except OSError:
+            time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    pytest.fail(f"server did not come up:\n{proc.communicate()[0]}")
+
+
+def stop_server(proc) -> str:
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        out, _ = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+    return out
+
+
+def health(url) -> dict:
+    """/health's body, also while draining (503)."""
+    try:
+        return json.load(urllib.request.urlopen(f"{url}/health"))
+    except urllib.error.HTTPError as e:
+        return json.load(e)
+
+
+def post(url, path, body: bytes, key=KEY) -> tuple[int, dict]:
+    request = urllib.request.Request(f"{url}{path}", data=body, headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request) as r:
+            return r.status, json.load(r)
+    except urllib.error.HTTPError as e:
+        return e.code, json.load(e)

@@ -1,0 +1,200 @@
+"""launch/serve.py's HTTP edge on raw sockets, where a client library would hide the case: body limits, malformed
+and hostile requests, keep-alive after errors, slow clients, big requests, disconnects. Each must cost only its
+own request. One rank through the engine, with small limits so the cases are quick to reach."""
+
+import http.client
+import json
+import random
+import socket
+import threading
+import time
+
+import pytest
+
+from tests.serving import KEY, health, start_server, stop_server
+from tests.taught import GREETING, HELLO
+
+LIMIT = 1_000_000
+TIMEOUT_S = 3
+
+
+@pytest.fixture(scope="module")
+def server(taught_model):
+    proc, url = start_server(taught_model, "engine.mode=always", f"server.max_body_bytes={LIMIT}",
+                             f"server.request_timeout_s={TIMEOUT_S}", f"server.api_key={KEY}", nproc=1)
+    yield url, str(taught_model)
+    stop_server(proc)
+
+
+def connect(url: str, timeout: float = 60) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=timeout)
+
+
+def request(method: str, path: str, body: bytes | None = b"", key: str = KEY, headers: str = "") -> bytes:
+    head = f"{method} {path} HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {key}\r\n{headers}"
+    if body is not None:
+        head += f"Content-Length: {len(body)}\r\n"
+    return head.encode() + b"\r\n" + (body or b"")
+
+
+def response(sock: socket.socket) -> tuple[int, dict | bytes]:
+    """One response from the connection; the body as JSON where it is JSON."""
+    r = http.client.HTTPResponse(sock)
+    r.begin()
+    body = r.read()
+    return r.status, json.loads(body) if r.getheader("content-type") == "application/json" else body
+
+
+def exchange(sock: socket.socket, data: bytes) -> tuple[int, dict | bytes]:
+    sock.sendall(data)
+    return response(sock)
+
+
+def chat(model: str, **extra) -> bytes:
+    return json.dumps({"model": model, "messages": HELLO, "max_tokens": 20, **extra}).encode()
+
+
+def closed(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_sent(server):
+    url, model = server
+    with connect(url, timeout=10) as sock:  # no body follows: a server that waits for it times this out
+        status, reply = exchange(sock, request("POST", "/v1/chat/completions", None, headers="Content-Length: 50000000\r\n"))
+    assert status == 413 and "server.max_body_bytes" in reply["error"]["message"]
+
+
+def test_a_chunked_body_is_cut_at_the_limit(server):
+    url, model = server
+    chunk = b"x" * (LIMIT + 1)
+    with connect(url, timeout=10) as sock:  # the chunked body never ends: only the limit answers it
+        status, reply = exchange(sock, request("POST", "/v1/chat/completions", None, headers="Transfer-Encoding: chunked\r\n")
+                                 + b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+    assert status == 413
+
+
+@pytest.mark.parametrize(
+    "method, path, key, status",
+    [("POST", "/v1/nothing", KEY, 404), ("POST", "/v1/chat/completions", "wrong", 401), ("GET", "/v1/chat/completions", KEY, 405)],
+)
+def test_an_error_reply_leaves_the_connection_usable(server, method, path, key, status):
+    url, model = server
+    with connect(url) as sock:
+        first = exchange(sock, request(method, path, chat(model), key=key))
+        second = exchange(sock, request("GET", "/v1/models"))
+    assert first[0] == status and "error" in first[1]
+    assert second == (200, {"object": "list", "data": [{"id": model, "object": "model", "created": 0, "owned_by": "gpt-oss-launch"}]})
+
+
+@pytest.mark.parametrize("length", ["abc", "-1", "1 2"])
+def test_a_malformed_content_length_is_400(server, length):
+    url, model = server
+    with connect(url, timeout=10) as sock:
+        status, _ = exchange(sock, request("POST", "/v1/chat/completions", None, headers=f"Content-Length: {length}\r\n"))
+        assert status == 400 and closed(sock)
+
+
+@pytest.mark.parametrize(
+    "body, says",
+    [
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+        (chat("{model}", messages=[{"role": "user", "content": "a" * 5000}]), "a run of more than 4096 letters"),
+        (b"[1, 2]", "must be a JSON object"),
+        (b"null", "must be a JSON object"),
+        (b"", "not valid JSON"),
+        (b"\xff\xfe{", "not valid JSON"),
+        (b'{"model": "\\udc00", "messages": []}', "does not exist"),
+        (b'{"model": "{model}", "messages": [{"role": "user", "content": "\\ud800"}]}', "cannot render"),
+        (b'{"model": "{model}", "messages": [{"role": "user", "content": "hi"}], "seed": 18446744073709551616}', "seed"),
+        (b'{"model": "{model}", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1e999}', "max_tokens"),
+        (b'{"model": "{model}", "messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', "temperature"),
+        (b'{"model": "{model}", "messages": [{"role": "user", "content": "hi"}], "max_tokens": ' + b"9" * 5000 + b"}", "not valid JSON"),
+    ],
+    ids=["nested", "run", "array", "null", "empty", "not-utf8", "surrogate-model", "surrogate-text", "seed-2**64",
+         "max_tokens-inf", "temperature-nan", "5000-digits"],
+)
+def test_a_body_that_is_no_request_is_refused(server, body, says):
+    url, model = server
+    with connect(url) as sock:
+        status, reply = exchange(sock, request("POST", "/v1/chat/completions", body.replace(b"{model}", model.encode()),
+                                               headers="Content-Type: text/plain\r\n"))
+    assert status in (400, 404) and says in reply["error"]["message"], reply
+
+
+def test_query_strings_are_ignored_and_a_null_n_is_taken(server):
+    url, model = server
+    with connect(url) as sock:
+        assert exchange(sock, request("GET", "/v1/models?limit=5"))[0] == 200
+        status, reply = exchange(sock, request("POST", "/v1/chat/completions?api-version=1", chat(model, n=None)))
+    assert status == 200 and reply["choices"][0]["message"]["content"] == GREETING
+
+
+def test_a_client_that_trickles_its_request_is_disconnected(server):
+    url, model = server
+    start = time.monotonic()
+    with connect(url, timeout=TIMEOUT_S * 5) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\n")
+        try:
+            for byte in b"Authorization: Bearer " + KEY.encode():
+                sock.sendall(bytes([byte]))
+                time.sleep(0.25)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        assert closed(sock) and TIMEOUT_S <= time.monotonic() - start < TIMEOUT_S * 4
+
+
+def test_big_requests_cost_only_themselves(server):
+    """A 50 MB body and a prompt of nearly the limit (seconds of harmony rendering, in a worker process) in
+    flight: a small request is answered before either."""
+    url, model = server
+    done = {}
+
+    def send(name, data):
+        with connect(url) as sock:
+            try:
+                sock.sendall(data)
+            except (BrokenPipeError, ConnectionResetError):  # answered and cut off while still sending
+                pass
+            done[name] = (response(sock)[0], time.monotonic())
+
+    huge = request("POST", "/v1/chat/completions", b" " * 50_000_000)
+    # Runs of letters as long as allowed: the slowest text o200k takes, seconds for the whole body.
+    runs = " ".join("".join(random.Random(i).choices("abcdefghijklmnopqrstuvwxyz", k=4000)) for i in range(220))
+    big = request("POST", "/v1/chat/completions", json.dumps({"model": model, "messages": [{"role": "user", "content": runs}]}).encode())
+    assert LIMIT * 0.8 < len(big) < LIMIT
+    senders = [threading.Thread(target=send, args=item) for item in (("huge", huge), ("big", big))]
+    for sender in senders:
+        sender.start()
+    time.sleep(0.5)
+    with connect(url) as sock:
+        status, reply = exchange(sock, request("POST", "/v1/chat/completions", chat(model, max_tokens=1)))
+    answered = time.monotonic()
+    for sender in senders:
+        sender.join()
+    assert status == 200 and reply["usage"]["completion_tokens"] == 1
+    assert done["huge"][0] == 413 and done["big"][0] == 400
+    assert answered < done["big"][1]
+
+
+def test_many_clients_that_disconnect_free_their_rows(server):
+    url, model = server
+    socks = []
+    for i in range(16):
+        sock = connect(url)
+        sock.sendall(request("POST", "/v1/chat/completions", chat(model, max_tokens=3000, stream=i % 2 == 0, ignore_eos=True)))
+        socks.append(sock)
+    while health(url)["running_batches"] == 0:
+        time.sleep(0.1)
+    for sock in socks:
+        sock.close()
+    deadline = time.monotonic() + 30
+    while (h := health(url))["requests_in_flight"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert h["requests_in_flight"] == 0 and h["running_batches"] == 0, h
+    with connect(url) as sock:
+        assert exchange(sock, request("POST", "/v1/chat/completions", chat(model)))[1]["choices"][0]["message"]["content"] == GREETING
