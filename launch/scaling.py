@@ -129,7 +129,7 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--model", action="append", default=[], help="NAME:key=value,... (default: the config alone)")
         p.add_argument("--variant", action="append", default=[], help="NAME:key=value,... engine or model options")
         p.add_argument("--layouts", nargs="+", default=["1"], help="1, tp=2, dp=2,tp=2, ...")
-        p.add_argument("--paths", nargs="+", default=["launcher", "plain"], choices=PATHS)
+        p.add_argument("--paths", nargs="+", default=["server", "plain"], choices=PATHS)
         p.add_argument("--concurrency", nargs="+", type=int, default=[1, 16, 64, 256])
         p.add_argument("--plain-concurrency", nargs="+", type=int, default=[1, 64], help="the plain recipe's batches")
         p.add_argument("--workload", default="sharegpt", choices=["sharegpt", "long", "fixed"])

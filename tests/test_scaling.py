@@ -1,6 +1,6 @@
-"""launch/scaling.py on CPU with the tiny model: a sweep of two layouts and two concurrencies through the real launcher,
-with the plain recipe's curve, killed after its first point and run again; then its report. The Slurm side (job
-arrays across two nodes, the merge) is in tests/test_slurm.py."""
+"""launch/scaling.py on CPU with the tiny model: a sweep of two layouts and two concurrencies through the real launcher
+and the real server under streaming clients, with the plain recipe's curve, killed after its first point and run
+again; then its report. The Slurm side (job arrays across two nodes, the merge) is in tests/test_slurm.py."""
 
 import csv
 import json
@@ -44,32 +44,35 @@ def assert_report(out, curves: int) -> list[dict]:
 
 def test_a_killed_sweep_reruns_only_its_missing_points(tmp_path):
     out = tmp_path / "sweep"
-    cmd = scaling("run", "--out", str(out), "--layouts", "1", "dp=2", "--paths", "launcher", "plain", "--plain-concurrency", "2",
-                  *TINY_SWEEP)
+    cmd = scaling("run", "--out", str(out), "--layouts", "1", "dp=2", "--paths", "launcher", "server", "plain",
+                  "--plain-concurrency", "2", *TINY_SWEEP)
     first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 300
     while not list((out / "points").glob("*.json")):
         assert first.poll() is None and time.monotonic() < deadline
         time.sleep(0.2)
-    os.killpg(first.pid, signal.SIGKILL)  # the sweep and the job it was running, mid-point
+    os.killpg(first.pid, signal.SIGKILL)  # the sweep and the job it was running: the second, a launcher point
     first.wait()
     done = {p.name: p.read_text() for p in (out / "points").glob("*.json")}
 
     rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert f"{len(done)} points already measured in {out}, {6 - len(done)} to measure" in rerun.stderr
+    assert f"{len(done)} points already measured in {out}, {10 - len(done)} to measure" in rerun.stderr
     assert {p.name: p.read_text() for p in (out / "points").glob("*.json") if p.name in done} == done
 
-    rows = assert_report(out, curves=4)
+    rows = assert_report(out, curves=6)
     assert sorted((r["layout"], r["path"], r["concurrency"]) for r in rows) == sorted(
-        [(layout, "launcher", c) for layout in ("1", "dp=2") for c in ("1", "2")] + [("1", "plain", "2"), ("dp=2", "plain", "2")])
-    for r in rows:  # every request ran to its budget: launcher points run rounds x concurrency, plain one batch
-        requests = int(r["concurrency"]) * (ROUNDS if r["path"] == "launcher" else 1)
+        [(layout, path, c) for layout in ("1", "dp=2") for path in ("launcher", "server") for c in ("1", "2")]
+        + [("1", "plain", "2"), ("dp=2", "plain", "2")])
+    for r in rows:  # every request ran to its budget: rounds x concurrency of them, the plain recipe one batch
+        requests = int(r["concurrency"]) * (1 if r["path"] == "plain" else ROUNDS)
         assert (int(r["requests"]), int(r["output_tokens"])) == (requests, requests * NEW_TOKENS)
         assert r["gpus"] == ("1" if r["layout"] == "1" else "2") and r["machine"].startswith("CPU")
+        assert (float(r["itl_p50_s"]) > 0) if r["path"] == "server" else r["itl_p50_s"] == ""  # clients see the gaps
+        log = r["point"].rsplit("_", 1)[0] if r["path"] == "server" else r["point"]  # a server's log is its job's
         generation = "generation: plain model.generate" if r["path"] == "plain" else "generation: the engine"
-        assert generation in (out / "logs" / f"{r['point']}.log").read_text()  # each job's log is kept
-    assert "| dp=2 (2 GPUs) · launcher | 2 |" in (out / "summary.md").read_text()
+        assert generation in (out / "logs" / f"{log}.log").read_text()
+    assert "| dp=2 (2 GPUs) · server | 2 |" in (out / "summary.md").read_text()
 
 
 def test_a_sweep_resumed_under_other_conditions_is_refused(tmp_path):
