@@ -53,10 +53,12 @@ LAYOUTS = [
     (2, ["parallel.tp=2"]),
     (2, ["parallel.ep=2"]),
     (2, ["parallel.dp=2"]),
-    (2, ["parallel.dp=2", "engine.mode=always", "engine.slots=1"]),  # continuous batching through one slot
-    (2, ["parallel.tp=2", "engine.mode=always", "engine.attention=triton"]),  # the decode kernel on each rank's heads
+    (2, ["parallel.dp=2", "engine.mode=always", "engine.slots=1"]),  # requests through one slot, one after another
+    (2, ["parallel.tp=2", "engine.mode=always", "engine.attention=triton"]),  # the Triton kernels on each rank's heads
     (2, ["parallel.ep=2", "engine.mode=always"]),
-    (4, ["parallel.tp=2", "parallel.ep=2", "parallel.dp=2", "engine.mode=always"]),
+    # prompts prefilled in 24-token chunks over 4-token blocks, three requests at a time, in every dimension at once
+    (4, ["parallel.tp=2", "parallel.ep=2", "parallel.dp=2", "engine.mode=always", "engine.slots=3",
+         "engine.max_batched_tokens=24", "engine.block_size=4"]),
     (2, ["parallel.pp=2"]),
     (4, ["parallel.dp=2", "parallel.tp=2"]),
 ]

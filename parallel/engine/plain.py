@@ -51,8 +51,8 @@ class Plain:
         return max(0, 2 * self.batch_size - len(self.waiting))
 
     def step(self, publish: Callable[[list[Event]], None], aborted: Callable[[], set[int]]) -> None:
-        """One batch: the oldest waiting request and the next ones that sample the same way (seeds aside: a batch
-        draws from one generator, seeded by its first request's seed)."""
+        """One batch: the oldest waiting request and the next ones that sample the same way. A batch draws from one
+        generator, so sampled requests share a batch only with the same seed; greedy ones whatever their seeds."""
         if self.cancelled:
             publish(self.cancelled)
             self.cancelled = []
@@ -129,7 +129,8 @@ class _Batch(BaseStreamer, StoppingCriteria):
 
 
 def _alike(sampling: Sampling) -> tuple:
-    return sampling.temperature, sampling.top_p, sampling.ignore_eos
+    seed = sampling.seed if sampling.temperature > 0 else None
+    return sampling.temperature, sampling.top_p, sampling.ignore_eos, seed
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
