@@ -3,8 +3,9 @@ job (the launcher, or the server under that many streaming clients), with the pl
 own curve.
 
     python launch/scaling.py run --config configs/gpt-oss-20b.yaml --out docs/scaling/my-run \
-        --layouts 1 tp=2 dp=2 --paths server plain --concurrency 1 16 64 256 --plain-concurrency 1 64 \
-        --variant bf16 --variant mxfp4:model.mxfp4=require model.path=builtin:gpt-oss-20b model.load_format=dummy
+        --layouts 1 tp=2 dp=2 --paths server plain --concurrency 1 16 64 256 --plain-concurrency 1 16 \
+        --variant bf16 --variant mxfp4:model.mxfp4=require \
+        model.path=builtin:gpt-oss-20b model.load_format=dummy model.mxfp4=dequantize
     python launch/scaling.py submit ... --ranks-per-node 8      # the same sweep as Slurm job arrays, then the report
     python launch/scaling.py report --out DIR                   # the report again, from the points measured so far
 
