@@ -18,8 +18,9 @@ from parallel.scaling.sweep import Sweep, degrees, named_sets
 from tests.conftest import ROOT
 
 NEW_TOKENS, ROUNDS = 8, 2
+# engine.mode=always: the engine on CPU too
 TINY_SWEEP = ["--config", str(ROOT / "configs" / "tiny.yaml"), "--concurrency", "1", "2", "--workload", "fixed",
-              "--prompt-tokens", "16", "--new-tokens", str(NEW_TOKENS), "--rounds", str(ROUNDS), "engine.mode=always"]  # the engine on CPU too
+              "--prompt-tokens", "16", "--new-tokens", str(NEW_TOKENS), "--rounds", str(ROUNDS), "engine.mode=always"]
 
 
 def scaling(*args: str) -> list[str]:

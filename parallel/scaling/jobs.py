@@ -11,6 +11,7 @@ from datetime import datetime
 from pathlib import Path
 
 from parallel.measure import machine, run_launcher, run_server
+from parallel.protocol.harmony import encoding
 from parallel.scaling.slurm import allocation_hosts
 from parallel.scaling.sweep import Job, Points, Sweep, concurrency_overrides, write_atomically
 from parallel.workloads import head, write_workload
@@ -25,8 +26,6 @@ def prepare(sweep: Sweep, out: Path) -> None:
     meta = out / "workload.json"
     if meta.exists() and json.loads(meta.read_text())["requests"] >= sweep.workload_size():
         return
-    from parallel.protocol.harmony import encoding  # harmony's vocabulary loads in a second or two: only here
-
     spec = dict(sweep.workload)
     kind, seed = spec.pop("kind"), spec.pop("seed")
     drawn = write_workload(out / "workload.jsonl", encoding(), kind, sweep.workload_size(), seed, **spec)
