@@ -29,7 +29,7 @@ def scaling(*args: str) -> list[str]:
 
 def assert_report(out, curves: int) -> list[dict]:
     """The report's files hold real figures: every point's numbers > 0, PNGs that decode, a summary row a curve."""
-    rows = list(csv.DictReader(open(out / "results.csv")))
+    rows = list(csv.DictReader((out / "results.csv").read_text().splitlines()))
     assert len(json.loads((out / "results.json").read_text())["points"]) == len(rows)
     for r in rows:
         for key in ("output_tokens_per_s", "output_tokens_per_s_per_gpu", "tokens_per_s_per_user", "ttft_p50_s", "seconds"):
@@ -93,9 +93,12 @@ def test_sweep_plan_jobs_and_slurm_placement():
     assert [j.name for j in jobs[:4]] == ["20b_bf16_1gpu_server", "20b_mxfp4_1gpu_server", "20b_bf16_1gpu_launcher",
                                           "20b_bf16_1gpu_launcher"]
     assert len(jobs) == 2 * (2 + 4 + 1) and jobs[-1].point(8) == "20b_dp2-tp2_plain_c8"
-    config, overrides = sweep.job_config(jobs[1])
-    assert overrides == ["model.load_format=dummy", "model.path=builtin:gpt-oss-20b", "model.mxfp4=require", "engine.slots=64"]
+    assert sweep.job_config(jobs[1]) == ("c.yaml", ["model.load_format=dummy", "model.path=builtin:gpt-oss-20b",
+                                                   "model.mxfp4=require", "engine.slots=64"])
     assert sweep.job_config(jobs[-1])[1][-3:] == ["parallel.dp=2", "parallel.tp=2", "engine.mode=never"]
+    other = Sweep("c.yaml", [], {"120b": ["config=b.yaml", "model.path=x"]}, {"e": []}, ["1"], ["launcher"], [1], [],
+                  {"kind": "fixed"}, 1)
+    assert other.job_config(other.jobs()[0]) == ("b.yaml", ["model.path=x"])  # a model may name its own config
     assert jobs[-1].gpus == 4 and jobs[-1].per_replica(8) == 4 and sweep.workload_size() == 256
     assert [placement(g, 8) for g in (1, 8, 16)] == [(1, 1), (1, 8), (2, 8)]
     with pytest.raises(ValueError, match="does not fill nodes of 8"):
