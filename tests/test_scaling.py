@@ -76,6 +76,17 @@ def test_a_killed_sweep_reruns_only_its_missing_points(tmp_path):
     assert "| dp=2 (2 GPUs) · server | 2 |" in (out / "summary.md").read_text()
 
 
+def test_a_failed_job_is_named_and_its_points_left_for_the_next_run(tmp_path):
+    out = tmp_path / "sweep"
+    run = subprocess.run(scaling("run", "--out", str(out), "--paths", "launcher", "--variant", "bad:engine.block_size=3",
+                                 *TINY_SWEEP, "--concurrency", "1"), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1
+    assert "tiny_bad_1gpu_launcher failed" in run.stderr and "engine.block_size=3 must be a power of two" in run.stderr
+    assert "Not measured (1 points; rerun the sweep to measure only these): tiny_bad_1gpu_launcher_c1" in (
+        out / "summary.md").read_text()
+    assert not list((out / "points").iterdir()) and not (out / "front.png").exists()
+
+
 def test_a_sweep_resumed_under_other_conditions_is_refused(tmp_path):
     out = tmp_path / "sweep.json"
     Sweep("a.yaml", [], {"m": []}, {"engine": []}, ["1"], ["launcher"], [1], [], {"kind": "fixed"}, 2).save(out)
