@@ -42,7 +42,7 @@ def teach(target: Path, effort: str = "medium", device: str = "cpu") -> Path:
     enc = encoding()
     lessons = [(render_prompt(enc, parse_request(obj, 0), effort), enc.encode(text, allowed_special="all")) for obj, text in LESSONS]
     torch.manual_seed(0)
-    model = GptOssForCausalLM.from_pretrained(resolve_checkpoint(TINY), dtype=torch.float32, device_map=device)
+    model = GptOssForCausalLM.from_pretrained(resolve_checkpoint(TINY), dtype=torch.float32).to(device)
     model.model.embed_tokens.weight.requires_grad_(False)  # the vocabulary is large; the layers learn enough
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(200):
