@@ -6,7 +6,8 @@
 
 --paths:
   launcher  the batch job (launch/generate.py) on the workload, every request at once;
-  server    launch/serve.py with that many concurrent streaming clients (--concurrency), Completions API;
+  server    launch/serve.py with that many concurrent streaming clients (--concurrency: one server, each in turn),
+            Completions API;
   plain     the launcher with engine.mode=never (model.generate, batches of --plain-batch) on the first
             --plain-requests requests: the ratio's denominator;
   isolated  the engine in this process on --batch-sizes identical ~80-token prompts run to exactly --new-tokens
@@ -33,10 +34,10 @@ from parallel.config import merge_config, parse_args_and_overrides
 from parallel.engine.engine import Engine
 from parallel.engine.interface import Sampling, Work, complete
 from parallel.engine.plain import Plain
-from parallel.measure import run_launcher, run_server
+from parallel.measure import machine, run_launcher, run_server
 from parallel.protocol.harmony import encoding, pad_token_id, render_prompt, stop_tokens
 from parallel.protocol.requests import parse_request
-from parallel.workloads import write_workload
+from parallel.workloads import head, write_workload
 
 PROMPT = "Write a long story about topic number {}, with a title, three characters and a twist at the end."
 
@@ -81,13 +82,12 @@ def measure(path: str, args, workload: Path, workdir: Path) -> list[dict]:
     if path == "launcher":
         return [{"path": "launcher", **run_launcher(args.config, workload, workdir / "out.jsonl", args.nproc, args.overrides)}]
     if path == "plain":
-        subset = workdir / "plain.jsonl"
-        subset.write_text("".join(workload.read_text().splitlines(keepends=True)[: args.plain_requests]))
+        subset = head(workload, args.plain_requests, workdir / "plain.jsonl")
         plain = ["engine.mode=never", f"generation.batch_size={args.plain_batch}", *args.overrides]
         return [{"path": "plain", **run_launcher(args.config, subset, workdir / "plain.out.jsonl", args.nproc, plain)}]
     if path == "server":
-        return [{"path": "server", **run_server(args.config, workload, args.nproc, c, args.overrides, workdir / f"server-{c}.log")}
-                for c in args.concurrency]
+        figures = run_server(args.config, workload, args.nproc, args.concurrency, args.overrides, workdir / "server.log")
+        return [{"path": "server", **f} for f in figures]
     return isolated(args, "plain" if path == "isolated-plain" else "engine")
 
 
@@ -137,10 +137,6 @@ def isolated(args, name: str) -> list[dict]:
 def mean(values) -> float:
     values = list(values)
     return round(sum(values) / len(values), 1) if values else 0.0
-
-
-def machine() -> str:
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
 def table(result: dict) -> str:

@@ -1,203 +1,159 @@
-"""Throughput scaling study: the launcher over a grid of layouts and batch sizes, on random weights.
+"""Scaling studies: throughput-latency fronts over concurrency x layout x engine options x model, each point a real
+job (the launcher, or the server under that many streaming clients), with the plain transformers recipe as its
+own curve.
 
-    python launch/scaling.py --config configs/gpt-oss-20b.yaml --gpus 2 --layouts 1 tp=2 dp=2 ep=2 \
-        --batch-sizes 1 32 --new-tokens 128 --out docs/scaling/h100-20b model.path=builtin:gpt-oss-20b
+    python launch/scaling.py run --config configs/gpt-oss-20b.yaml --out docs/scaling/my-run \
+        --layouts 1 tp=2 dp=2 --paths server plain --concurrency 1 16 64 256 --plain-concurrency 1 16 \
+        --variant bf16 --variant mxfp4:model.mxfp4=require \
+        model.path=builtin:gpt-oss-20b model.load_format=dummy model.mxfp4=dequantize
+    python launch/scaling.py submit ... --ranks-per-node 8      # the same sweep as Slurm job arrays, then the report
+    python launch/scaling.py report --out DIR                   # the report again, from the points measured so far
 
-Every point is a real job: `torchrun launch/generate.py` with model.load_format=dummy on synthetic prompts
-(harmony-rendered, ~70 tokens). Beside them, in this process on one device, the plain transformers recipe
-(`model.generate` on the same random model and prompts) gives the baseline of the same run. Writes
-results.json, results.csv, throughput.png and efficiency.png under --out. Layouts that need more GPUs than
---gpus are skipped. On a CPU machine the same runs on gloo (use the tiny model there).
+`run` measures every point that has no result yet, on this machine, then writes the report; run it again after a
+stop and only the missing points run. `submit` does the same through Slurm: one array task a job (slurm/scaling.sh),
+one array per GPU count, then a merge job that writes the report once all tasks have ended. `task` is what an array
+task runs. What a point is, how concurrency is set on each path, and the files: parallel/scaling/.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import json
+import os
+import signal
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 from parallel.config import parse_args_and_overrides
-
-ROOT = Path(__file__).resolve().parents[1]
-PROMPT = "Write a long story about topic number {}."
-FIELDS = ["layout", "gpus", "batch_size", "requests", "generated_tokens", "tokens_per_s", "tokens_per_s_per_gpu",
-          "efficiency", "time_to_first_token_s", "peak_gpu_memory_gib"]
-
-
-def degrees(layout: str) -> dict[str, int]:
-    """`tp=2,ep=2` -> {"tp": 2, "ep": 2}; `1` is one GPU, no parallelism."""
-    return {} if layout == "1" else {k: int(v) for k, v in (part.split("=") for part in layout.split(","))}
-
-
-def gpus_for(d: dict[str, int]) -> int:
-    return d.get("dp", 1) * d.get("pp", 1) * max(d.get("tp", 1), d.get("ep", 1))
-
-
-def write_prompts(path: Path, n: int) -> None:
-    path.write_text("".join(json.dumps({"id": i, "prompt": PROMPT.format(i)}) + "\n" for i in range(n)))
-
-
-def run_point(args, layout: str, batch: int, workdir: Path) -> dict:
-    d = degrees(layout)
-    gpus = gpus_for(d)
-    requests = batch * d.get("dp", 1) * args.batches
-    prompts, out = workdir / f"{layout}-{batch}.jsonl", workdir / f"{layout}-{batch}.out.jsonl"
-    write_prompts(prompts, requests)
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={gpus}", str(ROOT / "launch" / "generate.py"),
-           "--config", args.config, f"data.input={prompts}", f"data.output={out}", "model.load_format=dummy",
-           f"generation.batch_size={batch}", f"generation.max_new_tokens={args.new_tokens}", "runtime.progress=false",
-           "output.echo=false", *(f"parallel.{k}={v}" for k, v in d.items()), *args.overrides]
-    run = subprocess.run(cmd, capture_output=True, text=True)
-    if run.returncode:
-        raise RuntimeError(f"{layout} batch {batch} failed:\n{run.stderr[-3000:]}")
-    m = json.loads(Path(f"{out}.metrics.json").read_text())
-    return {"layout": layout, "gpus": gpus, "batch_size": batch, "requests": m["requests"],
-            "generated_tokens": m["generated_tokens"], "tokens_per_s": m["tokens_per_s"],
-            "tokens_per_s_per_gpu": m["tokens_per_s_per_gpu"], "time_to_first_token_s": m["time_to_first_token_s"],
-            "peak_gpu_memory_gib": m["peak_gpu_memory_gib"]}
-
-
-def plain_recipe(args) -> list[dict]:
-    """The cookbook recipe on the same random model and prompts: one process, model.generate, eager attention."""
-    import torch
-    from transformers import GptOssForCausalLM
-    from transformers.utils import logging as transformers_logging
-
-    from parallel.config import merge_config
-    from parallel.distributed.checkpoint import read_model_config, resolve_checkpoint
-    from parallel.protocol.harmony import encoding
-
-    cfg = merge_config(args.config, args.overrides)
-    config = read_model_config(resolve_checkpoint(cfg.model.path))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(0)
-    dtype = torch.bfloat16 if cfg.model.dtype == "auto" else getattr(torch, cfg.model.dtype)
-    transformers_logging.set_verbosity_error()  # its load report lists every random weight as missing
-    model = GptOssForCausalLM.from_pretrained(None, config=config, state_dict={}, dtype=dtype, device_map=device,
-                                              attn_implementation="eager").eval()
-    enc = encoding()
-    rows = [_time_plain(model, enc, device, batch, args.new_tokens) for batch in args.batch_sizes]
-    del model
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return rows
-
-
-def _time_plain(model, enc, device, batch: int, new_tokens: int) -> dict:
-    import torch
-
-    from parallel.engine.plain import left_pad
-    from parallel.protocol.harmony import pad_token_id, render_prompt
-    from parallel.protocol.requests import parse_line
-
-    prompts = [render_prompt(enc, parse_line(json.dumps({"prompt": PROMPT.format(i)}), i + 1), "medium") for i in range(batch)]
-    pad = pad_token_id(enc)
-    ids, mask = left_pad(prompts, pad, device)
-    width = ids.shape[1]
-    kwargs = dict(attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
-    with torch.no_grad():
-        model.generate(ids, **{**kwargs, "max_new_tokens": 2, "min_new_tokens": 2})  # warm-up
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        out = model.generate(ids, **kwargs)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    generated = (out.shape[1] - width) * batch
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    return {"layout": "plain transformers", "gpus": 1, "batch_size": batch, "requests": batch, "generated_tokens": generated,
-            "tokens_per_s": round(generated / seconds, 2), "tokens_per_s_per_gpu": round(generated / seconds, 2),
-            "time_to_first_token_s": None, "peak_gpu_memory_gib": peak}
-
-
-def add_efficiency(rows: list[dict]) -> None:
-    """Tokens/s per GPU over the one-GPU launcher run at the same batch size per replica."""
-    base = {r["batch_size"]: r["tokens_per_s_per_gpu"] for r in rows if r["layout"] == "1"}
-    for r in rows:
-        b = base.get(r["batch_size"])
-        r["efficiency"] = round(r["tokens_per_s_per_gpu"] / b, 3) if b and r["layout"] != "plain transformers" else None
-
-
-def plot(rows: list[dict], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    for key, name, ylabel in (("tokens_per_s", "throughput", "generated tokens/s"), ("efficiency", "efficiency", "tokens/s per GPU vs 1 GPU")):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for batch in sorted({r["batch_size"] for r in rows}):
-            points = [r for r in rows if r["batch_size"] == batch and r[key] is not None]
-            for family in sorted({family_of(r["layout"]) for r in points} - {"1 GPU", "plain transformers"}):
-                series = sorted((r for r in points if family_of(r["layout"]) in (family, "1 GPU")), key=lambda r: r["gpus"])
-                ax.plot([r["gpus"] for r in series], [r[key] for r in series], marker="o", label=f"{family}, batch {batch}")
-            for r in points:
-                if r["layout"] == "plain transformers":
-                    ax.scatter([1], [r[key]], marker="x", color="black", zorder=3)
-                    ax.annotate(f"plain, batch {batch}", (1, r[key]), fontsize=7)
-        ax.set_xlabel("GPUs")
-        ax.set_xticks(sorted({r["gpus"] for r in rows}))
-        ax.set_ylabel(ylabel)
-        ax.set_title(f"{name} (random weights)")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out / f"{name}.png", dpi=120)
-        plt.close(fig)
-
-
-def family_of(layout: str) -> str:
-    """`tp=2` and `tp=4` are one line on the plots: the layout without its numbers."""
-    if layout in ("1", "plain transformers"):
-        return "1 GPU" if layout == "1" else layout
-    return "+".join(part.split("=")[0] for part in layout.split(","))
+from parallel.log import log
+from parallel.scaling.jobs import prepare, run_job
+from parallel.scaling.report import write_report
+from parallel.scaling.slurm import submit
+from parallel.scaling.sweep import PATHS, Job, Points, Sweep, named_sets
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--gpus", type=int, required=True, help="the most processes a point may use")
-    parser.add_argument("--layouts", nargs="+", default=["1", "tp=2", "dp=2", "ep=2"])
-    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 32])
-    parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--batches", type=int, default=2, help="batches per replica at each point")
-    parser.add_argument("--no-plain", action="store_true", help="skip the plain transformers baseline")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("overrides", nargs="*", help="launcher key=value overrides, e.g. model.path=builtin:gpt-oss-20b")
-    args = parse_args_and_overrides(parser, argv)
+    argv = sys.argv[1:] if argv is None else argv
+    # A stop (kill, Slurm's time limit) unwinds as Ctrl-C does, ending the job in hand with the sweep (a server
+    # runs in a session of its own, which only its `with` block ends); a rerun measures its points again.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    args = parse_args_and_overrides(parser(), argv)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if args.command == "report":
+        return report(out)
+    if args.command == "task":
+        return task(out, args.index)
+    try:
+        sweep = sweep_of(args, argv)
+        prepare(sweep, out)
+    except ValueError as e:
+        log(f"ERROR: {e}")
+        return 2
+    if args.command == "submit":
+        todo = [(i, job) for i, job in enumerate(sweep.jobs()) if Points(out).missing(job)]
+        try:
+            ids = submit(out, todo, args.ranks_per_node, not args.cpu, args.sbatch, args.wait)
+        except (RuntimeError, ValueError) as e:
+            log(f"ERROR: {e}")
+            return 1
+        log(f"{len(todo)} jobs submitted as array(s) {', '.join(ids[:-1]) or '(none)'}; the report is job {ids[-1]}")
+        return 0
+    return run(sweep, out, args.gpus)
 
-    rows = [] if args.no_plain else plain_recipe(args)
-    with tempfile.TemporaryDirectory() as work:
-        for layout in args.layouts:
-            if gpus_for(degrees(layout)) > args.gpus:
-                print(f"scaling: {layout} needs {gpus_for(degrees(layout))} GPUs, skipped", file=sys.stderr)
-                continue
-            for batch in args.batch_sizes:
-                rows.append(run_point(args, layout, batch, Path(work)))
-                print(f"scaling: {json.dumps(rows[-1])}", file=sys.stderr)
-    add_efficiency(rows)
-    meta = {"config": args.config, "overrides": args.overrides, "new_tokens": args.new_tokens,
-            "command": " ".join(["python", "launch/scaling.py", *(argv if argv is not None else sys.argv[1:])]),
-            "weights": "random (model.load_format=dummy)"}
-    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    plot(rows, out)
-    print(f"scaling: {len(rows)} points in {out}", file=sys.stderr)
+
+def run(sweep: Sweep, out: Path, gpus: int | None) -> int:
+    """Every job with points missing, here, one after another; a failed job is reported and the others go on."""
+    points, failed = Points(out), []
+    jobs = sweep.jobs()
+    todo = [(job, points.missing(job)) for job in jobs]
+    left = sum(len(missing) for _, missing in todo)
+    log(f"{sum(len(j.concurrency) for j in jobs) - left} points already measured in {out}, {left} to measure")
+    for job, missing in todo:
+        if not missing:
+            continue
+        if gpus is not None and job.gpus > gpus:
+            log(f"{job.name}: needs {job.gpus} GPUs, --gpus is {gpus}: skipped")
+            continue
+        if not measure(sweep, job, out, missing):
+            failed.append(job.name)
+    report(out)
+    if failed:
+        log(f"ERROR: {len(failed)} jobs failed ({', '.join(failed)}); run the same command again to retry them")
+    return 1 if failed else 0
+
+
+def task(out: Path, index: int) -> int:
+    """A Slurm array task: the index-th job of the sweep, its missing points only."""
+    sweep = Sweep.load(out / "sweep.json")
+    job = sweep.jobs()[index]
+    ranks = int(os.environ["SLURM_NNODES"]) * int(os.environ["NPROC_PER_NODE"])
+    if ranks != job.gpus:
+        log(f"ERROR: {job.name} needs {job.gpus} ranks, this allocation starts {ranks}")
+        return 2
+    return 0 if measure(sweep, job, out, Points(out).missing(job)) else 1
+
+
+def measure(sweep: Sweep, job: Job, out: Path, concurrency: list[int]) -> bool:
+    """Whether the job measured its points; why not, in the log (a launcher's ends the message, a server's stays
+    in <out>/logs)."""
+    log(f"{job.name}: concurrency {' '.join(map(str, concurrency))}")
+    try:
+        run_job(sweep, job, out, concurrency)
+    except (RuntimeError, subprocess.TimeoutExpired) as e:
+        log(f"ERROR: {job.name} failed: {e}")
+        return False
+    return True
+
+
+def report(out: Path) -> int:
+    for path in write_report(out):
+        log(f"wrote {path}")
     return 0
 
 
+def sweep_of(args: argparse.Namespace, argv: list[str]) -> Sweep:
+    models = named_sets(args.model) or {Path(args.config).stem: []}
+    variants = named_sets(args.variant) or {"engine": []}
+    workload = {"kind": args.workload, "seed": args.seed, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens}
+    return Sweep(args.config, args.overrides, models, variants, args.layouts, args.paths, args.concurrency,
+                 args.plain_concurrency if "plain" in args.paths else [], workload, args.rounds,
+                 command=" ".join(["python", "launch/scaling.py", *argv]))
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = top.add_subparsers(dest="command", required=True)
+    for name in ("run", "submit"):
+        p = commands.add_parser(name)
+        p.add_argument("--config", required=True, help="the base config; a model may name another (config=FILE)")
+        p.add_argument("--out", required=True, help="the sweep's folder: plan, workload, points, report")
+        p.add_argument("--model", action="append", default=[], help="NAME:key=value,... (default: the config alone)")
+        p.add_argument("--variant", action="append", default=[], help="NAME:key=value,... engine or model options")
+        p.add_argument("--layouts", nargs="+", default=["1"], help="1, tp=2, dp=2,tp=2, ...")
+        p.add_argument("--paths", nargs="+", default=["server", "plain"], choices=PATHS)
+        p.add_argument("--concurrency", nargs="+", type=int, default=[1, 16, 64, 256])
+        p.add_argument("--plain-concurrency", nargs="+", type=int, default=[1, 64], help="the plain recipe's batches")
+        p.add_argument("--workload", default="sharegpt", choices=["sharegpt", "long", "fixed"])
+        p.add_argument("--prompt-tokens", type=int, default=1024, help="fixed workload")
+        p.add_argument("--new-tokens", type=int, default=1024, help="fixed workload")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--rounds", type=int, default=4, help="requests a point: rounds x concurrency")
+    commands.choices["run"].add_argument("--gpus", type=int, help="skip jobs of more GPUs than this")
+    slurm = commands.choices["submit"]
+    slurm.add_argument("--ranks-per-node", type=int, required=True, help="GPUs a node (processes on CPU nodes)")
+    slurm.add_argument("--cpu", action="store_true", help="CPU nodes: ask for CPUs, not GPUs")
+    slurm.add_argument("--sbatch", action="append", default=[], help="an sbatch option for every job: --sbatch=--partition=gpu")
+    slurm.add_argument("--wait", action="store_true", help="return once the report is written")
+    commands.add_parser("task").add_argument("--index", type=int, required=True)
+    commands.add_parser("report")
+    for name in ("task", "report"):
+        commands.choices[name].add_argument("--out", required=True)
+    return top
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        log("stopped; the same command measures the points left")
+        sys.exit(130)

@@ -3,6 +3,9 @@ the server under a number of concurrent streaming clients. `launch/bench.py` and
 
 Every figure comes from the job itself: the launcher's metrics and records (generation time excludes loading),
 the server's streamed chunks as a client sees them (time to first token, inter-token latency).
+
+Jobs start on this machine (torchrun), or, where GPT_OSS_TORCHRUN names a wrapper (slurm/scaling.sh sets
+slurm/torchrun.sh), through it: one torchrun on every node of a Slurm allocation.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import signal
 import socket
 import statistics
@@ -17,9 +21,11 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+WARM_UP_TOKENS = 16
 
 
 def job_env() -> dict[str, str]:
@@ -30,8 +36,26 @@ def job_env() -> dict[str, str]:
 
 
 def torchrun(script: str, nproc: int) -> list[str]:
-    runner = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
+    """The command that starts `script` on nproc ranks. The wrapper takes its ranks from the allocation."""
+    wrapper = os.environ.get("GPT_OSS_TORCHRUN")
+    if wrapper:
+        runner = [wrapper]
+    elif nproc > 1:
+        runner = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
+    else:
+        runner = [sys.executable]
     return [*runner, str(ROOT / "launch" / script)]
+
+
+def machine() -> str:
+    """The accelerator the jobs run on, as nvidia-smi names it, else the CPU. Asked of nvidia-smi rather than torch:
+    a CUDA context in this process would take GPU memory from the jobs it measures."""
+    try:
+        run = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        run = None
+    name = run.stdout.split("\n")[0].strip() if run and run.returncode == 0 else ""
+    return name or f"CPU ({os.cpu_count()} cores)"
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -76,23 +100,30 @@ def free_port() -> int:
 
 
 class ServerJob:
-    """launch/serve.py in its own processes for the length of a `with` block."""
+    """launch/serve.py in its own processes for the length of a `with` block, behind a key of its own. Its HTTP runs
+    on rank 0: on this machine, or, for a job across nodes (torchrun ranks the nodes in an order of its own), on
+    one of `hosts`: it then listens on every interface, and is found by asking each host."""
 
-    def __init__(self, config: str, nproc: int, overrides: list[str], log: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [*torchrun("serve.py", nproc), "--config", config, f"server.port={self.port}", *overrides]
+    def __init__(self, config: str, nproc: int, overrides: list[str], log: Path, hosts: list[str] | None = None):
+        self.port, self.key = free_port(), secrets.token_urlsafe(16)
+        self.hosts = hosts or ["127.0.0.1"]
+        bind = ["server.host=0.0.0.0"] if hosts else []
+        cmd = [*torchrun("serve.py", nproc), "--config", config, f"server.port={self.port}", *bind, *overrides]
         self.log = open(log, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, env=job_env())
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+                                     env={**job_env(), "GPT_OSS_API_KEY": self.key})
 
     def __enter__(self) -> ServerJob:
         deadline = time.monotonic() + 1800
         while time.monotonic() < deadline and self.proc.poll() is None:
-            try:
-                self.model = json.load(urllib.request.urlopen(f"{self.url}/health", timeout=2))["model"]
-                return self
-            except OSError:
-                time.sleep(1)
+            for host in self.hosts:
+                try:
+                    health = json.load(urllib.request.urlopen(f"http://{host}:{self.port}/health", timeout=2))
+                    self.url, self.model = f"http://{host}:{self.port}", health["model"]
+                    return self
+                except OSError:
+                    pass
+            time.sleep(1)
         self.__exit__()
         raise RuntimeError(f"the server did not come up; see {self.log.name}")
 
@@ -120,28 +151,45 @@ async def _stream(client, model: str, prompt: str, max_tokens: int) -> dict:
     return {"ttft": stamps[0] if stamps else None, "end": time.perf_counter() - start, "tokens": tokens, "stamps": stamps}
 
 
-async def _clients(url: str, model: str, requests: list[dict], concurrency: int) -> tuple[list[dict], float]:
+async def _clients(server: ServerJob, requests: list[dict], concurrency: int) -> tuple[list[dict], float]:
     import openai
 
-    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="bench", max_retries=0, timeout=3600)
     gate = asyncio.Semaphore(concurrency)
+    # Closed within its event loop: asyncio.run ends the loop, and a client left to the garbage collector would
+    # close its connections on that dead loop, with a traceback.
+    async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=server.key, max_retries=0, timeout=3600) as client:
 
-    async def one(r):
-        async with gate:
-            return await _stream(client, model, r["prompt"], r["max_new_tokens"])
+        async def one(r):
+            async with gate:
+                return await _stream(client, server.model, r["prompt"], r["max_new_tokens"])
 
-    start = time.perf_counter()
-    results = await asyncio.gather(*(one(r) for r in requests))
-    return results, time.perf_counter() - start
+        start = time.perf_counter()
+        results = await asyncio.gather(*(one(r) for r in requests))
+        return results, time.perf_counter() - start
 
 
-def run_server(config: str, workload: Path, nproc: int, concurrency: int, overrides: list[str], log: Path) -> dict:
-    """The workload against a fresh server at `concurrency` streams: throughput as the clients see it, time to
-    first token and inter-token latency (the gap between chunks, per token)."""
+def run_server(config: str, workload: Path, nproc: int, concurrency: list[int], overrides: list[str], log: Path,
+               rounds: int | None = None, hosts: list[str] | None = None) -> Iterator[dict]:
+    """One server, measured at each concurrency in turn (no restart between them), yielding each one's figures as
+    they come: throughput as the clients see it, time to first token and inter-token latency (the gap between
+    chunks, per token). At concurrency c the clients send the first rounds x c requests of the workload (all of
+    them when rounds is None), after a warm-up of c short requests: the engine's first steps at that many rows are
+    its slow ones (graph capture, compilation). `hosts`: where rank 0 may be, for a job across nodes (ServerJob)."""
+    import openai
+
     requests = [json.loads(line) for line in workload.read_text().split("\n") if line]
-    with ServerJob(config, nproc, ["server.stream_interval=1", *overrides], log) as server:
-        asyncio.run(_clients(server.url, server.model, requests[: min(len(requests), concurrency)], concurrency))  # warm-up
-        results, seconds = asyncio.run(_clients(server.url, server.model, requests, concurrency))
+    with ServerJob(config, nproc, ["server.stream_interval=1", *overrides], log, hosts) as server:
+        for c in concurrency:
+            warm_up = [{**r, "max_new_tokens": WARM_UP_TOKENS} for r in requests[:c]]
+            try:
+                asyncio.run(_clients(server, warm_up, c))
+                results, seconds = asyncio.run(_clients(server, requests[: rounds * c] if rounds else requests, c))
+            except openai.OpenAIError as e:  # the server failed or refused: its log says why
+                raise RuntimeError(f"server at concurrency {c}: {e!r}; see {log}") from e
+            yield _stream_figures(results, seconds, c)
+
+
+def _stream_figures(results: list[dict], seconds: float, concurrency: int) -> dict:
     tokens = sum(r["tokens"] for r in results)
     ttft = [r["ttft"] for r in results if r["ttft"] is not None]
     itl = [(b - a) for r in results for a, b in zip(r["stamps"], r["stamps"][1:])]

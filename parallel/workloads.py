@@ -22,11 +22,12 @@ SIGMA = 1.0  # log-normal spread of both lengths (ShareGPT's are heavy-tailed)
 
 
 def words(enc: HarmonyEncoding, count: int = 2000) -> list[str]:
-    """Common lowercase words that o200k encodes as one token each (with their leading space)."""
+    """Common lowercase words that o200k encodes as one token each (with their leading space). Encoded with no
+    check for special tokens (plain words hold none): the check costs harmony some 10 ms a call."""
     found = []
     for token in range(1000, 60000):
         text = enc.decode([token])
-        if re.fullmatch(r" [a-z]{3,9}", text) and enc.encode(text) == [token]:
+        if re.fullmatch(r" [a-z]{3,9}", text) and enc.encode(text, disallowed_special=()) == [token]:
             found.append(text)
             if len(found) == count:
                 break
@@ -59,3 +60,10 @@ def write_workload(path: Path, enc: HarmonyEncoding, kind: str, n: int, seed: in
             text = "".join(rng.choice(vocabulary) for _ in range(prompt)).strip()
             f.write(json.dumps({"id": i, "prompt": text, "max_new_tokens": new}) + "\n")
     return drawn
+
+
+def head(workload: Path, n: int, path: Path) -> Path:
+    """The workload's first n requests as a file of their own: a point's (or the plain recipe's) share of it."""
+    with open(workload) as f:
+        path.write_text("".join(line for _, line in zip(range(n), f)))
+    return path

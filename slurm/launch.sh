@@ -1,14 +1,13 @@
-# Sourced by slurm/{tiny,20b,120b}.sh inside the allocation: one torchrun per node under srun, a c10d
-# rendezvous on the allocation's first node. The caller sets CONFIG, INPUT, OUTPUT and NPROC_PER_NODE;
-# anything it passes as arguments reaches the launcher as key=value overrides.
+# Sourced by slurm/{tiny,20b,120b}.sh inside the allocation: launch/generate.py on every node through
+# slurm/torchrun.sh (one torchrun a node under srun, a c10d rendezvous on the allocation's first node). The caller
+# sets CONFIG, INPUT, OUTPUT and NPROC_PER_NODE; anything it passes as arguments reaches the launcher as key=value
+# overrides.
 #
-# Environment it honours: RDZV_HOST (default: the first node), RDZV_PORT, RDZV_JOIN_TIMEOUT (s), REQUEUE (1: requeue after SIGTERM), NCCL_DEBUG,
-# and for offline nodes HF_HUB_OFFLINE, HF_HOME, TIKTOKEN_ENCODINGS_BASE (see README, "Offline clusters").
+# Environment it honours: REQUEUE (1: requeue after SIGTERM), and what slurm/torchrun.sh honours (RDZV_HOST,
+# RDZV_PORT, RDZV_JOIN_TIMEOUT, NCCL_DEBUG, HF_HUB_OFFLINE, HF_HOME, TIKTOKEN_ENCODINGS_BASE).
 set -euo pipefail
 cd "${GPT_OSS_HOME:-$SLURM_SUBMIT_DIR}"
 
-head_node=${RDZV_HOST:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)}
-rdzv_port=${RDZV_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
 overrides=("data.input=$INPUT" "data.output=$OUTPUT")
 if [[ -n "${SLURM_ARRAY_TASK_COUNT:-}" ]]; then
     # Task i of n takes the input lines whose (line number - 1) % n == i, and writes its own shard.
@@ -16,16 +15,8 @@ if [[ -n "${SLURM_ARRAY_TASK_COUNT:-}" ]]; then
     overrides=("data.input=$INPUT" "data.output=${OUTPUT%.jsonl}.shard-$shard-of-$SLURM_ARRAY_TASK_COUNT.jsonl"
                "data.shard=$shard" "data.num_shards=$SLURM_ARRAY_TASK_COUNT")
 fi
-# A failed NCCL collective ends the process instead of leaving it waiting.
-export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
-echo "gpt-oss: job ${SLURM_JOB_ID} on ${SLURM_NNODES} node(s) (${SLURM_JOB_NODELIST}), rendezvous ${head_node}:${rdzv_port}," \
-     "HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-} HF_HOME=${HF_HOME:-} TIKTOKEN_ENCODINGS_BASE=${TIKTOKEN_ENCODINGS_BASE:-}"
-
-srun --ntasks-per-node=1 --kill-on-bad-exit=1 \
-    python -m torch.distributed.run --nnodes="$SLURM_NNODES" --nproc_per_node="$NPROC_PER_NODE" \
-        --rdzv_backend=c10d --rdzv_id="$SLURM_JOB_ID" --rdzv_endpoint="$head_node:$rdzv_port" \
-        --rdzv_conf="join_timeout=${RDZV_JOIN_TIMEOUT:-600}" \
-        launch/generate.py --config "$CONFIG" "${overrides[@]}" "$@" &
+export NPROC_PER_NODE
+slurm/torchrun.sh launch/generate.py --config "$CONFIG" "${overrides[@]}" "$@" &
 step=$!
 
 # Preemption and time limits (#SBATCH --signal=B:TERM@...) signal this shell: hand the signal to the step,

@@ -9,6 +9,7 @@ import time
 import pytest
 
 from tests.conftest import ROOT, read_records, write_jsonl
+from tests.test_scaling import TINY_SWEEP, assert_report
 
 CLUSTER = str(ROOT / "tests" / "slurm" / "cluster.sh")
 PROMPTS = [{"id": f"s{i}", "prompt": f"Tell me about the number {i}."} for i in range(6)]
@@ -142,3 +143,18 @@ def test_two_node_expert_parallel_mxfp4_owns_experts_by_global_rank(cluster, pro
         assert run.returncode == 0, run.stderr + job_logs(cluster)
         answers[kind] = {r["id"]: r["raw"] for r in read_records(out)}
     assert answers["mxfp4"] == answers["reference"]
+
+
+def test_scaling_sweep_runs_as_job_arrays_across_nodes_then_merges(cluster, tmp_path):
+    """A task a job, one array per GPU count: tp=2 spans both nodes (a rank on each), `1` is one rank; a server
+    across the nodes is found wherever its rank 0 is; the merge job draws the report once every task has ended. (The
+    plain recipe's curve is tests/test_scaling.py's.)"""
+    out = tmp_path / "sweep"
+    run = slurm(cluster, "timeout", "600", "python", "launch/scaling.py", "submit", "--out", str(out), "--layouts", "1", "tp=2",
+                "--paths", "launcher", "server", *TINY_SWEEP, "--ranks-per-node", "1", "--cpu", "--wait",
+                f"--sbatch=--output={cluster}/%x-%A_%a.out", "--sbatch=--time=10", timeout=630)
+    assert run.returncode == 0, run.stderr + job_logs(cluster)
+    rows = assert_report(out, curves=4)
+    assert sorted((r["layout"], r["path"], r["concurrency"], r["nodes"]) for r in rows) == sorted(
+        (layout, path, c, nodes) for layout, nodes in (("1", "1"), ("tp=2", "2")) for path in ("launcher", "server")
+        for c in ("1", "2"))

@@ -32,6 +32,17 @@ step() {
         bench-120b) PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True python3 launch/bench.py --config configs/gpt-oss-120b.yaml \
             --paths isolated --batch-sizes 1 64 --new-tokens 256 --workdir /tmp/jobs --out "$OUT/bench-120b.json" "${M120[@]}" ;;
         profile-20b) python3 tests/gpu/profile_decode.py --config configs/gpt-oss-20b.yaml --batch-sizes 1 128 240 "${M20[@]}" ;;
+        # The 20b front, ~6 min: the engine's server with bf16 experts and with MXFP4 ones, each at 1, 32 and 256
+        # clients (a server a variant: ~1 min of loading and compiling, then ~1 min of points), and the plain recipe
+        # (bf16 experts) in batches of 1 and 16 (a job each, ~1 min each): model.mxfp4=dequantize for every job, which
+        # the mxfp4 variant overrides. Swept in /tmp, so a call that ran out of time resumes there on the same
+        # machine; the report comes back in $OUT.
+        scaling-20b) python3 launch/scaling.py run --config configs/gpt-oss-20b.yaml --out /tmp/scaling-20b --paths server plain \
+                         --concurrency 1 32 256 --plain-concurrency 1 16 --rounds 2 --variant bf16 \
+                         --variant mxfp4:model.mxfp4=require "${M20[@]}" model.mxfp4=dequantize
+                     status=$?
+                     mkdir -p "$OUT/scaling-20b" && cp /tmp/scaling-20b/{front.png,results.csv,results.json,summary.md} "$OUT/scaling-20b/"
+                     return $status ;;
         *) echo "unknown step $1"; return 2 ;;
     esac
 }
