@@ -81,7 +81,9 @@ class Replica:
             self.link.send(("want", want))
             self.asked += want
         news, self.held = self.held, News()
-        for message in self.link.receive(IDLE_BEAT_S if block and not news.work else 0):
+        # Told to stop and idle: nothing more is coming, so waiting would only delay the end.
+        wait = block and not news.work and not self.stopping
+        for message in self.link.receive(IDLE_BEAT_S if wait else 0):
             if message[0] == "work":
                 news.work += message[1]
                 self.asked -= len(message[1])
