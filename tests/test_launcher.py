@@ -115,7 +115,13 @@ def test_impossible_layout_is_rejected_before_loading(tmp_path, prompts):
 
 def test_missing_checkpoint_is_named(tmp_path, prompts):
     run = launch(tmp_path / "a.jsonl", "model.path=/nonexistent/gpt-oss", prompts=prompts)
-    assert run.returncode == 2 and "/nonexistent/gpt-oss" in run.stderr
+    assert run.returncode == 2 and "model.path=/nonexistent/gpt-oss: no such folder" in run.stderr
+
+
+def test_unknown_builtin_model_lists_the_builtins(tmp_path, prompts):
+    run = launch(tmp_path / "a.jsonl", "model.path=builtin:tin", prompts=prompts)
+    assert run.returncode == 2 and "model.path=builtin:tin is no built-in model" in run.stderr
+    assert "builtin:tiny, builtin:gpt-oss-20b" in run.stderr
 
 
 # Long enough that a signal lands mid-job: 16 single-request batches of 48 tokens.
