@@ -160,6 +160,16 @@ def test_stopped_job_resumes_with_every_id_once(tmp_path, many):
     assert read_records(out)[: len(kept)] == kept
 
 
+def test_a_finished_job_run_again_stops_before_loading_and_keeps_its_metrics(tmp_path, prompts):
+    out = tmp_path / "answers.jsonl"
+    assert launch(out, "generation.max_new_tokens=2", prompts=prompts).returncode == 0
+    records, metrics = out.read_bytes(), (tmp_path / "answers.jsonl.metrics.json").read_text()
+
+    again = launch(out, "generation.max_new_tokens=2", nproc=2, prompts=prompts)
+    assert again.returncode == 0 and "nothing to do" in again.stderr and "loading" not in again.stderr, again.stderr
+    assert out.read_bytes() == records and (tmp_path / "answers.jsonl.metrics.json").read_text() == metrics
+
+
 def rank_pid(torchrun: int, rank: int) -> int:
     """The worker torchrun started for `rank` (its child whose environment says so)."""
     for pid in filter(str.isdigit, os.listdir("/proc")):
