@@ -201,6 +201,8 @@ def merge_config(path: str | Path, overrides: list[str] = (), required: tuple[st
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise ConfigError(f"overrides must be key=value, got {bad}")
+    if not Path(path).is_file():
+        raise ConfigError(f"config {path}: no such file")
     cfg = OmegaConf.structured(JobConfig)
     OmegaConf.set_struct(cfg, True)
     # The file and the overrides are merged one at a time, so that an error says which of them holds the bad key.

@@ -88,7 +88,8 @@ def test_a_failed_job_is_named_and_its_points_left_for_the_next_run(tmp_path):
 
 
 @pytest.mark.parametrize("override, named", [("generation.max_new_token=3", "generation.max_new_token"),
-                                             ("--variant=bad:engine.block_size=3", "engine.block_size=3 must be a power of two")])
+                                             ("--variant=bad:engine.block_size=3", "engine.block_size=3 must be a power of two"),
+                                             ("--model=t:config=tiny.yml", "config tiny.yml: no such file")])
 def test_a_bad_override_is_refused_before_the_sweep_is_saved(tmp_path, override, named):
     out = tmp_path / "sweep"
     run = subprocess.run(scaling("run", "--out", str(out), "--paths", "launcher", *TINY_SWEEP, override),
