@@ -44,6 +44,13 @@ def main(argv: list[str] | None = None) -> int:
         work, rejected = plan_work(requests, out, enc, cfg.generation, run.shape.max_position_embeddings)
         out.write(rejected)
         log(f"{len(work)} requests to run, {len(rejected)} lines rejected, {len(out.done) - len(rejected)} already in {cfg.data.output}")
+        store.set("new_records", str(len(work) + len(rejected)))
+    # A finished job run again stops here, before any model loads, and keeps the metrics of the run that did the work.
+    if store.get("new_records") == b"0":
+        log(f"nothing to do: every line of {cfg.data.input} has its record in {cfg.data.output}")
+        finish_job(watchdog)
+        return 0
+    if place.rank == 0:
         writer = Writer(out, len(work), cfg.output.echo, cfg.runtime.progress)
     # Read at signal time: rank 0 before its writer exists has nothing in flight.
     exit_on_signals(lambda: writer.stop() if writer else f"rank {place.rank} stopping")

@@ -24,7 +24,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from parallel.config import parse_args_and_overrides
+from parallel.config import merge_config, parse_args_and_overrides
 from parallel.log import log
 from parallel.scaling.jobs import prepare, run_job
 from parallel.scaling.report import write_report
@@ -40,11 +40,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args_and_overrides(parser(), argv)
     out = Path(args.out)
     if args.command == "report":
+        if not (out / "sweep.json").exists():
+            log(f"ERROR: {out} holds no sweep (no sweep.json): --out names the folder of a run or submit")
+            return 2
         return report(out)
     if args.command == "task":
         return task(out, args.index)
     try:
         sweep = sweep_of(args, argv)
+        check_configs(sweep)
         prepare(sweep, out)
     except ValueError as e:
         log(f"ERROR: {e}")
@@ -118,6 +122,13 @@ def sweep_of(args: argparse.Namespace, argv: list[str]) -> Sweep:
     return Sweep(args.config, args.overrides, models, variants, args.layouts, args.paths, args.concurrency,
                  args.plain_concurrency if "plain" in args.paths else [], workload, args.rounds,
                  command=" ".join(["python", "launch/scaling.py", *argv]))
+
+
+def check_configs(sweep: Sweep) -> None:
+    """Every job's config and overrides, as its launch will read them: a typo fails here, naming its key, instead
+    of failing every job and being saved in sweep.json, where a corrected rerun is refused as another sweep."""
+    for config, overrides in {(config, tuple(o)) for config, o in map(sweep.job_config, sweep.jobs())}:
+        merge_config(config, overrides)
 
 
 def parser() -> argparse.ArgumentParser:

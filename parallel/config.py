@@ -201,20 +201,28 @@ def merge_config(path: str | Path, overrides: list[str] = (), required: tuple[st
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise ConfigError(f"overrides must be key=value, got {bad}")
-    try:
-        cfg = OmegaConf.structured(JobConfig)
-        OmegaConf.set_struct(cfg, True)
-        cfg = OmegaConf.merge(cfg, OmegaConf.load(path), OmegaConf.from_dotlist(list(overrides)))
-        job: JobConfig = OmegaConf.to_object(cfg)
-    except OmegaConfBaseException as e:
-        # omegaconf's message names the key (`full_key: ...`); its object-type lines only add noise.
-        lines = [ln.strip() for ln in str(e).splitlines() if not ln.strip().startswith(("reference_type", "object_type"))]
-        raise ConfigError(f"config {path}: {' '.join(lines)}") from None
+    if not Path(path).is_file():
+        raise ConfigError(f"config {path}: no such file")
+    cfg = OmegaConf.structured(JobConfig)
+    OmegaConf.set_struct(cfg, True)
+    # The file and the overrides are merged one at a time, so that an error says which of them holds the bad key.
+    cfg = _merged(f"config {path}", lambda: OmegaConf.merge(cfg, OmegaConf.load(path)))
+    cfg = _merged("overrides", lambda: OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides))))
+    job: JobConfig = _merged(f"config {path}", lambda: OmegaConf.to_object(cfg))
     _check_values(job)
     missing = [key for key in required if OmegaConf.select(OmegaConf.structured(job), key) is None]
     if missing:
         raise ConfigError(f"config {path}: missing {', '.join(missing)} (add {missing[0]}=...)")
     return job
+
+
+def _merged(source: str, merge: Callable[[], Any]) -> Any:
+    try:
+        return merge()
+    except OmegaConfBaseException as e:
+        # omegaconf's message names the key (`full_key: ...`); its object-type lines only add noise.
+        lines = [ln.strip() for ln in str(e).splitlines() if not ln.strip().startswith(("reference_type", "object_type"))]
+        raise ConfigError(f"{source}: {' '.join(lines)}") from None
 
 
 # A check that NaN fails too, and what it asks for.

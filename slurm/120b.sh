@@ -20,4 +20,4 @@ CONFIG=${CONFIG:-configs/gpt-oss-120b.yaml}
 INPUT=${INPUT:-prompts.jsonl}
 OUTPUT=${OUTPUT:-out/gpt-oss-120b.jsonl}
 NPROC_PER_NODE=${NPROC_PER_NODE:-8}
-source "${GPT_OSS_HOME:-$SLURM_SUBMIT_DIR}/slurm/launch.sh"
+source "${GPT_OSS_HOME:-${SLURM_SUBMIT_DIR:?submit this script with sbatch from the repository, or set GPT_OSS_HOME}}/slurm/launch.sh"

@@ -19,4 +19,4 @@ CONFIG=${CONFIG:-configs/tiny.yaml}
 INPUT=${INPUT:-examples/prompts.jsonl}
 OUTPUT=${OUTPUT:-out/tiny.jsonl}
 NPROC_PER_NODE=${NPROC_PER_NODE:-2}
-source "${GPT_OSS_HOME:-$SLURM_SUBMIT_DIR}/slurm/launch.sh"
+source "${GPT_OSS_HOME:-${SLURM_SUBMIT_DIR:?submit this script with sbatch from the repository, or set GPT_OSS_HOME}}/slurm/launch.sh"

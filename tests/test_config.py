@@ -42,6 +42,20 @@ def test_bad_values_fail_naming_the_key(override, named):
         merge_config(ROOT / "configs" / "tiny.yaml", [*REQUIRED, override])
 
 
+def test_a_bad_key_is_blamed_on_the_override_or_the_file_that_holds_it(tmp_path):
+    with pytest.raises(ConfigError, match=r"^overrides: Key 'tpp'"):
+        merge_config(ROOT / "configs" / "tiny.yaml", [*REQUIRED, "parallel.tpp=2"])
+    config = tmp_path / "bad.yaml"
+    config.write_text("model:\n  path: builtin:tiny\n  dtyp: float32\n")
+    with pytest.raises(ConfigError, match=rf"^config {config}: Key 'dtyp'"):
+        merge_config(config, REQUIRED)
+
+
+def test_a_missing_config_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=rf"^config {tmp_path}/tiny.yml: no such file"):
+        merge_config(tmp_path / "tiny.yml", REQUIRED)
+
+
 def test_missing_output_is_named():
     with pytest.raises(ConfigError, match=r"data\.output"):
         merge_config(ROOT / "configs" / "tiny.yaml", ["data.input=in.jsonl"], required=("data.input", "data.output"))

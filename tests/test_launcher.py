@@ -115,7 +115,13 @@ def test_impossible_layout_is_rejected_before_loading(tmp_path, prompts):
 
 def test_missing_checkpoint_is_named(tmp_path, prompts):
     run = launch(tmp_path / "a.jsonl", "model.path=/nonexistent/gpt-oss", prompts=prompts)
-    assert run.returncode == 2 and "/nonexistent/gpt-oss" in run.stderr
+    assert run.returncode == 2 and "model.path=/nonexistent/gpt-oss: no such folder" in run.stderr
+
+
+def test_unknown_builtin_model_lists_the_builtins(tmp_path, prompts):
+    run = launch(tmp_path / "a.jsonl", "model.path=builtin:tin", prompts=prompts)
+    assert run.returncode == 2 and "model.path=builtin:tin is no built-in model" in run.stderr
+    assert "builtin:tiny, builtin:gpt-oss-20b" in run.stderr
 
 
 # Long enough that a signal lands mid-job: 16 single-request batches of 48 tokens.
@@ -152,6 +158,16 @@ def test_stopped_job_resumes_with_every_id_once(tmp_path, many):
     ids = [r["id"] for r in read_records(out)]
     assert sorted(ids) == sorted(f"q{i}" for i in range(16))
     assert read_records(out)[: len(kept)] == kept
+
+
+def test_a_finished_job_run_again_stops_before_loading_and_keeps_its_metrics(tmp_path, prompts):
+    out = tmp_path / "answers.jsonl"
+    assert launch(out, "generation.max_new_tokens=2", prompts=prompts).returncode == 0
+    records, metrics = out.read_bytes(), (tmp_path / "answers.jsonl.metrics.json").read_text()
+
+    again = launch(out, "generation.max_new_tokens=2", nproc=2, prompts=prompts)
+    assert again.returncode == 0 and "nothing to do" in again.stderr and "loading" not in again.stderr, again.stderr
+    assert out.read_bytes() == records and (tmp_path / "answers.jsonl.metrics.json").read_text() == metrics
 
 
 def rank_pid(torchrun: int, rank: int) -> int:

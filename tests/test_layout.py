@@ -26,6 +26,7 @@ def test_dp_fills_the_world():
         (dict(world=8, tp=2, ep=4), "parallel.ep=4 must equal parallel.tp=2"),
         (dict(world=4, pp=2, ep=2), "parallel.pp > 1 with parallel.ep > 1"),
         (dict(world=2, tp=0), "parallel.tp=0 must be >= 1"),
+        (dict(world=1, tp=2, dp=2), "one process runs here: start 4 with torchrun --nproc_per_node=4"),
     ],
 )
 def test_impossible_layouts_say_which_number_does_not_fit(kwargs, message):

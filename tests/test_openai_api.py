@@ -1,5 +1,7 @@
 """The API edge without a model: request bodies to harmony conversations, harmony tokens to replies."""
 
+import json
+
 import pytest
 
 from parallel.protocol.harmony import HarmonyStream, render_prompt
@@ -158,3 +160,22 @@ def test_api_error_survives_a_worker_process():
 
     e = pickle.loads(pickle.dumps(ApiError(400, "bad", "prompt", "code")))
     assert (e.status, str(e), e.param, e.code) == (400, "bad", "prompt", "code")
+
+
+@pytest.mark.parametrize(
+    "api, body, key",
+    [
+        ("chat", {"messages": ASK, "max_tokens": 10**6}, "max_tokens"),
+        ("chat", {"messages": ASK, "max_completion_tokens": 10**6}, "max_completion_tokens"),
+        ("responses", {"input": "Hi", "max_output_tokens": 10**6}, "max_output_tokens"),
+        ("completions", {"prompt": "Hi", "max_tokens": 10**6}, "max_tokens"),
+    ],
+)
+def test_a_budget_beyond_the_context_is_named_as_the_request_names_it(api, body, key):
+    from parallel.config import GenerationConfig
+    from parallel.serve.prepare import Settings, prepare
+
+    settings = Settings("m", GenerationConfig(), context=4096, vocab=201088)
+    with pytest.raises(ApiError) as e:
+        prepare(api, json.dumps({"model": "m", **body}).encode(), settings)
+    assert e.value.status == 400 and e.value.param == key and f"{key} 1000000 exceed the model's context" in str(e.value)

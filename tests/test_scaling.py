@@ -78,13 +78,29 @@ def test_a_killed_sweep_reruns_only_its_missing_points(tmp_path):
 
 def test_a_failed_job_is_named_and_its_points_left_for_the_next_run(tmp_path):
     out = tmp_path / "sweep"
-    run = subprocess.run(scaling("run", "--out", str(out), "--paths", "launcher", "--variant", "bad:engine.block_size=3",
+    run = subprocess.run(scaling("run", "--out", str(out), "--paths", "launcher", "--variant", "bad:model.path=/nonexistent",
                                  *TINY_SWEEP, "--concurrency", "1"), capture_output=True, text=True, timeout=300)
     assert run.returncode == 1
-    assert "tiny_bad_1gpu_launcher failed" in run.stderr and "engine.block_size=3 must be a power of two" in run.stderr
+    assert "tiny_bad_1gpu_launcher failed" in run.stderr and "model.path=/nonexistent: no such folder" in run.stderr
     assert "Not measured (1 points; rerun the sweep to measure only these): tiny_bad_1gpu_launcher_c1" in (
         out / "summary.md").read_text()
     assert not list((out / "points").iterdir()) and not (out / "front.png").exists()
+
+
+@pytest.mark.parametrize("override, named", [("generation.max_new_token=3", "generation.max_new_token"),
+                                             ("--variant=bad:engine.block_size=3", "engine.block_size=3 must be a power of two"),
+                                             ("--model=t:config=tiny.yml", "config tiny.yml: no such file")])
+def test_a_bad_override_is_refused_before_the_sweep_is_saved(tmp_path, override, named):
+    out = tmp_path / "sweep"
+    run = subprocess.run(scaling("run", "--out", str(out), "--paths", "launcher", *TINY_SWEEP, override),
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and named in run.stderr, run.stderr
+    assert not out.exists()
+
+
+def test_a_report_of_a_folder_without_a_sweep_is_refused(tmp_path):
+    run = subprocess.run(scaling("report", "--out", str(tmp_path)), capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "holds no sweep" in run.stderr and "Traceback" not in run.stderr, run.stderr
 
 
 def test_a_sweep_resumed_under_other_conditions_is_refused(tmp_path):

@@ -52,8 +52,14 @@ def cache_dir() -> Path:
 
 
 def check_source(model_cfg: ModelConfig) -> None:
-    if model_cfg.path in SHAPES and model_cfg.load_format != "dummy":
-        raise ValueError(f"model.path={model_cfg.path} is a shape without weights: add model.load_format=dummy")
+    path = model_cfg.path
+    if path.startswith("builtin:") and path != TINY and path not in SHAPES:
+        raise ValueError(f"model.path={path} is no built-in model: choose one of {', '.join([TINY, *SHAPES])}")
+    # A path written as one would otherwise reach the hub as a malformed repo id, and its error says only that.
+    if path.startswith(("/", ".")) and not Path(path).is_dir():
+        raise FileNotFoundError(f"model.path={path}: no such folder (model.path is a checkpoint folder, a hub id or {TINY})")
+    if path in SHAPES and model_cfg.load_format != "dummy":
+        raise ValueError(f"model.path={path} is a shape without weights: add model.load_format=dummy")
 
 
 def resolve_checkpoint(path: str) -> str:

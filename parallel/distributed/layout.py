@@ -64,6 +64,10 @@ def plan_layout(
         dp = max(world_size // replica, 1)
     elif dp * replica != world_size:
         problems.append(f"world size {world_size} != dp x pp x max(tp, ep) = {dp} x {pp} x {mp} = {dp * replica}")
+    # The likely slip: `python launch/...` where the layout needs torchrun's processes.
+    wanted = replica if dp == -1 else dp * replica
+    if world_size == 1 and wanted > 1:
+        problems.append(f"one process runs here: start {wanted} with torchrun --nproc_per_node={wanted}")
     for what, count in (("attention heads", heads), ("key/value heads", kv_heads)):
         if count % tp:
             problems.append(f"parallel.tp={tp} does not divide the model's {count} {what}")

@@ -26,23 +26,25 @@ class Prompt:
     max_new_tokens: int
 
 
-def prepare(enc: HarmonyEncoding, req: Request, gen: GenerationConfig, context: int) -> Prompt:
+def prepare(enc: HarmonyEncoding, req: Request, gen: GenerationConfig, context: int, budget: str = "max_new_tokens") -> Prompt:
     """The request rendered with harmony, with its budget (see `fit`; generation.max_new_tokens by default)."""
     try:
         tokens = render_prompt(enc, req, gen.reasoning_effort, gen.conversation_date)
     except Exception as e:  # harmony rejects what it cannot render, e.g. a tool schema it cannot type
         raise PromptError(f"cannot render the conversation with harmony: {e}", "messages") from None
-    return fit(tokens, req.max_new_tokens, gen.max_new_tokens, context, "messages")
+    return fit(tokens, req.max_new_tokens, gen.max_new_tokens, context, "messages", budget)
 
 
-def fit(tokens: list[int], max_new_tokens: int | None, default: int, context: int, param: str) -> Prompt:
+def fit(tokens: list[int], max_new_tokens: int | None, default: int, context: int, param: str,
+        budget: str = "max_new_tokens") -> Prompt:
     """Prompt tokens with their budget: `max_new_tokens` as asked, which must fit the context after the prompt,
-    or else `default` cut to what the context leaves. `param` names the prompt's field in errors."""
+    or else `default` cut to what the context leaves. `param` and `budget` name the prompt's field and the
+    budget's in errors (the request's own names: `max_tokens`, `max_output_tokens`, ...)."""
     room = context - len(tokens)
     if room < 1:
         raise PromptError(f"the prompt's {len(tokens)} tokens fill the model's context of {context}", param,
                           "context_length_exceeded", len(tokens))
     if max_new_tokens is not None and max_new_tokens > room:
-        raise PromptError(f"{len(tokens)} prompt tokens + max_new_tokens {max_new_tokens} exceed the model's "
-                          f"context of {context}", "max_tokens", "context_length_exceeded", len(tokens))
+        raise PromptError(f"{len(tokens)} prompt tokens + {budget} {max_new_tokens} exceed the model's "
+                          f"context of {context}", budget, "context_length_exceeded", len(tokens))
     return Prompt(tokens, max_new_tokens or min(default, room))

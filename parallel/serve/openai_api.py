@@ -38,6 +38,7 @@ class Options:
     """How to generate, as the request asks; None: the config's."""
 
     max_tokens: int | None
+    max_tokens_key: str  # the request's name for max_tokens, for its errors
     temperature: float | None
     top_p: float | None
     seed: int | None
@@ -78,6 +79,7 @@ def _options(body: dict, max_tokens_key: str, usage: bool | None = None) -> Opti
         usage = bool(stream_options and stream_options.get("include_usage"))
     return Options(
         max_tokens=_optional(body, max_tokens_key, int, lambda v: v >= 1, "a positive integer"),
+        max_tokens_key=max_tokens_key,
         temperature=_optional(body, "temperature", (int, float), lambda v: 0 <= v <= 2, "a number in [0, 2]"),
         top_p=_optional(body, "top_p", (int, float), lambda v: 0 < v <= 1, "a number in (0, 1]"),
         # The engine's sampling noise is a hash of the seed as a signed 64-bit integer.

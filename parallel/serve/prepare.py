@@ -97,7 +97,7 @@ def _check_runs(obj: dict) -> None:
 
 def _conversation(call: Call, settings: Settings):
     call.request.max_new_tokens = call.options.max_tokens
-    return prepare_conversation(encoding(), call.request, settings.generation, settings.context)
+    return prepare_conversation(encoding(), call.request, settings.generation, settings.context, call.options.max_tokens_key)
 
 
 def _raw(call: Call, settings: Settings):
@@ -111,7 +111,7 @@ def _raw(call: Call, settings: Settings):
         bad = next((t for t in tokens if not 0 <= t < settings.vocab), None)
         if bad is not None:
             raise ApiError(400, f"prompt: token id {bad} is not in the model's vocabulary of {settings.vocab}", "prompt")
-    return fit(tokens, call.options.max_tokens, COMPLETION_MAX_TOKENS, settings.context, "prompt")
+    return fit(tokens, call.options.max_tokens, COMPLETION_MAX_TOKENS, settings.context, "prompt", call.options.max_tokens_key)
 
 
 def _start_worker(server_pid: int) -> None:
