@@ -138,6 +138,9 @@ def test_concurrent_requests_are_batched(client, server):
         (json.dumps({"model": "{model}", "messages": HELLO, "temperature": "hot"}).encode(), 400, "temperature"),
         (json.dumps({"model": "{model}", "messages": HELLO, "max_tokens": 10**6}).encode(), 400, "exceed the model's context"),
         (json.dumps({"model": "{model}", "messages": [{"role": "wizard", "content": "x"}]}).encode(), 400, "unknown role"),
+        # Fields that would change the reply are refused, never ignored.
+        (json.dumps({"model": "{model}", "messages": HELLO, "stop": ["\n"]}).encode(), 400, "stop"),
+        (json.dumps({"model": "{model}", "messages": HELLO, "logit_bias": {"9": 100}}).encode(), 400, "logit_bias"),
     ],
 )
 def test_bad_request_gets_its_error_and_the_server_keeps_serving(client, server, body, status, says):
@@ -228,7 +231,8 @@ def test_completion_runs_to_max_tokens_with_ignore_eos(client, enc):
 
 @pytest.mark.parametrize(
     "body, param",
-    [({"prompt": [0, 10**7]}, "prompt"), ({"prompt": "hi", "max_tokens": 10**6}, "max_tokens"), ({"prompt": "hi", "stop": "."}, "stop")],
+    [({"prompt": [0, 10**7]}, "prompt"), ({"prompt": "hi", "max_tokens": 10**6}, "max_tokens"), ({"prompt": "hi", "stop": "."}, "stop"),
+     ({"prompt": "hi", "frequency_penalty": 1.0}, "frequency_penalty"), ({"prompt": "hi", "logit_bias": {"9": 100}}, "logit_bias")],
 )
 def test_bad_completion_is_refused_naming_the_field(client, server, body, param):
     api, model = client

@@ -100,9 +100,11 @@ REFUSED = {
     "top_logprobs": (lambda v: v == 0, "this server returns no log probabilities"),
     "frequency_penalty": (lambda v: v == 0, "no penalties are applied"),
     "presence_penalty": (lambda v: v == 0, "no penalties are applied"),
+    "logit_bias": (lambda v: v == {}, "no logit bias is applied"),
 }
 REFUSED_CHAT = {
     "response_format": (lambda v: v == {"type": "text"}, "output cannot be constrained to a schema"),
+    "stop": (lambda v: v in ("", []), "no stop sequences: a reply ends where the model ends its turn"),
 }
 REFUSED_RESPONSES = {
     "previous_response_id": (lambda v: False, NO_STATE),
@@ -168,6 +170,7 @@ def completion_call(body: dict, model_name: str) -> Call:
     for key, default in UNSUPPORTED_COMPLETION.items():
         if body.get(key) not in (None, default, [], ""):
             raise ApiError(400, f"{key} is not supported by this server", key)
+    _refuse(body, REFUSED)
     prompt = body.get("prompt")
     ids = isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
     if not (isinstance(prompt, str) or ids) or not prompt:
