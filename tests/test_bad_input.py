@@ -82,3 +82,14 @@ def test_a_bad_line_in_the_output_costs_only_its_own_record(tmp_path, prompts):
     written = out.read_bytes()
     assert written.startswith(kept)  # append-only: the bad lines stay, every record after them too
     assert [json.loads(line)["id"] for line in written[len(kept):].splitlines()] == ["q2"]
+
+
+def test_a_tool_result_that_answers_no_call_is_refused(tmp_path):
+    """Its tool would be named by nothing: the line gets an error naming the id, and the next line runs."""
+    orphan = {"id": "orphan", "messages": [{"role": "user", "content": "Hi"}, {"role": "tool", "tool_call_id": "call_9", "content": "42"}]}
+    path = write_jsonl(tmp_path / "in.jsonl", [orphan, {"id": "ok", "prompt": "Hi"}])
+    run = launch(tmp_path / "out.jsonl", *FAST, prompts=path)
+    assert run.returncode == 0, run.stderr
+    records = {r["id"]: r for r in read_records(tmp_path / "out.jsonl")}
+    assert records["orphan"]["error"] == "line 1: messages[1].tool_call_id 'call_9' answers no earlier tool call"
+    assert records["ok"]["usage"]["completion_tokens"] > 0

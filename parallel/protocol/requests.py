@@ -89,12 +89,13 @@ def _messages(obj: dict) -> list[dict]:
     messages = obj["messages"]
     if not isinstance(messages, list) or not messages:
         raise RequestError('"messages" must be a non-empty list')
+    call_ids: set[str] = set()  # the ids of the tool calls so far, which a tool message may answer
     for i, m in enumerate(messages):
-        _check_message(m, f"messages[{i}]")
+        _check_message(m, f"messages[{i}]", call_ids)
     return messages
 
 
-def _check_message(m: Any, where: str) -> None:
+def _check_message(m: Any, where: str, call_ids: set[str]) -> None:
     if not isinstance(m, dict):
         raise RequestError(f"{where} must be an object with role and content")
     role = m.get("role")
@@ -108,10 +109,14 @@ def _check_message(m: Any, where: str) -> None:
             raise RequestError(f"{where}.tool_calls must be a list")
         for j, call in enumerate(calls or []):
             _check_call(call, f"{where}.tool_calls[{j}]")
+            call_ids.add(call.get("id"))
     if role == "tool":
         _check_strings(m, where, "name", "tool_call_id")
         if not (m.get("name") or m.get("tool_call_id")):
             raise RequestError(f"{where}: a tool message needs the tool's name or the tool_call_id it answers")
+        # Its author is the tool the call named: an id no call had would make the result come from no tool.
+        if not m.get("name") and m["tool_call_id"] not in call_ids:
+            raise RequestError(f"{where}.tool_call_id {m['tool_call_id']!r:.60} answers no earlier tool call")
 
 
 def _check_content(content: Any, where: str, may_be_null: bool) -> None:
