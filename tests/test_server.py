@@ -150,6 +150,14 @@ def test_bad_request_gets_its_error_and_the_server_keeps_serving(client, server,
     assert api.chat.completions.create(model=model, messages=HELLO).choices[0].message.content == GREETING
 
 
+@pytest.mark.parametrize("field, value", [("reasoning", "high"), ("instructions", 5), ("tools", {})])
+def test_responses_fields_of_the_wrong_type_are_refused_by_name(client, server, field, value):
+    """Not ignored: a client that sent them would get a reply that silently lacks what it asked for."""
+    _, model = client
+    code, reply = post(server, "/v1/responses", json.dumps({"model": model, "input": "Hi", field: value}).encode())
+    assert code == 400 and reply["error"]["param"] == field, reply
+
+
 def test_wrong_api_key_is_refused(client, server):
     api, model = client
     code, reply = post(server, "/v1/chat/completions", json.dumps({"model": model, "messages": HELLO}).encode(), key="wrong")

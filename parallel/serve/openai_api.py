@@ -135,12 +135,10 @@ def _request(obj: dict) -> Request:
 
 
 def _tools(body: dict, to_chat) -> list:
-    tools = body.get("tools") or []
+    tools = _optional(body, "tools", list, why="a list") or []
     choice = body.get("tool_choice")
     if choice not in (None, "auto", "none"):
         raise ApiError(400, "tool_choice: only 'auto' and 'none' are supported (harmony cannot force a call)", "tool_choice")
-    if not isinstance(tools, list):
-        raise ApiError(400, "tools must be a list", "tools")
     return [] if choice == "none" else [to_chat(t) for t in tools]
 
 
@@ -190,7 +188,8 @@ def responses_call(body: dict, model_name: str) -> Call:
         items = [{"role": "user", "content": items}]
     if not isinstance(items, list):
         raise ApiError(400, "input must be a string or a list of items", "input")
-    messages = [{"role": "system", "content": body["instructions"]}] if body.get("instructions") else []
+    instructions = _optional(body, "instructions", str, why="a string")
+    messages = [{"role": "system", "content": instructions}] if instructions else []
     reasoning = ""
     for i, item in enumerate(items):
         if not isinstance(item, dict):
@@ -215,7 +214,7 @@ def responses_call(body: dict, model_name: str) -> Call:
             messages.append(message)
         else:
             raise ApiError(400, f"input[{i}]: items of type {kind!r} are not supported", "input")
-    effort = body["reasoning"].get("effort") if isinstance(body.get("reasoning"), dict) else None
+    effort = (_optional(body, "reasoning", dict, why='an object ({"effort": ...})') or {}).get("effort")
     request = _request({"messages": messages, "tools": _tools(body, _chat_tool), "reasoning_effort": effort})
     return Call(_options(body, "max_output_tokens", usage=True), request=request)
 
