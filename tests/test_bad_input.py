@@ -93,3 +93,19 @@ def test_a_tool_result_that_answers_no_call_is_refused(tmp_path):
     records = {r["id"]: r for r in read_records(tmp_path / "out.jsonl")}
     assert records["orphan"]["error"] == "line 1: messages[1].tool_call_id 'call_9' answers no earlier tool call"
     assert records["ok"]["usage"]["completion_tokens"] > 0
+
+
+@pytest.mark.parametrize("damage", ["cut short", "missing"])
+def test_a_checkpoint_with_broken_weights_is_refused_before_loading(tmp_path, prompts, damage):
+    import shutil
+
+    from parallel.distributed.checkpoint import TINY, resolve_checkpoint
+
+    checkpoint = shutil.copytree(resolve_checkpoint(TINY), tmp_path / "checkpoint")
+    weights = checkpoint / "model.safetensors"
+    if damage == "missing":
+        weights.unlink()
+    else:
+        weights.write_bytes(weights.read_bytes()[:100_000])
+    run = launch(tmp_path / "out.jsonl", f"model.path={checkpoint}", prompts=prompts)
+    assert refused(run, f"model.path={checkpoint}", "model.safetensors"), run.stderr
