@@ -109,3 +109,11 @@ def test_a_checkpoint_with_broken_weights_is_refused_before_loading(tmp_path, pr
         weights.write_bytes(weights.read_bytes()[:100_000])
     run = launch(tmp_path / "out.jsonl", f"model.path={checkpoint}", prompts=prompts)
     assert refused(run, f"model.path={checkpoint}", "model.safetensors"), run.stderr
+
+
+def test_a_byte_order_mark_on_a_blank_first_line_is_blank(tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf\r\n{"id": "a", "prompt": "Hi"}\r\n')
+    run = launch(tmp_path / "out.jsonl", *FAST, prompts=path)
+    assert run.returncode == 0, run.stderr
+    assert [(r["id"], r["index"], r["usage"]["completion_tokens"] > 0) for r in read_records(tmp_path / "out.jsonl")] == [("a", 2, True)]
