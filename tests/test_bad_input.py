@@ -117,3 +117,15 @@ def test_a_byte_order_mark_on_a_blank_first_line_is_blank(tmp_path):
     run = launch(tmp_path / "out.jsonl", *FAST, prompts=path)
     assert run.returncode == 0, run.stderr
     assert [(r["id"], r["index"], r["usage"]["completion_tokens"] > 0) for r in read_records(tmp_path / "out.jsonl")] == [("a", 2, True)]
+
+
+def test_openai_fields_a_line_cannot_set_are_refused_by_name(tmp_path):
+    """A line asking to sample, or with OpenAI's name for its budget, would otherwise get greedy text of the job's length."""
+    path = write_jsonl(tmp_path / "in.jsonl", [{"id": "hot", "prompt": "Hi", "temperature": 0.9}, {"id": "short", "prompt": "Hi", "max_tokens": 1},
+                                              {"id": "ok", "prompt": "Hi", "tag": "metadata is ignored"}])
+    run = launch(tmp_path / "out.jsonl", *FAST, prompts=path)
+    assert run.returncode == 0, run.stderr
+    records = {r["id"]: r for r in read_records(tmp_path / "out.jsonl")}
+    assert records["hot"]["error"].startswith('line 1: "temperature" cannot be set per request')
+    assert records["short"]["error"].startswith('line 2: "max_tokens" cannot be set per request: use "max_new_tokens"')
+    assert records["ok"]["usage"]["completion_tokens"] > 0

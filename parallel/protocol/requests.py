@@ -15,6 +15,16 @@ from parallel.config import Effort
 ROLES = ("system", "developer", "user", "assistant", "tool")
 EFFORTS = tuple(e.value for e in Effort)
 TEXT_PART = '{"type": "text", "text": ...}'
+# Fields of OpenAI's requests that a line may carry but whose meaning is the job's, not a line's: refused by name
+# rather than ignored (a line asking for sampling would silently get greedy text). Any other field is ignored.
+NOT_PER_LINE = {
+    "max_tokens": 'use "max_new_tokens"',
+    "max_completion_tokens": 'use "max_new_tokens"',
+    "temperature": "set generation.temperature for the job",
+    "top_p": "set generation.top_p for the job",
+    "seed": "each line samples with generation.seed plus its line number",
+    "stop": "a completion ends where the model ends its turn",
+}
 
 
 class RequestError(ValueError):
@@ -58,6 +68,9 @@ def parse_request(obj: Any, index: int) -> Request:
     """A decoded request (an input line, or what the server made of an API call), checked the same way."""
     if not isinstance(obj, dict):
         raise RequestError(f"a request must be a JSON object, got {type(obj).__name__}")
+    for key, instead in NOT_PER_LINE.items():
+        if obj.get(key) is not None:
+            raise RequestError(f'"{key}" cannot be set per request: {instead}')
     rid = obj.get("id", index)
     if not is_id(rid):
         raise RequestError(f"id must be a string or an integer, got {rid!r:.60}")
