@@ -141,6 +141,7 @@ def test_concurrent_requests_are_batched(client, server):
         # Fields that would change the reply are refused, never ignored.
         (json.dumps({"model": "{model}", "messages": HELLO, "stop": ["\n"]}).encode(), 400, "stop"),
         (json.dumps({"model": "{model}", "messages": HELLO, "logit_bias": {"9": 100}}).encode(), 400, "logit_bias"),
+        (json.dumps({"model": "{model}", "messages": HELLO, "functions": [WEATHER]}).encode(), 400, "send them as tools"),
     ],
 )
 def test_bad_request_gets_its_error_and_the_server_keeps_serving(client, server, body, status, says):

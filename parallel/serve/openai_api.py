@@ -105,6 +105,9 @@ REFUSED = {
 REFUSED_CHAT = {
     "response_format": (lambda v: v == {"type": "text"}, "output cannot be constrained to a schema"),
     "stop": (lambda v: v in ("", []), "no stop sequences: a reply ends where the model ends its turn"),
+    # The deprecated form of tools: a client that sends it would get a reply that never calls them.
+    "functions": (lambda v: v == [], "send them as tools"),
+    "function_call": (lambda v: v in ("auto", "none"), "send tool_choice"),
 }
 REFUSED_RESPONSES = {
     "previous_response_id": (lambda v: False, NO_STATE),
