@@ -188,6 +188,27 @@ def test_client_that_disconnects_frees_its_row(client, server):
     assert h["running_batches"] == 0 and h["requests_in_flight"] == 0, h
 
 
+def test_a_request_that_leaves_while_waiting_for_a_plain_batch_never_runs(taught_model):
+    """The plain path runs one batch at a time: a request waiting behind it whose client leaves must not run later."""
+    proc, url = start_server(taught_model, "engine.mode=never", "generation.batch_size=1", nproc=1)
+    api, model = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0), str(taught_model)
+    try:
+        streams = [api.chat.completions.create(model=model, messages=HELLO, max_tokens=3000, stream=True,
+                                               extra_body={"ignore_eos": True}) for _ in range(2)]
+        next(iter(streams[0]))  # the first is generating, the second waits behind it on the replica
+        while health(url)["running"] < 2:
+            time.sleep(0.05)
+        streams[1].close()
+        time.sleep(1)  # its abort reaches the replica mid-batch
+        streams[0].close()
+        deadline = time.monotonic() + 20
+        while (h := health(url))["running_batches"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert h["running_batches"] == 0 and h["requests_in_flight"] == 0, h
+    finally:
+        stop_server(proc)
+
+
 def test_sigterm_drains_requests_in_flight(taught_model):
     """Two replicas (dp=2) on the plain path: a request in flight when SIGTERM arrives is answered in full; then
     every rank exits."""
