@@ -82,3 +82,50 @@ def test_a_bad_line_in_the_output_costs_only_its_own_record(tmp_path, prompts):
     written = out.read_bytes()
     assert written.startswith(kept)  # append-only: the bad lines stay, every record after them too
     assert [json.loads(line)["id"] for line in written[len(kept):].splitlines()] == ["q2"]
+
+
+def test_a_tool_result_that_answers_no_call_is_refused(tmp_path):
+    """Its tool would be named by nothing: the line gets an error naming the id, and the next line runs."""
+    orphan = {"id": "orphan", "messages": [{"role": "user", "content": "Hi"}, {"role": "tool", "tool_call_id": "call_9", "content": "42"}]}
+    path = write_jsonl(tmp_path / "in.jsonl", [orphan, {"id": "ok", "prompt": "Hi"}])
+    run = launch(tmp_path / "out.jsonl", *FAST, prompts=path)
+    assert run.returncode == 0, run.stderr
+    records = {r["id"]: r for r in read_records(tmp_path / "out.jsonl")}
+    assert records["orphan"]["error"] == "line 1: messages[1].tool_call_id 'call_9' answers no earlier tool call"
+    assert records["ok"]["usage"]["completion_tokens"] > 0
+
+
+@pytest.mark.parametrize("damage", ["cut short", "missing"])
+def test_a_checkpoint_with_broken_weights_is_refused_before_loading(tmp_path, prompts, damage):
+    import shutil
+
+    from parallel.distributed.checkpoint import TINY, resolve_checkpoint
+
+    checkpoint = shutil.copytree(resolve_checkpoint(TINY), tmp_path / "checkpoint")
+    weights = checkpoint / "model.safetensors"
+    if damage == "missing":
+        weights.unlink()
+    else:
+        weights.write_bytes(weights.read_bytes()[:100_000])
+    run = launch(tmp_path / "out.jsonl", f"model.path={checkpoint}", prompts=prompts)
+    assert refused(run, f"model.path={checkpoint}", "model.safetensors"), run.stderr
+
+
+def test_a_byte_order_mark_on_a_blank_first_line_is_blank(tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf\r\n{"id": "a", "prompt": "Hi"}\r\n')
+    run = launch(tmp_path / "out.jsonl", *FAST, prompts=path)
+    assert run.returncode == 0, run.stderr
+    assert [(r["id"], r["index"], r["usage"]["completion_tokens"] > 0) for r in read_records(tmp_path / "out.jsonl")] == [("a", 2, True)]
+
+
+def test_openai_fields_a_line_cannot_set_are_refused_by_name(tmp_path):
+    """A line asking to sample, or with OpenAI's name for its budget, would otherwise get greedy text of the job's length."""
+    path = write_jsonl(tmp_path / "in.jsonl", [{"id": "hot", "prompt": "Hi", "temperature": 0.9}, {"id": "short", "prompt": "Hi", "max_tokens": 1},
+                                              {"id": "ok", "prompt": "Hi", "tag": "metadata is ignored"}])
+    run = launch(tmp_path / "out.jsonl", *FAST, prompts=path)
+    assert run.returncode == 0, run.stderr
+    records = {r["id"]: r for r in read_records(tmp_path / "out.jsonl")}
+    assert records["hot"]["error"].startswith('line 1: "temperature" cannot be set per request')
+    assert records["short"]["error"].startswith('line 2: "max_tokens" cannot be set per request: use "max_new_tokens"')
+    assert records["ok"]["usage"]["completion_tokens"] > 0

@@ -138,6 +138,10 @@ def test_concurrent_requests_are_batched(client, server):
         (json.dumps({"model": "{model}", "messages": HELLO, "temperature": "hot"}).encode(), 400, "temperature"),
         (json.dumps({"model": "{model}", "messages": HELLO, "max_tokens": 10**6}).encode(), 400, "exceed the model's context"),
         (json.dumps({"model": "{model}", "messages": [{"role": "wizard", "content": "x"}]}).encode(), 400, "unknown role"),
+        # Fields that would change the reply are refused, never ignored.
+        (json.dumps({"model": "{model}", "messages": HELLO, "stop": ["\n"]}).encode(), 400, "stop"),
+        (json.dumps({"model": "{model}", "messages": HELLO, "logit_bias": {"9": 100}}).encode(), 400, "logit_bias"),
+        (json.dumps({"model": "{model}", "messages": HELLO, "functions": [WEATHER]}).encode(), 400, "send them as tools"),
     ],
 )
 def test_bad_request_gets_its_error_and_the_server_keeps_serving(client, server, body, status, says):
@@ -145,6 +149,14 @@ def test_bad_request_gets_its_error_and_the_server_keeps_serving(client, server,
     code, reply = post(server, "/v1/chat/completions", body.replace(b"{model}", model.encode()))
     assert code == status and says in reply["error"]["message"], reply
     assert api.chat.completions.create(model=model, messages=HELLO).choices[0].message.content == GREETING
+
+
+@pytest.mark.parametrize("field, value", [("reasoning", "high"), ("instructions", 5), ("tools", {})])
+def test_responses_fields_of_the_wrong_type_are_refused_by_name(client, server, field, value):
+    """Not ignored: a client that sent them would get a reply that silently lacks what it asked for."""
+    _, model = client
+    code, reply = post(server, "/v1/responses", json.dumps({"model": model, "input": "Hi", field: value}).encode())
+    assert code == 400 and reply["error"]["param"] == field, reply
 
 
 def test_wrong_api_key_is_refused(client, server):
@@ -174,6 +186,27 @@ def test_client_that_disconnects_frees_its_row(client, server):
     while (h := health(server))["running_batches"] and time.monotonic() < deadline:
         time.sleep(0.2)
     assert h["running_batches"] == 0 and h["requests_in_flight"] == 0, h
+
+
+def test_a_request_that_leaves_while_waiting_for_a_plain_batch_never_runs(taught_model):
+    """The plain path runs one batch at a time: a request waiting behind it whose client leaves must not run later."""
+    proc, url = start_server(taught_model, "engine.mode=never", "generation.batch_size=1", nproc=1)
+    api, model = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0), str(taught_model)
+    try:
+        streams = [api.chat.completions.create(model=model, messages=HELLO, max_tokens=3000, stream=True,
+                                               extra_body={"ignore_eos": True}) for _ in range(2)]
+        next(iter(streams[0]))  # the first is generating, the second waits behind it on the replica
+        while health(url)["running"] < 2:
+            time.sleep(0.05)
+        streams[1].close()
+        time.sleep(1)  # its abort reaches the replica mid-batch
+        streams[0].close()
+        deadline = time.monotonic() + 20
+        while (h := health(url))["running_batches"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert h["running_batches"] == 0 and h["requests_in_flight"] == 0, h
+    finally:
+        stop_server(proc)
 
 
 def test_sigterm_drains_requests_in_flight(taught_model):
@@ -228,7 +261,8 @@ def test_completion_runs_to_max_tokens_with_ignore_eos(client, enc):
 
 @pytest.mark.parametrize(
     "body, param",
-    [({"prompt": [0, 10**7]}, "prompt"), ({"prompt": "hi", "max_tokens": 10**6}, "max_tokens"), ({"prompt": "hi", "stop": "."}, "stop")],
+    [({"prompt": [0, 10**7]}, "prompt"), ({"prompt": "hi", "max_tokens": 10**6}, "max_tokens"), ({"prompt": "hi", "stop": "."}, "stop"),
+     ({"prompt": "hi", "frequency_penalty": 1.0}, "frequency_penalty"), ({"prompt": "hi", "logit_bias": {"9": 100}}, "logit_bias")],
 )
 def test_bad_completion_is_refused_naming_the_field(client, server, body, param):
     api, model = client

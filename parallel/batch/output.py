@@ -3,6 +3,7 @@ safely, resume."""
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import tempfile
@@ -57,10 +58,11 @@ def _check_output(path: Path, source: Path) -> None:
 
 
 def input_lines(path: str) -> Iterator[tuple[int, bytes]]:
-    """The input's non-blank lines with their 1-based numbers, undecoded: each line is decoded on its own."""
+    """The input's non-blank lines with their 1-based numbers, undecoded: each line is decoded on its own. A line
+    of nothing but a byte order mark (an editor's, on a file that starts with a blank line) is blank too."""
     with open(path, "rb") as f:
         for number, line in enumerate(f, start=1):
-            if line.strip():
+            if line.removeprefix(codecs.BOM_UTF8).strip():
                 yield number, line
 
 

@@ -4,12 +4,14 @@ weights (for random-weight benchmarks); and its config, read before any weight."
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, GptOssConfig, GptOssForCausalLM
 
 from parallel.config import ModelConfig
@@ -80,6 +82,26 @@ def resolve_checkpoint(path: str) -> str:
             shutil.rmtree(target, ignore_errors=True)
             os.replace(tmp, target)
     return str(target)
+
+
+def check_weights(path: str) -> None:
+    """A local folder's weight files are there and their headers read, each covering its file: a copy cut short or
+    a missing shard is named now, before any process group exists, rather than by a traceback mid-load. Hub ids are
+    left to transformers, which downloads and checks them."""
+    folder = Path(path)
+    if not folder.is_dir() or (folder / "pytorch_model.bin").exists():
+        return
+    index = folder / "model.safetensors.index.json"
+    try:
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    except (OSError, ValueError, KeyError, AttributeError) as e:
+        raise ValueError(f"model.path={path}: cannot read {index.name}: {type(e).__name__}: {e}") from None
+    for name in names:
+        try:
+            with safe_open(folder / name, framework="pt"):
+                pass
+        except (OSError, SafetensorError) as e:
+            raise ValueError(f"model.path={path}: cannot read the weights in {name}: {e}") from None
 
 
 def read_model_config(path: str) -> GptOssConfig:

@@ -15,6 +15,7 @@ from transformers.utils import logging as transformers_logging
 from parallel.config import JobConfig, ModelConfig
 from parallel.distributed.checkpoint import (
     check_source,
+    check_weights,
     read_model_config,
     resolve_checkpoint,
 )
@@ -47,6 +48,8 @@ def plan_model(cfg: JobConfig) -> tuple[str, GptOssConfig, Layout]:
     check_source(cfg.model)
     path = resolve_checkpoint(cfg.model.path)
     shape = read_model_config(path)
+    if cfg.model.load_format != "dummy":
+        check_weights(path)
     layout = plan_layout(
         int(os.environ.get("WORLD_SIZE", 1)),
         **asdict(cfg.parallel),

@@ -99,11 +99,11 @@ class Replica:
 
     def _aborted(self) -> set[int]:
         """Mid-batch (a backend that cannot return between tokens): the aborts rank 0 sent, agreed by the replica;
-        work and stop orders that came with them wait for the next iteration."""
+        work and stop orders that came with them wait for the next iteration, and so do the aborts: they also end
+        requests not in this batch (waiting for the next, or held here), which would otherwise run in full later."""
         aborts = None
         if self.place.is_leader:
-            arrived = self._collect(block=False)
-            aborts, arrived.aborts = arrived.aborts, []
-            self.held = arrived
+            self.held = self._collect(block=False)
+            aborts = self.held.aborts
             self.reporter.flush(self.link)
         return set(self._sync(News(aborts=aborts) if aborts is not None else None).aborts)

@@ -97,7 +97,7 @@ def conversation(req: Request, default_effort: str, date: str | None = None) -> 
         elif m["role"] == "assistant":
             messages.extend(_assistant_messages(m, call_names))
         elif m["role"] == "tool":
-            name = m.get("name") or call_names.get(m.get("tool_call_id"), m.get("tool_call_id"))
+            name = m.get("name") or call_names[m["tool_call_id"]]
             author = Author.new(Role.TOOL, FUNCTIONS + name)
             messages.append(
                 Message.from_author_and_content(author, message_text(m["content"]))

@@ -15,6 +15,16 @@ from parallel.config import Effort
 ROLES = ("system", "developer", "user", "assistant", "tool")
 EFFORTS = tuple(e.value for e in Effort)
 TEXT_PART = '{"type": "text", "text": ...}'
+# Fields of OpenAI's requests that a line may carry but whose meaning is the job's, not a line's: refused by name
+# rather than ignored (a line asking for sampling would silently get greedy text). Any other field is ignored.
+NOT_PER_LINE = {
+    "max_tokens": 'use "max_new_tokens"',
+    "max_completion_tokens": 'use "max_new_tokens"',
+    "temperature": "set generation.temperature for the job",
+    "top_p": "set generation.top_p for the job",
+    "seed": "each line samples with generation.seed plus its line number",
+    "stop": "a completion ends where the model ends its turn",
+}
 
 
 class RequestError(ValueError):
@@ -58,6 +68,9 @@ def parse_request(obj: Any, index: int) -> Request:
     """A decoded request (an input line, or what the server made of an API call), checked the same way."""
     if not isinstance(obj, dict):
         raise RequestError(f"a request must be a JSON object, got {type(obj).__name__}")
+    for key, instead in NOT_PER_LINE.items():
+        if obj.get(key) is not None:
+            raise RequestError(f'"{key}" cannot be set per request: {instead}')
     rid = obj.get("id", index)
     if not is_id(rid):
         raise RequestError(f"id must be a string or an integer, got {rid!r:.60}")
@@ -89,12 +102,13 @@ def _messages(obj: dict) -> list[dict]:
     messages = obj["messages"]
     if not isinstance(messages, list) or not messages:
         raise RequestError('"messages" must be a non-empty list')
+    call_ids: set[str] = set()  # the ids of the tool calls so far, which a tool message may answer
     for i, m in enumerate(messages):
-        _check_message(m, f"messages[{i}]")
+        _check_message(m, f"messages[{i}]", call_ids)
     return messages
 
 
-def _check_message(m: Any, where: str) -> None:
+def _check_message(m: Any, where: str, call_ids: set[str]) -> None:
     if not isinstance(m, dict):
         raise RequestError(f"{where} must be an object with role and content")
     role = m.get("role")
@@ -108,10 +122,14 @@ def _check_message(m: Any, where: str) -> None:
             raise RequestError(f"{where}.tool_calls must be a list")
         for j, call in enumerate(calls or []):
             _check_call(call, f"{where}.tool_calls[{j}]")
+            call_ids.add(call.get("id"))
     if role == "tool":
         _check_strings(m, where, "name", "tool_call_id")
         if not (m.get("name") or m.get("tool_call_id")):
             raise RequestError(f"{where}: a tool message needs the tool's name or the tool_call_id it answers")
+        # Its author is the tool the call named: an id no call had would make the result come from no tool.
+        if not m.get("name") and m["tool_call_id"] not in call_ids:
+            raise RequestError(f"{where}.tool_call_id {m['tool_call_id']!r:.60} answers no earlier tool call")
 
 
 def _check_content(content: Any, where: str, may_be_null: bool) -> None:

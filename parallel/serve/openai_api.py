@@ -102,9 +102,14 @@ REFUSED = {
     "top_logprobs": (lambda v: v == 0, "this server returns no log probabilities"),
     "frequency_penalty": (lambda v: v == 0, "no penalties are applied"),
     "presence_penalty": (lambda v: v == 0, "no penalties are applied"),
+    "logit_bias": (lambda v: v == {}, "no logit bias is applied"),
 }
 REFUSED_CHAT = {
     "response_format": (lambda v: v == {"type": "text"}, "output cannot be constrained to a schema"),
+    "stop": (lambda v: v in ("", []), "no stop sequences: a reply ends where the model ends its turn"),
+    # The deprecated form of tools: a client that sends it would get a reply that never calls them.
+    "functions": (lambda v: v == [], "send them as tools"),
+    "function_call": (lambda v: v in ("auto", "none"), "send tool_choice"),
 }
 REFUSED_RESPONSES = {
     "previous_response_id": (lambda v: False, NO_STATE),
@@ -135,12 +140,10 @@ def _request(obj: dict) -> Request:
 
 
 def _tools(body: dict, to_chat) -> list:
-    tools = body.get("tools") or []
+    tools = _optional(body, "tools", list, why="a list") or []
     choice = body.get("tool_choice")
     if choice not in (None, "auto", "none"):
         raise ApiError(400, "tool_choice: only 'auto' and 'none' are supported (harmony cannot force a call)", "tool_choice")
-    if not isinstance(tools, list):
-        raise ApiError(400, "tools must be a list", "tools")
     return [] if choice == "none" else [to_chat(t) for t in tools]
 
 
@@ -170,6 +173,7 @@ def completion_call(body: dict, model_name: str) -> Call:
     for key, default in UNSUPPORTED_COMPLETION.items():
         if body.get(key) not in (None, default, [], ""):
             raise ApiError(400, f"{key} is not supported by this server", key)
+    _refuse(body, REFUSED)
     prompt = body.get("prompt")
     ids = isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
     if not (isinstance(prompt, str) or ids) or not prompt:
@@ -189,7 +193,8 @@ def responses_call(body: dict, model_name: str) -> Call:
         items = [{"role": "user", "content": items}]
     if not isinstance(items, list):
         raise ApiError(400, "input must be a string or a list of items", "input")
-    messages = [{"role": "system", "content": body["instructions"]}] if body.get("instructions") else []
+    instructions = _optional(body, "instructions", str, why="a string")
+    messages = [{"role": "system", "content": instructions}] if instructions else []
     reasoning = ""
     for i, item in enumerate(items):
         if not isinstance(item, dict):
@@ -214,7 +219,7 @@ def responses_call(body: dict, model_name: str) -> Call:
             messages.append(message)
         else:
             raise ApiError(400, f"input[{i}]: items of type {kind!r} are not supported", "input")
-    effort = body["reasoning"].get("effort") if isinstance(body.get("reasoning"), dict) else None
+    effort = (_optional(body, "reasoning", dict, why='an object ({"effort": ...})') or {}).get("effort")
     request = _request({"messages": messages, "tools": _tools(body, _chat_tool), "reasoning_effort": effort})
     return Call(_options(body, "max_output_tokens", usage=True), request=request)
 
