@@ -119,13 +119,21 @@ def test_a_byte_order_mark_on_a_blank_first_line_is_blank(tmp_path):
     assert [(r["id"], r["index"], r["usage"]["completion_tokens"] > 0) for r in read_records(tmp_path / "out.jsonl")] == [("a", 2, True)]
 
 
-def test_openai_fields_a_line_cannot_set_are_refused_by_name(tmp_path):
-    """A line asking to sample, or with OpenAI's name for its budget, would otherwise get greedy text of the job's length."""
-    path = write_jsonl(tmp_path / "in.jsonl", [{"id": "hot", "prompt": "Hi", "temperature": 0.9}, {"id": "short", "prompt": "Hi", "max_tokens": 1},
-                                              {"id": "ok", "prompt": "Hi", "tag": "metadata is ignored"}])
-    run = launch(tmp_path / "out.jsonl", *FAST, prompts=path)
+def test_a_line_sets_its_own_budget_and_sampling_in_openais_terms(tmp_path):
+    """A line written for OpenAI's batch API keeps what it asks: its budget under OpenAI's names, its sampling (the
+    same seed, the same tokens); what cannot be honoured is refused by name, not ignored."""
+    lines = [{"id": "short", "prompt": "Hi", "max_tokens": 2}, {"id": "shorter", "prompt": "Hi", "max_completion_tokens": 1},
+             {"id": "a", "prompt": "Hi", "temperature": 2, "seed": 7}, {"id": "b", "prompt": "Hi", "temperature": 2, "seed": 7},
+             {"id": "c", "prompt": "Hi", "temperature": 2, "seed": 8}, {"id": "greedy", "prompt": "Hi"},
+             {"id": "stop", "prompt": "Hi", "stop": ["x"]}, {"id": "both", "prompt": "Hi", "max_tokens": 1, "max_new_tokens": 2},
+             {"id": "hot", "prompt": "Hi", "temperature": 3}]
+    path = write_jsonl(tmp_path / "in.jsonl", lines)
+    run = launch(tmp_path / "out.jsonl", *FAST, "output.raw=true", prompts=path)
     assert run.returncode == 0, run.stderr
     records = {r["id"]: r for r in read_records(tmp_path / "out.jsonl")}
-    assert records["hot"]["error"].startswith('line 1: "temperature" cannot be set per request')
-    assert records["short"]["error"].startswith('line 2: "max_tokens" cannot be set per request: use "max_new_tokens"')
-    assert records["ok"]["usage"]["completion_tokens"] > 0
+    assert records["short"]["usage"]["completion_tokens"] == 2 and records["shorter"]["usage"]["completion_tokens"] == 1
+    text = {k: records[k]["raw"] for k in "abc"}
+    assert text["a"] == text["b"] != text["c"] and text["a"] != records["greedy"]["raw"]
+    assert records["stop"]["error"].startswith('line 7: "stop" is not supported')
+    assert records["both"]["error"] == "line 8: give one token budget, not max_new_tokens and max_tokens"
+    assert records["hot"]["error"].startswith("line 9: temperature must be a number in [0, 2]")

@@ -31,6 +31,8 @@ def plan_work(requests: Iterable[Request | dict], out: OutputFile, enc: HarmonyE
             if record_key(record) not in out.done:
                 errors.append(record)
         elif ("id", req.id) not in out.done:
-            sampling = Sampling(gen.temperature, gen.top_p, gen.seed + req.index)
+            sampling = Sampling(gen.temperature if req.temperature is None else req.temperature,
+                                gen.top_p if req.top_p is None else req.top_p,
+                                gen.seed + req.index if req.seed is None else req.seed)
             work.append(Work(len(work), prompt.tokens, prompt.max_new_tokens, sampling, tag=(req.id, req.index)))
     return work, errors

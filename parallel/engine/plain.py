@@ -88,7 +88,8 @@ class _Batch(BaseStreamer, StoppingCriteria):
             eos_token_id=list(self.stop),  # empty: no stop token (None would bring back the checkpoint's)
             pad_token_id=self.plain.pad_id,
             do_sample=sampling.temperature > 0,
-            **({"temperature": sampling.temperature, "top_p": sampling.top_p} if sampling.temperature > 0 else {}),
+            # float(): JSON's 2 arrives as an int, which transformers refuses as a temperature.
+            **({"temperature": float(sampling.temperature), "top_p": float(sampling.top_p)} if sampling.temperature > 0 else {}),
         )
         torch.manual_seed(sampling.seed)
         with torch.no_grad():

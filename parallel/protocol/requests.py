@@ -15,15 +15,14 @@ from parallel.config import Effort
 ROLES = ("system", "developer", "user", "assistant", "tool")
 EFFORTS = tuple(e.value for e in Effort)
 TEXT_PART = '{"type": "text", "text": ...}'
-# Fields of OpenAI's requests that a line may carry but whose meaning is the job's, not a line's: refused by name
-# rather than ignored (a line asking for sampling would silently get greedy text). Any other field is ignored.
-NOT_PER_LINE = {
-    "max_tokens": 'use "max_new_tokens"',
-    "max_completion_tokens": 'use "max_new_tokens"',
-    "temperature": "set generation.temperature for the job",
-    "top_p": "set generation.top_p for the job",
-    "seed": "each line samples with generation.seed plus its line number",
-    "stop": "a completion ends where the model ends its turn",
+# OpenAI's names for a request's token budget, taken as well as ours (a line written for OpenAI's batch API).
+BUDGET_KEYS = ("max_new_tokens", "max_tokens", "max_completion_tokens")
+# A line's own sampling, each check as the server's: key -> (accepted, what it must be).
+SAMPLING = {
+    "temperature": (lambda v: isinstance(v, (int, float)) and 0 <= v <= 2, "a number in [0, 2]"),
+    "top_p": (lambda v: isinstance(v, (int, float)) and 0 < v <= 1, "a number in (0, 1]"),
+    # The engine's sampling noise is a hash of the seed as a signed 64-bit integer.
+    "seed": (lambda v: isinstance(v, int) and -(2**63) <= v < 2**63, "a 64-bit signed integer"),
 }
 
 
@@ -39,6 +38,10 @@ class Request:
     reasoning_effort: str | None = None
     tools: list[dict] = field(default_factory=list)
     max_new_tokens: int | None = None
+    # The line's own sampling; None: the job's (generation.*; the seed is generation.seed plus the line number).
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
 
 
 def is_id(value: Any) -> bool:
@@ -68,19 +71,27 @@ def parse_request(obj: Any, index: int) -> Request:
     """A decoded request (an input line, or what the server made of an API call), checked the same way."""
     if not isinstance(obj, dict):
         raise RequestError(f"a request must be a JSON object, got {type(obj).__name__}")
-    for key, instead in NOT_PER_LINE.items():
-        if obj.get(key) is not None:
-            raise RequestError(f'"{key}" cannot be set per request: {instead}')
+    if obj.get("stop") not in (None, "", []):
+        raise RequestError('"stop" is not supported: a completion ends where the model ends its turn')
     rid = obj.get("id", index)
     if not is_id(rid):
         raise RequestError(f"id must be a string or an integer, got {rid!r:.60}")
     effort = obj.get("reasoning_effort")
     if effort is not None and effort not in EFFORTS:
         raise RequestError(f"reasoning_effort must be one of {EFFORTS}, got {effort!r:.60}")
-    max_new = obj.get("max_new_tokens")
+    budget = [key for key in BUDGET_KEYS if obj.get(key) is not None]
+    if len(budget) > 1:
+        raise RequestError(f"give one token budget, not {' and '.join(budget)}")
+    max_new = obj[budget[0]] if budget else None
     if max_new is not None and (not isinstance(max_new, int) or isinstance(max_new, bool) or max_new < 1):
-        raise RequestError(f"max_new_tokens must be a positive integer, got {max_new!r:.60}")
-    return Request(index=index, id=rid, messages=_messages(obj), reasoning_effort=effort, tools=_tools(obj), max_new_tokens=max_new)
+        raise RequestError(f"{budget[0]} must be a positive integer, got {max_new!r:.60}")
+    sampling = {key: obj.get(key) for key in SAMPLING}
+    for key, value in sampling.items():
+        accepted, what = SAMPLING[key]
+        if value is not None and (isinstance(value, bool) or not accepted(value)):
+            raise RequestError(f"{key} must be {what}, got {value!r:.60}")
+    return Request(index=index, id=rid, messages=_messages(obj), reasoning_effort=effort, tools=_tools(obj),
+                   max_new_tokens=max_new, **sampling)
 
 
 def message_text(content: Any) -> str:
