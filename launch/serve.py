@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as e:
             error(f"cannot listen on {cfg.server.host}:{cfg.server.port}: {e}")
             return 2
+        except ValueError as e:
+            error(str(e))
+            return 2
     drain_on_signals(server)
 
     backend = load_backend(run, place)

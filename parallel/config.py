@@ -8,6 +8,7 @@ values); then every number with a range is checked (RULES), naming its key too.
 from __future__ import annotations
 
 import argparse
+import datetime
 import re
 import sys
 from collections.abc import Callable
@@ -231,7 +232,16 @@ Rule = tuple[Callable[[Any], bool], str]
 MAX_TIMEOUT_S = 1e9
 AT_LEAST_ONE: Rule = (lambda v: v >= 1), ">= 1"
 TIMEOUT: Rule = (lambda v: 0 < v <= MAX_TIMEOUT_S), f"in (0, {MAX_TIMEOUT_S:g}] seconds"
-# Every number with a range: a bad one fails at once naming its key, not later with a message of its own.
+
+
+def _is_date(value: str | None) -> bool:
+    try:
+        return value is None or bool(datetime.date.fromisoformat(value)) and len(value) == 10
+    except ValueError:
+        return False
+
+
+# Every value with a range or a form: a bad one fails at once naming its key, not later with a message of its own.
 RULES: dict[str, Rule] = {
     "generation.max_new_tokens": AT_LEAST_ONE,
     "generation.batch_size": AT_LEAST_ONE,
@@ -239,6 +249,8 @@ RULES: dict[str, Rule] = {
     "generation.top_p": ((lambda v: 0 < v <= 1), "in (0, 1]"),
     # Batch k samples with seed + k, and torch takes seeds below 2**64.
     "generation.seed": ((lambda v: abs(v) < 2**63), "in (-2**63, 2**63)"),
+    # Rendered into every prompt's system message as it is written.
+    "generation.conversation_date": (_is_date, "a date YYYY-MM-DD, or null"),
     "engine.slots": AT_LEAST_ONE,
     "engine.block_size": ((lambda v: v >= 1 and not v & (v - 1)), "a power of two"),
     "engine.cache_gib": ((lambda v: v is None or 0 < v < float("inf")), "> 0, or null (the free GPU memory)"),

@@ -8,12 +8,13 @@
 set -euo pipefail
 cd "${GPT_OSS_HOME:-$SLURM_SUBMIT_DIR}"
 
-overrides=("data.input=$INPUT" "data.output=$OUTPUT")
+written=$OUTPUT
+overrides=("data.input=$INPUT" "data.output=$written")
 if [[ -n "${SLURM_ARRAY_TASK_COUNT:-}" ]]; then
     # Task i of n takes the input lines whose (line number - 1) % n == i, and writes its own shard.
     shard=$(( (SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN) / ${SLURM_ARRAY_TASK_STEP:-1} ))
-    overrides=("data.input=$INPUT" "data.output=${OUTPUT%.jsonl}.shard-$shard-of-$SLURM_ARRAY_TASK_COUNT.jsonl"
-               "data.shard=$shard" "data.num_shards=$SLURM_ARRAY_TASK_COUNT")
+    written=${OUTPUT%.jsonl}.shard-$shard-of-$SLURM_ARRAY_TASK_COUNT.jsonl
+    overrides=("data.input=$INPUT" "data.output=$written" "data.shard=$shard" "data.num_shards=$SLURM_ARRAY_TASK_COUNT")
 fi
 export NPROC_PER_NODE
 slurm/torchrun.sh launch/generate.py --config "$CONFIG" "${overrides[@]}" "$@" &
@@ -28,7 +29,7 @@ set +e
 wait "$step"; status=$?
 while kill -0 "$step" 2>/dev/null; do wait "$step"; status=$?; done
 if (( stopped )) && [[ "${REQUEUE:-1}" == 1 ]]; then
-    echo "gpt-oss: requeueing job ${SLURM_JOB_ID}; it resumes from ${OUTPUT}"
+    echo "gpt-oss: requeueing job ${SLURM_JOB_ID}; it resumes from ${written}"
     scontrol requeue "$SLURM_JOB_ID"
 fi
 exit "$status"

@@ -35,6 +35,7 @@ def test_overrides_reach_typed_fields():
         ("engine.cache_gib=0", "engine.cache_gib"),
         ("server.max_body_bytes=0", "server.max_body_bytes"),
         ("server.request_timeout_s=-1", "server.request_timeout_s"),
+        ("generation.conversation_date=2025-13-01", "generation.conversation_date"),
     ],
 )
 def test_bad_values_fail_naming_the_key(override, named):

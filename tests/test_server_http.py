@@ -4,13 +4,18 @@ own request. One rank through the engine, with small limits so the cases are qui
 
 import http.client
 import json
+import os
 import random
 import socket
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 
+from parallel.serve.http import API_KEY_ENV
+from tests.conftest import ROOT
 from tests.serving import KEY, health, start_server, stop_server
 from tests.taught import GREETING, HELLO
 
@@ -198,3 +203,11 @@ def test_many_clients_that_disconnect_free_their_rows(server):
     assert h["requests_in_flight"] == 0 and h["running_batches"] == 0, h
     with connect(url) as sock:
         assert exchange(sock, request("POST", "/v1/chat/completions", chat(model)))[1]["choices"][0]["message"]["content"] == GREETING
+
+
+def test_an_empty_api_key_refuses_to_serve_rather_than_serve_open(taught_model):
+    """`export GPT_OSS_API_KEY=$KEY` with KEY unset sets the variable empty: that must not open the server to all."""
+    cmd = [sys.executable, str(ROOT / "launch" / "serve.py"), "--config", str(ROOT / "configs" / "tiny.yaml"),
+           f"model.path={taught_model}", "server.port=1"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, API_KEY_ENV: ""})
+    assert run.returncode == 2 and "set but empty" in run.stderr, run.stderr

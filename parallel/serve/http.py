@@ -75,10 +75,14 @@ class DeadlineProtocol(H11Protocol):
 class Server:
     def __init__(self, cfg: JobConfig, enc: HarmonyEncoding, context_length: int, vocab_size: int):
         server = cfg.server
+        key = server.api_key if server.api_key is not None else os.environ.get(API_KEY_ENV)
+        if key is not None and not key.strip():
+            # `export GPT_OSS_API_KEY=$KEY` with KEY unset must not serve without a key.
+            raise ValueError(f"the API key (server.api_key or {API_KEY_ENV}) is set but empty: give a key, or unset it "
+                             "to serve without one")
         self.socket = _bind(server.host, server.port)  # OSError: the caller says why and exits
         model_name = server.model_name or cfg.model.path
-        self.api = Api(Settings(model_name, cfg.generation, context_length, vocab_size), enc,
-                       server.api_key or os.environ.get(API_KEY_ENV), server.max_body_bytes)
+        self.api = Api(Settings(model_name, cfg.generation, context_length, vocab_size), enc, key, server.max_body_bytes)
         self.protocol = functools.partial(DeadlineProtocol, timeout_s=server.request_timeout_s)
         self.drain_timeout_s = server.drain_timeout_s
         self.started = False
