@@ -235,8 +235,10 @@ TIMEOUT: Rule = (lambda v: 0 < v <= MAX_TIMEOUT_S), f"in (0, {MAX_TIMEOUT_S:g}] 
 
 
 def _is_date(value: str | None) -> bool:
-    try:
-        return value is None or bool(datetime.date.fromisoformat(value)) and len(value) == 10
+    if value is None:
+        return True
+    try:  # the form first: fromisoformat also takes 20250628 and 2025-W26-6
+        return re.fullmatch(r"\d{4}-\d{2}-\d{2}", value) is not None and bool(datetime.date.fromisoformat(value))
     except ValueError:
         return False
 

@@ -36,6 +36,7 @@ def test_overrides_reach_typed_fields():
         ("server.max_body_bytes=0", "server.max_body_bytes"),
         ("server.request_timeout_s=-1", "server.request_timeout_s"),
         ("generation.conversation_date=2025-13-01", "generation.conversation_date"),
+        ("generation.conversation_date=2025-W26-6", "generation.conversation_date"),
     ],
 )
 def test_bad_values_fail_naming_the_key(override, named):

@@ -17,7 +17,7 @@ EFFORTS = tuple(e.value for e in Effort)
 TEXT_PART = '{"type": "text", "text": ...}'
 # OpenAI's names for a request's token budget, taken as well as ours (a line written for OpenAI's batch API).
 BUDGET_KEYS = ("max_new_tokens", "max_tokens", "max_completion_tokens")
-# A line's own sampling, each check as the server's: key -> (accepted, what it must be).
+# A request's own sampling, for input lines and the server alike: key -> (accepted, what it must be).
 SAMPLING = {
     "temperature": (lambda v: isinstance(v, (int, float)) and 0 <= v <= 2, "a number in [0, 2]"),
     "top_p": (lambda v: isinstance(v, (int, float)) and 0 < v <= 1, "a number in (0, 1]"),

@@ -11,9 +11,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from parallel.protocol.requests import Request, RequestError, parse_request
-
-INT64 = 2**63
+from parallel.protocol.requests import SAMPLING, Request, RequestError, parse_request
 
 
 class ApiError(Exception):
@@ -80,10 +78,10 @@ def _options(body: dict, max_tokens_key: str, usage: bool | None = None) -> Opti
     return Options(
         max_tokens=_optional(body, max_tokens_key, int, lambda v: v >= 1, "a positive integer"),
         max_tokens_key=max_tokens_key,
-        temperature=_optional(body, "temperature", (int, float), lambda v: 0 <= v <= 2, "a number in [0, 2]"),
-        top_p=_optional(body, "top_p", (int, float), lambda v: 0 < v <= 1, "a number in (0, 1]"),
-        # The engine's sampling noise is a hash of the seed as a signed 64-bit integer.
-        seed=_optional(body, "seed", int, lambda v: -INT64 <= v < INT64, "a 64-bit signed integer"),
+        # The same checks as an input line's (each rule checks its value's type).
+        temperature=_optional(body, "temperature", object, *SAMPLING["temperature"]),
+        top_p=_optional(body, "top_p", object, *SAMPLING["top_p"]),
+        seed=_optional(body, "seed", object, *SAMPLING["seed"]),
         # vLLM's extension: run to the token limit (benchmarks with fixed output lengths).
         ignore_eos=bool(_optional(body, "ignore_eos", bool)),
         stream=bool(_optional(body, "stream", bool)),
