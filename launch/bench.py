@@ -6,8 +6,8 @@
 
 --paths:
   launcher  the batch job (launch/generate.py) on the workload, every request at once;
-  server    launch/serve.py with that many concurrent streaming clients (--concurrency: one server, each in turn),
-            Completions API;
+  server    launch/serve.py with that many concurrent streaming clients (--concurrency: one server, each in turn,
+            on the first --rounds x concurrency requests), Completions API;
   plain     the launcher with engine.mode=never (model.generate, batches of --plain-batch) on the first
             --plain-requests requests: the ratio's denominator;
   isolated  the engine in this process on --batch-sizes identical ~80-token prompts run to exactly --new-tokens
@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=1024)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[256])
+    parser.add_argument("--rounds", type=int, help="server: the first rounds x concurrency requests at each concurrency (default: all)")
     parser.add_argument("--plain-requests", type=int, default=128)
     parser.add_argument("--plain-batch", type=int, default=128)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 128])
@@ -86,7 +87,7 @@ def measure(path: str, args, workload: Path, workdir: Path) -> list[dict]:
         plain = ["engine.mode=never", f"generation.batch_size={args.plain_batch}", *args.overrides]
         return [{"path": "plain", **run_launcher(args.config, subset, workdir / "plain.out.jsonl", args.nproc, plain)}]
     if path == "server":
-        figures = run_server(args.config, workload, args.nproc, args.concurrency, args.overrides, workdir / "server.log")
+        figures = run_server(args.config, workload, args.nproc, args.concurrency, args.overrides, workdir / "server.log", args.rounds)
         return [{"path": "server", **f} for f in figures]
     return isolated(args, "plain" if path == "isolated-plain" else "engine")
 

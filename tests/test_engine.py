@@ -112,6 +112,14 @@ def test_aborted_requests_end_at_once_and_waiting_ones_never_start(tiny, enc, pr
     assert sum(len(e.tokens) for e in seen if e.rid == 1) == 0 and sum(len(e.tokens) for e in seen if e.rid == 2) == 20
 
 
+def test_a_request_ends_at_the_models_context(tiny, enc, prompts):
+    fast = engine(tiny, enc)
+    fast.context = len(prompts[0]) + 5  # as if the model's context ended 5 tokens past this prompt
+    out = complete(fast, [Work(0, prompts[0], 50, Sampling()), Work(1, prompts[1] * 40, 5, Sampling())])
+    assert (len(out[0][0]), out[0][1].reason) == (5, "length")
+    assert out[1][1].reason.startswith("error:") and "context" in out[1][1].reason
+
+
 def test_engine_is_chosen_on_gpu_only_unless_asked(tiny, enc):
     stop = stop_tokens(enc)
     assert isinstance(choose_backend(tiny, EngineConfig(mode="auto"), 1, 4, stop, PAD), Plain)  # CPU

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import time
 
@@ -83,6 +84,15 @@ def test_every_layout_matches_single_process_greedy(tmp_path, prompts, reference
     assert records[4]["usage"]["completion_tokens"] <= 7
     assert (out.parent / "answers.jsonl.config.yaml").exists()
     assert '"requests": 6' in (out.parent / "answers.jsonl.metrics.json").read_text()
+
+
+def test_every_replica_of_a_batch_job_gets_work(tmp_path, prompts):
+    """Each replica asks for room enough for the whole input: the first to ask must not take it all."""
+    run = launch(tmp_path / "answers.jsonl", "parallel.dp=2", "engine.mode=always", "generation.max_new_tokens=4",
+                 nproc=2, prompts=prompts)
+    assert run.returncode == 0, run.stdout + run.stderr
+    steps = {int(r): sum(map(int, n)) for r, *n in re.findall(r"replica (\d): engine: decode steps (\d+) .*?mixed steps (\d+)", run.stderr)}
+    assert steps.keys() == {0, 1} and min(steps.values()) > 0, run.stderr
 
 
 def test_bad_lines_cost_only_themselves(tmp_path, prompts):

@@ -15,7 +15,7 @@ from parallel.distributed.mesh import Placement
 from parallel.engine.engine import Engine
 from parallel.engine.forward import experts as engine_experts
 from parallel.engine.interface import Sampling, Work, complete
-from parallel.engine.mxfp4 import Mxfp4Experts, dequantize
+from parallel.engine.mxfp4 import Mxfp4Experts, local_routes, dequantize
 from parallel.engine.plain import Plain
 from parallel.protocol.harmony import pad_token_id, render_prompt, stop_tokens
 from parallel.protocol.requests import parse_request
@@ -83,6 +83,15 @@ def load(path, *overrides: str):
 
 def expert_params(model) -> dict[str, torch.Tensor]:
     return {name: p for name, p in model.named_parameters() if ".experts." in name}
+
+
+def test_an_ep_shares_routes_sort_by_local_expert_and_others_drop_out():
+    indx = torch.tensor([[5, 1, 6, 0], [7, 4, 2, 3], [0, 1, 2, 3]])  # 3 tokens, top-4 of 8 experts
+    counts, combine, dispatch = local_routes(indx, first_expert=4, local=4)  # this rank: experts 4-7
+    assert counts.tolist() == [1, 1, 1, 1]
+    assert combine.tolist()[:4] == [5, 0, 2, 4] and set(combine.tolist()[4:]) == {-1}  # routes of experts 4, 5, 6, 7
+    assert [dispatch[r].item() for r in (5, 0, 2, 4)] == [0, 1, 2, 3]
+    assert (dispatch == -1).sum().item() == 8
 
 
 def test_mxfp4_checkpoint_loads_packed_as_stored(mxfp4_checkpoints):

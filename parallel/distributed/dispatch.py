@@ -28,6 +28,7 @@ class Dispatcher(threading.Thread):
         self.owner: dict[int, int] = {}
         self.closed = False
         self.stopped: set[int] = set()  # replicas that said goodbye
+        self.asked: set[int] = set()  # replicas that have asked for work at least once
         self.told_to_stop: set[int] = set()
         self.finished = threading.Event()  # every replica has said goodbye
 
@@ -68,6 +69,7 @@ class Dispatcher(threading.Thread):
             if kind == "want":
                 with self.lock:
                     self.demand[replica] += message[1]
+                    self.asked.add(replica)
                     self._assign()
             elif kind in ("events", "records"):
                 with self.lock:
@@ -78,15 +80,19 @@ class Dispatcher(threading.Thread):
                 self.stopped.add(replica)
             elif kind == "gone" and replica not in self.stopped:
                 error(f"replica {replica}'s leader is gone")
-                self.stopped.add(replica)
+                with self.lock:
+                    self.stopped.add(replica)
+                    self._assign()
                 if self.on_gone:
                     self.on_gone(replica)
         self.finished.set()
 
     def _assign(self) -> None:
-        """Pending work to the replicas that asked, one request at a time round-robin (lock held)."""
+        """Pending work to the replicas that asked, one request at a time round-robin (lock held). Nothing goes
+        out before every live replica has asked once: each asks for room to refill all its slots twice over, so
+        the first to ask would otherwise take a whole batch job's input and leave the others idle."""
         batches: dict[int, list[Work]] = {}
-        while self.pending and any(self.demand):
+        while self.pending and any(self.demand) and self.asked >= set(range(self.replicas)) - self.stopped:
             for replica in range(self.replicas):
                 if self.demand[replica] and self.pending:
                     work = self.pending.popleft()

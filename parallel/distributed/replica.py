@@ -9,6 +9,7 @@ for a server's streams). The loop ends once rank 0 has said stop and the backend
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -49,6 +50,7 @@ class Replica:
         self.held = News()  # what reached the leader while a backend could not take it (mid-batch)
 
     def run(self) -> None:
+        start = time.perf_counter()
         while True:
             news = self._sync(self._collect(block=not self.backend.busy()) if self.place.is_leader else None)
             if self.place.is_leader:
@@ -63,7 +65,8 @@ class Replica:
             if self.place.is_leader:
                 self.reporter.flush(self.link)
         if self.place.is_leader:
-            log(f"replica {self.place.replica}: {self.backend.summary()}", everywhere=True)
+            log(f"replica {self.place.replica}: {self.backend.summary()}; {time.perf_counter() - start:.1f} s in the "
+                "replica loop", everywhere=True)
             self.link.send(("bye",))
 
     def _sync(self, news: News | None) -> News:

@@ -4,7 +4,9 @@ come (the replica loop hands them over between steps).
 A step is what the scheduler (parallel/engine/scheduler.py) gives it: the running requests' next tokens first,
 then chunks of waiting prompts, flattened; the runner (parallel/engine/runner.py) computes them through the
 model's own weights and the paged cache (every step a CUDA graph on GPU); the sampler picks each finished
-sequence's next token. The KV cache takes the memory left after loading (or `engine.cache_gib`), in blocks;
+sequence's next token. The host runs a step ahead of the GPU: it schedules and launches step N+1 before it reads
+step N's tokens (step N+1 takes them from the GPU), so its own work (scheduling, inputs, the events) overlaps the
+GPU's instead of adding to every step. A request that ended in step N costs a wasted row in step N+1. The KV cache takes the memory left after loading (or `engine.cache_gib`), in blocks;
 a request that could never fit it is refused with an error, and when blocks run out the newest running request
 is preempted and recomputed later. Full blocks are shared between requests with the same prefix.
 """
@@ -15,6 +17,7 @@ import gc
 import time
 from collections.abc import Callable, Iterable
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -24,7 +27,7 @@ from parallel.engine.blocks import BlockPool
 from parallel.engine.interface import Event, Work, finish_reason
 from parallel.engine.runner import Runner
 from parallel.engine.sampling import sample
-from parallel.engine.scheduler import Scheduler, Sequence
+from parallel.engine.scheduler import PENDING, Scheduler, Sequence
 from parallel.log import log
 
 # GPU memory the KV cache leaves free: a full step's activations (max_batched_tokens rows through the experts),
@@ -48,7 +51,9 @@ class Engine:
                              cfg.slots, cfg.max_batched_tokens, cfg.cuda_graphs, cfg.compile)
         self.sequences: dict[int, Sequence] = {}
         self.pending: list[Event] = []  # events decided outside a step (refusals, aborts)
-        self.totals = {kind: [0, 0, 0.0] for kind in ("decode", "mixed")}  # steps, tokens, seconds
+        self.inflight: tuple[str, list[Sequence], Callable[[], list[int]]] | None = None  # launched, not yet read
+        # steps, tokens, the host's seconds in them, and of those the seconds it waited for the GPU
+        self.totals = {kind: [0, 0, 0.0, 0.0] for kind in ("decode", "mixed")}
 
     def _agree(self, blocks: int, device: torch.device) -> int:
         """Every rank of a replica schedules alike, so all must have as many blocks as the smallest."""
@@ -77,9 +82,13 @@ class Engine:
 
     def add(self, work: list[Work]) -> None:
         for w in work:
-            seq = Sequence.of(w)
+            seq = Sequence.of(w, self.context)
             if not w.prompt or min(w.prompt) < 0 or max(w.prompt) >= self.runner.vocab:
                 self.pending.append(Event(w.rid, [], f"error: prompt token ids must be in [0, {self.runner.vocab})"))
+                continue
+            if seq.max_new_tokens < 1:
+                self.pending.append(Event(w.rid, [], f"error: {len(w.prompt)} prompt tokens leave no room in the "
+                                                     f"model's context of {self.context} tokens"))
                 continue
             if not self.scheduler.fits(seq):
                 tokens = self.pool.capacity * self.pool.block_size
@@ -95,63 +104,82 @@ class Engine:
             if seq is None:
                 continue
             self.scheduler.finish(seq)
-            if seq in self.scheduler.waiting:
-                self.scheduler.waiting.remove(seq)
             self.pending.append(Event(rid, [], "cancelled"))
 
     def busy(self) -> bool:
-        return bool(self.sequences or self.pending)
+        return bool(self.sequences or self.pending or self.inflight)
 
     def room(self) -> int:
         """Enough queued to refill every slot at once."""
         return max(0, 2 * self.cfg.slots - len(self.sequences))
 
     def step(self, publish: Callable[[list[Event]], None], aborted: Callable[[], set[int]] | None = None) -> None:
+        """Launch the next step, then read the one before it: its tokens become events."""
         events, self.pending = self.pending, []
         start = time.perf_counter()
         step = self.scheduler.schedule()
+        launched = None
         if step.sequences:
             decode_only = step.decode_only
+            kind = "decode" if decode_only else "mixed"
             logits = self.runner.run(step.sequences, step.counts, decode_only)
             due = self.scheduler.computed(step)
-            events += self._advance(due, self._next_tokens(logits, due))
-            totals = self.totals["decode" if decode_only else "mixed"]
-            totals[0] += 1
-            totals[1] += sum(step.counts)
-            totals[2] += time.perf_counter() - start
+            wait = self.runner.keep(self._next_tokens(logits, due))
+            for row, seq in enumerate(due):
+                seq.tokens.append(PENDING)
+                seq.unknown += 1
+                seq.out_row = row
+            launched = (kind, due, wait)
+            self.totals[kind][0] += 1
+            self.totals[kind][1] += sum(step.counts)
+        if self.inflight is not None:
+            kind, due, wait = self.inflight
+            waited = time.perf_counter()
+            tokens = wait()
+            self.totals[kind][3] += time.perf_counter() - waited
+            events += self._advance(due, tokens)
+        self.inflight = launched
+        if launched:
+            self.totals[launched[0]][2] += time.perf_counter() - start
         if events:
             publish(events)
 
     def summary(self) -> str:
-        """What the steps did: how many of each kind, their tokens and time; preemptions; prefix-cache hits."""
-        parts = [f"{kind} steps {n} ({tokens} tokens, {seconds:.1f} s, {seconds / max(n, 1) * 1e3:.1f} ms a step)"
-                 for kind, (n, tokens, seconds) in self.totals.items()]
+        """What the steps did: how many of each kind, their tokens and the host's time (how much of it waiting for
+        the GPU: the rest is scheduling and bookkeeping, which the GPU may wait for); preemptions; prefix-cache
+        hits."""
+        parts = [f"{kind} steps {n} ({tokens} tokens, {seconds:.1f} s, {seconds / max(n, 1) * 1e3:.1f} ms a step, "
+                 f"{waited / max(n, 1) * 1e3:.1f} ms of it waiting for the GPU)"
+                 for kind, (n, tokens, seconds, waited) in self.totals.items()]
         hits = self.pool.hits / max(self.pool.queries, 1)
         return f"engine: {', '.join(parts)}; {self.scheduler.preemptions} preemptions; prefix cache {hits:.0%} of prompt tokens"
 
     # -- tokens ---------------------------------------------------------------------------------------------
 
-    def _next_tokens(self, logits: torch.Tensor, due: list[Sequence]) -> list[int]:
+    def _next_tokens(self, logits: torch.Tensor, due: list[Sequence]) -> torch.Tensor:
+        """On the device, without waiting for it: every parameter is known on the host."""
         if all(seq.sampling.temperature == 0 for seq in due):
-            return logits.argmax(-1).tolist()
-        dev = logits.device
-        temperature = torch.tensor([s.sampling.temperature for s in due], device=dev)
-        top_p = torch.tensor([s.sampling.top_p for s in due], device=dev)
-        seeds = torch.tensor([s.sampling.seed for s in due], device=dev)
-        positions = torch.tensor([len(s.tokens) for s in due], device=dev)
-        return sample(logits, temperature, top_p, seeds, positions).tolist()
+            return logits.argmax(-1)
+        params = [(s.sampling.temperature, s.sampling.top_p, s.sampling.seed, len(s.tokens)) for s in due]
+        temperature, top_p, seeds, positions = (self.runner.to_device(np.array(column, dtype=dtype)) for column, dtype
+                                                in zip(zip(*params), (np.float32, np.float32, np.int64, np.int64)))
+        return sample(logits, temperature, top_p, seeds, positions, cut=any(s.sampling.top_p < 1 for s in due))
 
     def _advance(self, due: list[Sequence], tokens: list[int]) -> list[Event]:
+        """A step's tokens, read: each fills its sequence's oldest PENDING place, unless the sequence has ended
+        meanwhile (aborted, or ended by its token of the step before)."""
         events = []
         now = time.perf_counter()
         for seq, token in zip(due, tokens):
-            seq.tokens.append(token)
+            if self.sequences.get(seq.rid) is not seq:
+                continue
+            at = len(seq.tokens) - seq.unknown
+            seq.tokens[at] = token
+            seq.unknown -= 1
             if seq.first_token is None:
                 seq.first_token = now
             stop = {} if seq.sampling.ignore_eos else self.stop
-            reason = finish_reason(token, seq.made, seq.max_new_tokens, stop)
-            if reason is None and len(seq.tokens) >= self.context:
-                reason = "length"
+            reason = finish_reason(token, at + 1 - seq.prompt_len, seq.max_new_tokens, stop)
             if reason is None:
                 events.append(Event(seq.rid, [token]))
                 continue

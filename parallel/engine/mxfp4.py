@@ -214,32 +214,30 @@ class _Kernel:
 
         routes = topk(logits, self.top_k, apply_softmax=True)
         if self.local < logits.shape[-1]:
-            routes = _local_routes(routes, self.first_expert, self.local)
-        meta = routes.mask_metadata
+            counts, combine, dispatch = local_routes(routes.indx, self.first_expert, self.local)
+        else:
+            meta = routes.mask_metadata
+            counts, combine, dispatch = meta.col_sum, meta.col_sorted_indx, meta.row_sorted_indx
         # combine: for each row in expert order, its route (token * k + j); dispatch: the inverse, -1 for routes
         # this rank does not run.
-        combine, dispatch = meta.col_sorted_indx, meta.row_sorted_indx
-        ragged = make_ragged_tensor_metadata(meta.col_sum, dispatch.shape[0])
-        routing = RoutingData(routes.vals.flatten()[combine], meta.col_sum, self.local, self.top_k, ragged)
+        ragged = make_ragged_tensor_metadata(counts, dispatch.shape[0])
+        routing = RoutingData(routes.vals.flatten()[combine], counts, self.local, self.top_k, ragged)
         return routing, GatherIndx(combine, dispatch), ScatterIndx(dispatch, combine)
 
 
-def _local_routes(routes, first_expert: int, local: int):
-    """The routes as this rank's experts see them: expert ids shifted to local ones (-1 for other ranks'), and
-    the bitmatrix of routes rebuilt over the local experts (vLLM packs it with a kernel; torch ops do here)."""
-    from triton_kernels.tensor import BIT, Bitmatrix, SparseMatrix
-
-    ids = routes.indx.int() - first_expert
+def local_routes(indx: torch.Tensor, first_expert: int, local: int):
+    """Routes (tokens, k) of global expert ids, over this rank's experts [first_expert, + local): the routes per
+    local expert, combine and dispatch (int32), as triton_kernels' metadata gives them for all experts, in torch
+    ops of fixed shapes (CUDA-graph safe, and checked on CPU)."""
+    ids = indx.flatten().long() - first_expert
     here = (ids >= 0) & (ids < local)
-    tokens = ids.shape[0]
-    # One bit a route, summed in int64 (distinct bits of a word add up to their OR), then wrapped into int32's
-    # range to be viewed as the uint32 words triton_kernels reads.
-    bits = torch.where(here, 1 << (ids % 32).long(), 0)
-    words = torch.zeros(tokens, -(-local // 32), dtype=torch.int64, device=ids.device)
-    words.scatter_add_(1, torch.where(here, ids // 32, 0).long(), bits)
-    words = torch.where(words >= 2**31, words - 2**32, words).int()
-    mask = Bitmatrix(words.view(torch.uint32), dtype=BIT, shape=[tokens, local])
-    return SparseMatrix(indx=torch.where(here, ids, -1).to(routes.indx.dtype), vals=routes.vals, mask=mask)
+    key = torch.where(here, ids, local)  # other ranks' routes sort last
+    order = torch.argsort(key, stable=True)
+    combine = torch.where(key[order] < local, order, -1).int()
+    rows = torch.arange(len(order), dtype=torch.int32, device=ids.device)
+    dispatch = torch.where(here, torch.empty_like(rows).scatter_(0, order, rows), -1).int()
+    counts = torch.zeros(local + 1, dtype=torch.int32, device=ids.device).scatter_add_(0, key, torch.ones_like(rows))
+    return counts[:local], combine, dispatch
 
 
 def _kernel_weight(experts: Mxfp4Experts, name: str):

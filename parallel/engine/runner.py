@@ -10,8 +10,11 @@ lm_head's module gathers a vocabulary split of the logits.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from functools import partial
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -28,9 +31,10 @@ from parallel.engine.forward import (
     residual_norm,
     vocab_shard_start,
 )
-from parallel.engine.graphs import StepGraphs, StepInputs
+from parallel.engine.graphs import StepGraphs, StepInputs, pinned
 from parallel.engine.mxfp4 import Mxfp4Experts
 from parallel.engine.scheduler import Sequence
+from parallel.log import log
 
 
 class Runner:
@@ -71,8 +75,15 @@ class Runner:
         moe = partial(packed_experts_block, wrap(residual_norm)) if self.packed else wrap(experts_block)
         self.pieces = (wrap(qkv), moe)
         max_blocks = -(-config.max_position_embeddings // block_size)
-        self.graphs = StepGraphs(self.forward, attention.decode, attention.varlen, slots, max_batched_tokens, max_blocks,
-                                 self.device) if self.cuda_graphs else None
+        # The last step's tokens, where the next step's forward reads those the host has not seen yet.
+        self.sampled = torch.zeros(slots + 1, dtype=torch.long, device=self.device)
+        self.graphs = None
+        if self.cuda_graphs:
+            start = time.perf_counter()
+            self.graphs = StepGraphs(self.forward, attention.decode, attention.varlen, slots, max_batched_tokens,
+                                     max_blocks, self.device)
+            self.graphs.capture_all()
+            log(f"engine: {len(self.graphs.graphs)} CUDA graphs captured in {time.perf_counter() - start:.1f} s")
 
     @staticmethod
     def cache_bytes_per_block(model, block_size: int, group) -> int:
@@ -83,12 +94,14 @@ class Runner:
     # -- the forward ----------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def forward(self, ids, positions, slot_mapping, attend, take=None) -> torch.Tensor:
+    def forward(self, ids, prev, positions, slot_mapping, attend, take=None) -> torch.Tensor:
         """Logits after the flat tokens `ids` (T,) at `positions`, whose keys and values go to cache rows
-        `slot_mapping` (block * block_size + offset); only rows `take` when given. `attend(q, k_cache, v_cache,
-        sinks, scaling, window)` is attention for this step's shape."""
+        `slot_mapping` (block * block_size + offset); only rows `take` when given. Where prev >= 0 the token is
+        the last step's sampled[prev]. `attend(q, k_cache, v_cache, sinks, scaling, window)` is attention for
+        this step's shape."""
         project, moe_block = self.pieces
         inner = self.model.model
+        ids = torch.where(prev >= 0, self.sampled[prev.clamp(min=0)], ids)
         x = embed(ids[:, None], self.embedding, self.vocab_start, self.vocab, self.group)  # (T, 1, hidden)
         cos, sin = inner.rotary_emb(x, positions[:, None])
         for i, (w_qkv, (sinks, scaling, wo), w_moe) in enumerate(self.weights):
@@ -113,13 +126,33 @@ class Runner:
         step = StepInputs.of(sequences, counts, self.block_size, decode_only)
         if self.graphs is not None:
             return self.graphs.run(step)
-        dev = self.device
-        ids, positions, slots, take = (torch.from_numpy(a).to(dev) for a in (step.ids, step.positions, step.slots, step.take))
-        cu, lens, tables = (torch.from_numpy(a).to(dev) for a in (step.cu, step.seq_lens, step.tables))
+        ids, prev, positions, slots, take, cu, lens, tables = (
+            self.to_device(a) for a in (step.ids, step.prev, step.positions, step.slots, step.take, step.cu, step.seq_lens, step.tables))
 
         def attend(q, k_cache, v_cache, sinks, scaling, window):
             if decode_only:
                 return self.attention.decode(q, k_cache, v_cache, tables, lens, sinks, scaling, window)
             return self.attention.varlen(q, k_cache, v_cache, cu, lens, tables, sinks, scaling, window)
 
-        return self.forward(ids, positions, slots, attend, None if decode_only else take)
+        return self.forward(ids, prev, positions, slots, attend, None if decode_only else take)
+
+    def to_device(self, a: np.ndarray) -> torch.Tensor:
+        """Copied without waiting for the GPU's current work."""
+        return pinned(a).to(self.device, non_blocking=True) if self.device.type == "cuda" else torch.from_numpy(a)
+
+    def keep(self, tokens: torch.Tensor) -> Callable[[], list[int]]:
+        """Hold a step's sampled tokens (R,) where the next step's forward reads them and start their copy to the
+        host; returns the wait for them."""
+        self.sampled[: len(tokens)].copy_(tokens)
+        if self.device.type != "cuda":
+            return tokens.tolist
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+
+        def wait() -> list[int]:
+            copied.synchronize()
+            return host.tolist()
+
+        return wait

@@ -30,14 +30,13 @@ def uniform(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.T
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, seeds: torch.Tensor,
-           positions: torch.Tensor) -> torch.Tensor:
+           positions: torch.Tensor, cut: bool) -> torch.Tensor:
     """Row r's token: argmax where temperature[r] == 0, else a draw from softmax(logits / temperature) cut to the
-    smallest set of tokens whose probability reaches top_p[r] (Gumbel-max over the hash's noise)."""
+    smallest set of tokens whose probability reaches top_p[r] (Gumbel-max over the hash's noise). `cut`: whether
+    any top_p is below 1, told by the caller, which knows without asking the device (a sync)."""
     greedy = logits.argmax(-1)
-    if not bool((temperature > 0).any()):
-        return greedy
     scaled = logits.float() / temperature.clamp_min(1e-6)[:, None]
-    if bool((top_p < 1).any()):
+    if cut:
         probs, order = torch.softmax(scaled, -1).sort(-1, descending=True)
         outside = probs.cumsum(-1) - probs >= top_p[:, None]
         scaled = scaled.scatter(-1, order, torch.where(outside, float("-inf"), scaled.gather(-1, order)))

@@ -5,6 +5,10 @@ KV cache and `len(tokens)` known ones, and a step gives tokens to sequences unti
 sequence that cannot get a block for its next tokens preempts the newest running one (its blocks are freed and
 it is recomputed later), never an out-of-memory error. New prompts are admitted only in steps that preempted
 nothing, while fewer than `slots` run. Pure Python and deterministic: every rank of a replica schedules alike.
+
+The engine schedules a step while the GPU still runs the one before (parallel/engine/engine.py), so a sequence's
+last tokens may be PENDING: made by a step whose result the host has not read yet. The step that computes such a
+token reads it on the GPU; it is keyed for the prefix cache once known.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from dataclasses import dataclass, field
 
 from parallel.engine.blocks import BlockPool
 from parallel.engine.interface import Sampling, Work
+
+PENDING = -1
 
 
 @dataclass(eq=False)
@@ -31,14 +37,22 @@ class Sequence:
     last_key: int | None = None
     admitted: float | None = None
     first_token: float | None = None
+    unknown: int = 0  # trailing PENDING tokens
+    out_row: int = -1  # the row of its last step's sampled tokens that holds its last PENDING token
 
     @classmethod
-    def of(cls, work: Work) -> Sequence:
-        return cls(work.rid, list(work.prompt), len(work.prompt), work.max_new_tokens, work.sampling)
+    def of(cls, work: Work, context: int) -> Sequence:
+        """Its new tokens are bounded by the model's context as by its own limit."""
+        budget = min(work.max_new_tokens, context - len(work.prompt))
+        return cls(work.rid, list(work.prompt), len(work.prompt), budget, work.sampling)
 
     @property
     def made(self) -> int:
         return len(self.tokens) - self.prompt_len
+
+    @property
+    def known(self) -> int:
+        return len(self.tokens) - self.unknown
 
 
 @dataclass
@@ -75,6 +89,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget:
             seq = self.running[i]
+            if seq.made >= seq.max_new_tokens:  # its last token, still PENDING, ends it: nothing to compute
+                i += 1
+                continue
             n = min(len(seq.tokens) - seq.computed, budget)
             if not self._grow(seq, seq.computed + n):
                 preempted = True
@@ -133,7 +150,10 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def finish(self, seq: Sequence) -> None:
+        """Done, wherever it is (running, or waiting after a preemption)."""
         self._drop(seq)
+        if seq in self.waiting:
+            self.waiting.remove(seq)
 
     def _drop(self, seq: Sequence) -> None:
         self.pool.release(seq.blocks)
@@ -142,12 +162,12 @@ class Scheduler:
             self.running.remove(seq)
 
     def computed(self, step: Step) -> list[Sequence]:
-        """Record what a step computed; the sequences whose every known token is now in the cache, whose next
-        token the step's logits give."""
+        """Record what a step computed; the sequences whose every token is now in the cache, whose next token the
+        step's logits give. Full blocks are keyed as far as their tokens are known."""
         done = []
         for seq, n in zip(step.sequences, step.counts):
             seq.computed += n
-            full = seq.computed // self.pool.block_size
+            full = min(seq.computed, seq.known) // self.pool.block_size
             if full > seq.keyed:
                 seq.last_key = self.pool.remember(seq.blocks, seq.tokens, seq.keyed, full, seq.last_key)
                 seq.keyed = full

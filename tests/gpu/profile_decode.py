@@ -1,6 +1,6 @@
 """Where a step of the engine spends its time, on a GPU, for each batch size (every sequence `--position` tokens
 in): a decode-only step (its CUDA graph) and a mixed step (the same decode rows plus one new `--prompt`-token
-prompt, eager), each as wall time a step and the CUDA kernels of `--steps` steps grouped by name.
+prompt), each as wall time a step and the CUDA kernels of `--steps` steps grouped by name.
 
     python tests/gpu/profile_decode.py --config configs/gpt-oss-20b.yaml --batch-sizes 1 128 \
         model.path=builtin:gpt-oss-20b model.load_format=dummy
@@ -41,7 +41,6 @@ def main() -> None:
         engine.add([request(args.position, 4096) for _ in range(batch)])
         while any(s.computed < len(s.tokens) - 1 for s in engine.sequences.values()):
             engine.step(ignore)
-        engine.step(ignore)  # the decode graph for this batch, captured outside the measurement
         measure(engine, f"batch {batch}, decode-only", lambda: None, args)
         measure(engine, f"batch {batch} + one {args.prompt}-token prompt", lambda: engine.add([request(args.prompt, 1)]), args)
         engine = None  # its cache freed before the next one takes the memory
