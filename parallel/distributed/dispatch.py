@@ -19,9 +19,13 @@ from parallel.log import error
 
 
 class Dispatcher(threading.Thread):
-    def __init__(self, hub: Hub, replicas: int, deliver, on_gone=None):
+    def __init__(self, hub: Hub, replicas: int, deliver, on_gone=None, even_start: bool = True):
+        """even_start: hand nothing out before every live replica has asked once (see _assign). Only for a
+        dispatcher that sees every replica's first ask: one of several in a row (the LLM's rounds) may not, since
+        a replica that starts the next round early has its ask read by the round before."""
         super().__init__(daemon=True, name="dispatcher")
         self.hub, self.replicas, self.deliver, self.on_gone = hub, replicas, deliver, on_gone
+        self.even_start = even_start
         self.lock = threading.Lock()
         self.pending: deque[Work] = deque()
         self.demand = [0] * replicas
@@ -88,11 +92,12 @@ class Dispatcher(threading.Thread):
         self.finished.set()
 
     def _assign(self) -> None:
-        """Pending work to the replicas that asked, one request at a time round-robin (lock held). Nothing goes
-        out before every live replica has asked once: each asks for room to refill all its slots twice over, so
-        the first to ask would otherwise take a whole batch job's input and leave the others idle."""
+        """Pending work to the replicas that asked, one request at a time round-robin (lock held). With
+        even_start, nothing goes out before every live replica has asked once: each asks for room to refill all
+        its slots twice over, so the first to ask would otherwise take a whole batch job's input."""
+        ready = not self.even_start or self.asked >= set(range(self.replicas)) - self.stopped
         batches: dict[int, list[Work]] = {}
-        while self.pending and any(self.demand) and self.asked >= set(range(self.replicas)) - self.stopped:
+        while ready and self.pending and any(self.demand):
             for replica in range(self.replicas):
                 if self.demand[replica] and self.pending:
                     work = self.pending.popleft()
