@@ -118,7 +118,7 @@ class LLM:
             work = [Work(next(self.rids), p.tokens, p.max_new_tokens, replace(sampling, seed=sampling.seed + i))
                     for i, p in enumerate(prompts)]
             results = Results(work)
-            dispatcher = Dispatcher(self.hub, self.replicas, results.deliver, even_start=False)
+            dispatcher = Dispatcher(self.hub, self.replicas, results.deliver)
             dispatcher.submit(work)
             dispatcher.close()  # all the work there is: each replica stops once it has run out
             dispatcher.start()

@@ -19,13 +19,9 @@ from parallel.log import error
 
 
 class Dispatcher(threading.Thread):
-    def __init__(self, hub: Hub, replicas: int, deliver, on_gone=None, even_start: bool = True):
-        """even_start: hand nothing out before every live replica has asked once (see _assign). Only for a
-        dispatcher that sees every replica's first ask: one of several in a row (the LLM's rounds) may not, since
-        a replica that starts the next round early has its ask read by the round before."""
+    def __init__(self, hub: Hub, replicas: int, deliver, on_gone=None):
         super().__init__(daemon=True, name="dispatcher")
         self.hub, self.replicas, self.deliver, self.on_gone = hub, replicas, deliver, on_gone
-        self.even_start = even_start
         self.lock = threading.Lock()
         self.pending: deque[Work] = deque()
         self.demand = [0] * replicas
@@ -34,6 +30,9 @@ class Dispatcher(threading.Thread):
         self.stopped: set[int] = set()  # replicas that said goodbye
         self.asked: set[int] = set()  # replicas that have asked for work at least once
         self.told_to_stop: set[int] = set()
+        # What a replica sent after its goodbye belongs to the next dispatcher on this hub (the LLM runs one a call,
+        # and a replica may start the next call before this one has heard every goodbye): handed back at the end.
+        self.next_round: list = []
         self.finished = threading.Event()  # every replica has said goodbye
 
     # -- called from other threads --------------------------------------------------------------------------
@@ -70,7 +69,9 @@ class Dispatcher(threading.Thread):
         while len(self.stopped) < self.replicas or not self.closed:
             replica, message = self.hub.inbox.get()
             kind = message[0]
-            if kind == "want":
+            if replica in self.stopped and kind != "gone":
+                self.next_round.append((replica, message))
+            elif kind == "want":
                 with self.lock:
                     self.demand[replica] += message[1]
                     self.asked.add(replica)
@@ -89,13 +90,15 @@ class Dispatcher(threading.Thread):
                     self._assign()
                 if self.on_gone:
                     self.on_gone(replica)
+        for item in self.next_round:
+            self.hub.inbox.put(item)
         self.finished.set()
 
     def _assign(self) -> None:
-        """Pending work to the replicas that asked, one request at a time round-robin (lock held). With
-        even_start, nothing goes out before every live replica has asked once: each asks for room to refill all
-        its slots twice over, so the first to ask would otherwise take a whole batch job's input."""
-        ready = not self.even_start or self.asked >= set(range(self.replicas)) - self.stopped
+        """Pending work to the replicas that asked, one request at a time round-robin (lock held). Nothing goes
+        out before every live replica has asked once: each asks for room to refill all its slots twice over, so
+        the first to ask would otherwise take a whole batch job's input."""
+        ready = self.asked >= set(range(self.replicas)) - self.stopped
         batches: dict[int, list[Work]] = {}
         while ready and self.pending and any(self.demand):
             for replica in range(self.replicas):

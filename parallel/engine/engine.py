@@ -6,9 +6,11 @@ then chunks of waiting prompts, flattened; the runner (parallel/engine/runner.py
 model's own weights and the paged cache (every step a CUDA graph on GPU); the sampler picks each finished
 sequence's next token. The host runs a step ahead of the GPU: it schedules and launches step N+1 before it reads
 step N's tokens (step N+1 takes them from the GPU), so its own work (scheduling, inputs, the events) overlaps the
-GPU's instead of adding to every step. A request that ended in step N costs a wasted row in step N+1. The KV cache takes the memory left after loading (or `engine.cache_gib`), in blocks;
-a request that could never fit it is refused with an error, and when blocks run out the newest running request
-is preempted and recomputed later. Full blocks are shared between requests with the same prefix.
+GPU's instead of adding to every step; a request that ended in step N costs a wasted row in step N+1.
+
+The KV cache takes the memory left after loading (or `engine.cache_gib`), in blocks; a request that could never
+fit it is refused with an error, and when blocks run out the newest running request is preempted and recomputed
+later. Full blocks are shared between requests with the same prefix.
 """
 
 from __future__ import annotations
@@ -160,9 +162,14 @@ class Engine:
         """On the device, without waiting for it: every parameter is known on the host."""
         if all(seq.sampling.temperature == 0 for seq in due):
             return logits.argmax(-1)
-        params = [(s.sampling.temperature, s.sampling.top_p, s.sampling.seed, len(s.tokens)) for s in due]
-        temperature, top_p, seeds, positions = (self.runner.to_device(np.array(column, dtype=dtype)) for column, dtype
-                                                in zip(zip(*params), (np.float32, np.float32, np.int64, np.int64)))
+
+        def column(values, dtype) -> torch.Tensor:
+            return self.runner.to_device(np.array(list(values), dtype=dtype))
+
+        temperature = column((s.sampling.temperature for s in due), np.float32)
+        top_p = column((s.sampling.top_p for s in due), np.float32)
+        seeds = column((s.sampling.seed for s in due), np.int64)
+        positions = column((len(s.tokens) for s in due), np.int64)
         return sample(logits, temperature, top_p, seeds, positions, cut=any(s.sampling.top_p < 1 for s in due))
 
     def _advance(self, due: list[Sequence], tokens: list[int]) -> list[Event]:
