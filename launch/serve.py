@@ -2,9 +2,10 @@
 
     torchrun --nproc_per_node=4 launch/serve.py --config configs/gpt-oss-120b.yaml parallel.tp=4
 
-Reads top to bottom: config -> layout -> process group and mesh -> HTTP server bound (rank 0) -> model -> the
-replica loop (rank 0 hands each request to a replica with room, every replica generates, tokens stream back).
-SIGTERM drains: requests in flight finish, new ones are refused, then every rank exits.
+Reads top to bottom: config -> layout -> process group and mesh -> the API process started (rank 0: its HTTP
+port bound, its dispatcher waiting for the replicas) -> model -> every replica's leader linked to the API process
+-> the replica loop (the API process hands each request to a replica with room, every replica generates, tokens
+stream back). SIGTERM drains: requests in flight finish, new ones are refused, then every rank exits.
 """
 
 from __future__ import annotations
@@ -14,12 +15,12 @@ import signal
 import sys
 import threading
 
+from parallel.distributed.channel import connect
 from parallel.distributed.replica import Replica
 from parallel.distributed.runtime import join_job
-from parallel.job import finish_job, load_backend, open_links, plan_run
+from parallel.job import finish_job, load_backend, plan_run
 from parallel.log import error, log
-from parallel.serve.batcher import Batcher
-from parallel.serve.http import Server
+from parallel.serve.api_process import ApiProcess, ApiProcessError
 from parallel.serve.replica import TokenStreamer
 
 
@@ -30,50 +31,46 @@ def main(argv: list[str] | None = None) -> int:
     cfg = run.cfg
     place, watchdog, store = join_job(run.layout, cfg.runtime)
 
-    server = None
+    api = None
     if place.rank == 0:
-        try:  # bind before loading: a port in use fails in a second, not after the weights
-            server = Server(cfg, run.enc, run.shape.max_position_embeddings, run.shape.vocab_size)
-        except OSError as e:
-            error(f"cannot listen on {cfg.server.host}:{cfg.server.port}: {e}")
-            return 2
-        except ValueError as e:
+        try:  # before loading: a port in use fails in a second, not after the weights
+            api = ApiProcess(cfg, run.shape.max_position_embeddings, run.shape.vocab_size, run.layout.dp)
+        except ApiProcessError as e:
             error(str(e))
             return 2
-    drain_on_signals(server)
+    drain_on_signals(api)
 
     backend = load_backend(run, place)
     if backend is None:
         return 2
-    hub, link = open_links(place, store, run.layout.dp)
-    if hub:
-        batcher = Batcher(hub, run.layout.dp)
-        batcher.dispatcher.start()
-        server.start(batcher)
+    if api:
+        api.link_replicas(store)
+    link = connect(store, place.replica) if place.is_leader else None
     Replica(place, backend, link, TokenStreamer(cfg.server.stream_interval) if place.is_leader else None).run()
 
-    if server:
-        batcher.dispatcher.finished.wait()
-        log(f"served {batcher.stats['requests']} requests")
+    if api and api.wait():
+        return 1
     finish_job(watchdog)
     return 0
 
 
-def drain_on_signals(server: Server | None) -> None:
-    """SIGTERM/SIGINT: rank 0 drains its server (a second signal exits at once); the other ranks carry on until
-    rank 0 ends their loop (torchrun signals every rank; only rank 0 knows what is in flight)."""
+def drain_on_signals(api: ApiProcess | None) -> None:
+    """SIGTERM/SIGINT: rank 0 has its API process drain (a second signal, or one before the model is up, exits at
+    once); the other ranks carry on until the API process ends their loop (torchrun signals every rank; only the
+    API process knows what is in flight)."""
     draining = threading.Event()
 
     def handler(signum, frame):
         name = signal.Signals(signum).name
-        if server is None:
+        if api is None:
             return
-        if draining.is_set() or not server.started:
+        if draining.is_set() or not api.serving:
             error(f"received {name}: exiting now")
+            api.stop_now()
             os._exit(128 + signum)
         draining.set()
         log(f"received {name}: draining (new requests refused, those in flight finish)")
-        threading.Thread(target=server.drain, name="drain").start()
+        threading.Thread(target=api.drain, name="drain").start()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, handler)

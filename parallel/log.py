@@ -9,6 +9,16 @@ import time
 _START = time.monotonic()
 
 
+def log_clock() -> float:
+    """When this process's clock started: a process it starts keeps the same clock (set_log_clock)."""
+    return _START
+
+
+def set_log_clock(start: float) -> None:
+    global _START
+    _START = start
+
+
 def rank() -> int:
     return int(os.environ.get("RANK", 0))
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import multiprocessing
 import os
+import queue
 import secrets
 import signal
 import socket
@@ -127,6 +129,9 @@ class ServerJob:
         self.__exit__()
         raise RuntimeError(f"the server did not come up; see {self.log.name}")
 
+    def health(self) -> dict:
+        return json.load(urllib.request.urlopen(f"{self.url}/health", timeout=30))
+
     def __exit__(self, *exc) -> None:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
@@ -135,6 +140,17 @@ class ServerJob:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
         self.log.close()
+
+
+# Streams one client process drives. One asyncio loop with the official client parses some 5,000 streamed chunks a
+# second at a full core (a raw SSE server and one process: 4,675 chunks/s here); 256 streams of a fast engine send
+# more than that, so a single client process would measure itself, not the server.
+STREAMS_A_CLIENT = 32
+
+
+def client_processes(concurrency: int) -> int:
+    """How many processes share the clients: a process a STREAMS_A_CLIENT streams, leaving half the cores to the job."""
+    return max(1, min(-(-concurrency // STREAMS_A_CLIENT), (os.cpu_count() or 2) // 2))
 
 
 async def _stream(client, model: str, prompt: str, max_tokens: int) -> dict:
@@ -151,42 +167,88 @@ async def _stream(client, model: str, prompt: str, max_tokens: int) -> dict:
     return {"ttft": stamps[0] if stamps else None, "end": time.perf_counter() - start, "tokens": tokens, "stamps": stamps}
 
 
-async def _clients(server: ServerJob, requests: list[dict], concurrency: int) -> tuple[list[dict], float]:
+async def _client_share(url: str, key: str, model: str, requests: list[dict], streams: int) -> list[dict]:
     import openai
 
-    gate = asyncio.Semaphore(concurrency)
+    gate = asyncio.Semaphore(streams)
     # Closed within its event loop: asyncio.run ends the loop, and a client left to the garbage collector would
     # close its connections on that dead loop, with a traceback.
-    async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=server.key, max_retries=0, timeout=3600) as client:
+    async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=3600) as client:
 
         async def one(r):
             async with gate:
-                return await _stream(client, server.model, r["prompt"], r["max_new_tokens"])
+                return await _stream(client, model, r["prompt"], r["max_new_tokens"])
 
-        start = time.perf_counter()
-        results = await asyncio.gather(*(one(r) for r in requests))
-        return results, time.perf_counter() - start
+        return await asyncio.gather(*(one(r) for r in requests))
+
+
+def _client_process(url: str, key: str, model: str, requests: list[dict], streams: int, ready, results) -> None:
+    """A client process: its share of the requests at its share of the streams, once every process is ready;
+    what it measured (or its error) and the wall clock and CPU time it took go to `results`."""
+    ready.wait()
+    start, cpu = time.time(), time.process_time()
+    try:
+        out = asyncio.run(_client_share(url, key, model, requests, streams))
+    except Exception as e:  # noqa: BLE001 - the parent says which concurrency failed, and where the log is
+        results.put({"error": repr(e)})
+        return
+    results.put({"results": out, "start": start, "end": time.time(), "cpu_s": time.process_time() - cpu})
+
+
+def clients(server: ServerJob, requests: list[dict], concurrency: int, processes: int | None = None) -> dict:
+    """`requests` through `concurrency` concurrent streams, spread over client processes (request i to process
+    i mod n; by default client_processes(concurrency) of them): every result, the seconds from the first start to
+    the last end, the busiest process's CPU share."""
+    n = min(processes or client_processes(concurrency), concurrency)  # every process drives a stream at least
+    spawn = multiprocessing.get_context("spawn")  # no fork of a process that may hold CUDA or threads
+    ready, results = spawn.Barrier(n), spawn.Queue()  # the processes start together, once all are up
+    workers = [spawn.Process(target=_client_process, daemon=True,
+                             args=(server.url, server.key, server.model, requests[i::n], concurrency // n + (i < concurrency % n), ready, results))
+               for i in range(n)]
+    for w in workers:
+        w.start()
+    parts = []
+    while len(parts) < n:
+        try:
+            parts.append(results.get(timeout=5))
+        except queue.Empty:  # a process that died without a word would otherwise be waited for forever
+            codes = [w.exitcode for w in workers]
+            if any(code not in (None, 0) for code in codes):
+                for w in workers:
+                    w.kill()
+                raise RuntimeError(f"a client process died (exit codes {codes})") from None
+    for w in workers:
+        w.join()
+    errors = [p["error"] for p in parts if "error" in p]
+    if errors:
+        raise RuntimeError(errors[0])
+    start, end = min(p["start"] for p in parts), max(p["end"] for p in parts)
+    return {"results": [r for p in parts for r in p["results"]], "seconds": end - start, "processes": n,
+            "cpu": max(p["cpu_s"] / max(p["end"] - p["start"], 1e-9) for p in parts)}
 
 
 def run_server(config: str, workload: Path, nproc: int, concurrency: list[int], overrides: list[str], log: Path,
                rounds: int | None = None, hosts: list[str] | None = None) -> Iterator[dict]:
     """One server, measured at each concurrency in turn (no restart between them), yielding each one's figures as
     they come: throughput as the clients see it, time to first token and inter-token latency (the gap between
-    chunks, per token). At concurrency c the clients send the first rounds x c requests of the workload (all of
-    them when rounds is None), after a warm-up of c short requests: the engine's first steps at that many rows are
-    its slow ones (graph capture, compilation). `hosts`: where rank 0 may be, for a job across nodes (ServerJob)."""
-    import openai
-
+    chunks, per token), and how busy the clients and the server's process were. At concurrency c the clients send
+    the first rounds x c requests of the workload (all of them when rounds is None), after a warm-up of c short
+    requests: the engine's first steps at that many rows are its slow ones (graph capture, compilation). `hosts`:
+    where rank 0 may be, for a job across nodes (ServerJob)."""
     requests = [json.loads(line) for line in workload.read_text().split("\n") if line]
     with ServerJob(config, nproc, ["server.stream_interval=1", *overrides], log, hosts) as server:
         for c in concurrency:
             warm_up = [{**r, "max_new_tokens": WARM_UP_TOKENS} for r in requests[:c]]
             try:
-                asyncio.run(_clients(server, warm_up, c))
-                results, seconds = asyncio.run(_clients(server, requests[: rounds * c] if rounds else requests, c))
-            except openai.OpenAIError as e:  # the server failed or refused: its log says why
-                raise RuntimeError(f"server at concurrency {c}: {e!r}; see {log}") from e
-            yield _stream_figures(results, seconds, c)
+                clients(server, warm_up, c)
+                before = server.health()
+                run = clients(server, requests[: rounds * c] if rounds else requests, c)
+                after = server.health()
+            except (RuntimeError, OSError) as e:  # the server failed or refused: its log says why
+                raise RuntimeError(f"server at concurrency {c}: {e}; see {log}") from e
+            yield {**_stream_figures(run["results"], run["seconds"], c), "client_processes": run["processes"],
+                   "client_cpu_max": round(run["cpu"], 2),
+                   **{f"server_{k}_cpu": round((after[f"{k}_cpu_s"] - before[f"{k}_cpu_s"]) / run["seconds"], 2) for k in ("http", "process")}}
 
 
 def _stream_figures(results: list[dict], seconds: float, concurrency: int) -> dict:

@@ -13,6 +13,7 @@ import time
 import matplotlib.pyplot as plt
 import pytest
 
+from parallel.measure import ServerJob, clients
 from parallel.scaling.slurm import placement
 from parallel.scaling.sweep import Sweep, degrees, named_sets
 from tests.conftest import ROOT
@@ -136,3 +137,14 @@ def test_sweep_plan_jobs_and_slurm_placement():
     for bad in (["mxfp4:model.mxfp4"], ["a_b"], ["bf16", "bf16:engine.slots=2"]):
         with pytest.raises(ValueError, match="key=value"):
             named_sets(bad)
+
+
+def test_clients_spread_over_processes_measure_every_stream(tmp_path):
+    """The benchmark's clients in two processes (as on a GPU host, where one would cap what it measures): every
+    request streamed to its budget, each with its chunks' times, the run timed from the first start to the last end."""
+    requests = [{"prompt": f"Tell me about the number {i}.", "max_new_tokens": NEW_TOKENS} for i in range(6)]
+    with ServerJob(str(ROOT / "configs" / "tiny.yaml"), 1, ["engine.mode=always"], tmp_path / "server.log") as server:
+        run = clients(server, requests, concurrency=4, processes=2)
+    assert run["processes"] == 2 and 0 < run["cpu"] and run["seconds"] > 0
+    assert sorted(r["tokens"] for r in run["results"]) == [NEW_TOKENS] * 6
+    assert all(len(r["stamps"]) >= 1 and r["ttft"] <= r["end"] <= run["seconds"] for r in run["results"])

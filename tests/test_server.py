@@ -228,6 +228,37 @@ def test_sigterm_drains_requests_in_flight(taught_model):
         urllib.request.urlopen(f"{url}/health", timeout=2)
 
 
+def api_process_of(job: int) -> int:
+    """The server's API process among a job's processes: the one rank 0 spawned (multiprocessing's spawn_main)."""
+    def parent(pid):
+        try:
+            return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+        except OSError:  # it ended meanwhile
+            return -1
+
+    def cmdline(pid):
+        try:
+            return open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode()
+        except OSError:
+            return ""
+
+    pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    family = {job}
+    for _ in range(3):  # torchrun -> ranks -> their children
+        family |= {p for p in pids if parent(p) in family}
+    spawned = [p for p in family if "spawn_main" in cmdline(p) and "serve.py" in cmdline(parent(p))]
+    assert len(spawned) == 1, [cmdline(p) for p in family]
+    return spawned[0]
+
+
+def test_an_api_process_that_dies_ends_the_job(taught_model):
+    """The API process (HTTP, replies, dispatcher) killed: every rank exits, saying why, rather than serve no one."""
+    proc, _ = start_server(taught_model, "parallel.dp=2", "engine.mode=never")
+    os.kill(api_process_of(proc.pid), signal.SIGKILL)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "the server's API process died" in out, out
+
+
 def hello_tokens(enc) -> list[int]:
     """The hello lesson's prompt as the server renders it, for the raw Completions API."""
     return render_prompt(enc, parse_request({"messages": HELLO}, 0), "medium")

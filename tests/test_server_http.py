@@ -211,3 +211,16 @@ def test_an_empty_api_key_refuses_to_serve_rather_than_serve_open(taught_model):
            f"model.path={taught_model}", "server.port=1"]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, API_KEY_ENV: ""})
     assert run.returncode == 2 and "set but empty" in run.stderr, run.stderr
+
+
+def test_a_port_in_use_fails_before_the_model_loads(taught_model):
+    """Another program holds the port: the server says so at once and exits, before loading a weight."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        cmd = [sys.executable, str(ROOT / "launch" / "serve.py"), "--config", str(ROOT / "configs" / "tiny.yaml"),
+               f"model.path={taught_model}", f"server.port={port}"]
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in run.stderr, run.stderr
+    assert "loading" not in run.stderr.lower(), run.stderr

@@ -1,10 +1,11 @@
 """Links between rank 0 and each replica's leader: work goes out, tokens and records come back.
 
-Rank 0 holds a Hub: one inbox of (replica, message) from every leader, and `send(replica, message)`. Rank 0's
-own replica talks to it through in-process queues; every other leader through one authenticated TCP connection
-to rank 0 (multiprocessing.connection: pickled messages after an HMAC handshake with a key that only the job's
-store holds). Rank 0 publishes its address and the key in the store; leaders connect once at start. The store
-carries only heartbeats and this rendezvous, never a step's tokens.
+A Hub holds one inbox of (replica, message) from every leader, and `send(replica, message)`. For a batch job it
+lives in rank 0: rank 0's own replica talks to it through in-process queues, every other leader through one
+authenticated TCP connection (multiprocessing.connection: pickled messages after an HMAC handshake with a key that
+only the job's store holds). A server's hub lives in its API process (parallel/serve/api_process.py), and every
+leader, rank 0's too, connects to it. The hub's address and key are published in the store; leaders connect
+once at start. The store carries only heartbeats and this rendezvous, never a step's tokens.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ class SocketLink(Link):
 
 
 class Hub:
-    """Rank 0's end of every link. A leader whose connection breaks shows up in the inbox as ("gone",)."""
+    """The dispatcher's end of every link. A leader whose connection breaks shows up in the inbox as ("gone",)."""
 
     def __init__(self):
         self.inbox: queue.Queue = queue.Queue()
@@ -76,27 +77,30 @@ class Hub:
 
     def send(self, replica: int, message) -> None:
         with self.lock:
-            if replica == 0:
-                self.local.inbox.put(message)
-            elif replica in self.connections:
+            if replica in self.connections:
                 try:
                     self.connections[replica].send(message)
                 except OSError:  # the replica is gone; its ("gone",) is in the inbox
                     pass
+            elif replica == 0:
+                self.local.inbox.put(message)
 
     def accept(self, store: dist.Store, replicas: int) -> None:
-        """Wait for the other replicas' leaders to connect (each first sends its replica number)."""
+        """Rank 0: wait for the other replicas' leaders to connect (rank 0's own replica uses `local`)."""
         if replicas == 1:
             return
-        key = secrets.token_bytes(32)
-        with Listener((_own_address(), 0), authkey=key) as listener:
-            store.set(KEY, key)
-            store.set(ADDRESS, f"{listener.address[0]}:{listener.address[1]}")
-            for _ in range(replicas - 1):
-                conn = listener.accept()
-                replica = conn.recv()
-                self.connections[replica] = conn
-                threading.Thread(target=self._relay, args=(replica, conn), daemon=True, name=f"link-{replica}").start()
+        listener, key = listen()
+        with listener:
+            publish(store, listener.address, key)
+            self.take(listener, replicas - 1)
+
+    def take(self, listener: Listener, leaders: int) -> None:
+        """Wait for `leaders` leaders to connect to `listener` (each first sends its replica number)."""
+        for _ in range(leaders):
+            conn = _no_delay(listener.accept())
+            replica = conn.recv()
+            self.connections[replica] = conn
+            threading.Thread(target=self._relay, args=(replica, conn), daemon=True, name=f"link-{replica}").start()
 
     def _relay(self, replica: int, conn: Connection) -> None:
         try:
@@ -106,12 +110,33 @@ class Hub:
             self.inbox.put((replica, ("gone",)))
 
 
+def listen() -> tuple[Listener, bytes]:
+    """A listener for leaders' links on the address other nodes reach this one at, and its fresh key."""
+    key = secrets.token_bytes(32)
+    return Listener((_own_address(), 0), authkey=key), key
+
+
+def publish(store: dist.Store, address: tuple[str, int], key: bytes) -> None:
+    """Where leaders connect to, and the key they must know (only the job's ranks read the store)."""
+    store.set(KEY, key)
+    store.set(ADDRESS, f"{address[0]}:{address[1]}")
+
+
 def connect(store: dist.Store, replica: int) -> SocketLink:
-    """A leader of replica > 0: its link to rank 0."""
+    """A leader's link to the hub (waiting for the hub's address, should it not be published yet)."""
     host, port = store.get(ADDRESS).decode().rsplit(":", 1)
-    conn = Client((host, int(port)), authkey=store.get(KEY))
+    conn = _no_delay(Client((host, int(port)), authkey=store.get(KEY)))
     conn.send(replica)
     return SocketLink(conn)
+
+
+def _no_delay(conn: Connection) -> Connection:
+    """Every message leaves at once. With Nagle's algorithm a small message sent right after another (a leader's
+    ask for work after its step's tokens) waits for the first one's acknowledgement, which the other end delays
+    by up to 40 ms: every stream stalled a few steps now and then."""
+    with socket.socket(fileno=os.dup(conn.fileno())) as sock:  # the same TCP socket, through a descriptor of its own
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return conn
 
 
 def _own_address() -> str:

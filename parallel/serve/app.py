@@ -1,4 +1,4 @@
-"""The server's ASGI application (Starlette), run by uvicorn on its own event loop in a thread of rank 0.
+"""The server's ASGI application (Starlette), run by uvicorn on its own event loop in the API process.
 
 Every request passes `Gate` first: its key, its body's size, then its body read whole (within the limit) before
 any route sees it; a refusal that comes before the body is read leaves uvicorn to read and drop the rest, so a
@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -120,7 +121,10 @@ class Api:
     async def health(self, request: Request) -> Response:
         # The batcher's counters sit behind the dispatcher's lock, which a send to a busy replica may hold.
         status = await asyncio.get_running_loop().run_in_executor(None, self.batcher.status)
-        body = {"status": "draining" if self.draining else "ok", "model": self.settings.model_name, **status}
+        # CPU seconds so far of this thread (the HTTP loop: parsing, replies, streaming) and of the whole process
+        # (the engine loop's host work too): how near either is to a full core says what bounds the server.
+        cpu = {"http_cpu_s": round(time.thread_time(), 3), "process_cpu_s": round(time.process_time(), 3)}
+        body = {"status": "draining" if self.draining else "ok", "model": self.settings.model_name, **status, **cpu}
         return json_response(503 if self.draining else 200, body)
 
     async def models(self, request: Request) -> Response:

@@ -1,4 +1,5 @@
-"""Rank 0's side of serving: each API request becomes a ticket whose tokens arrive as the replicas make them.
+"""The API process's side of serving (api_process.py): each API request becomes a ticket whose tokens arrive
+as the replicas make them.
 
 The HTTP handlers submit tickets here; the dispatcher (parallel/distributed/dispatch.py) hands their work to
 whichever replica has room, and routes back what the replicas' leaders send (parallel/serve/replica.py): each
@@ -34,13 +35,28 @@ class Ticket:
 
     def put(self, item: list[int] | str) -> None:
         """Thread-safe: hands an item to whoever waits on the ticket."""
-        if not self.loop:
-            self.queue.put(item)
-            return
+        hand_over([(self, item)])
+
+
+def hand_over(items: list[tuple[Ticket, list[int] | str]]) -> None:
+    """Thread-safe: each item to its ticket, in order, with one wake-up of each event loop that waits on some of
+    them: a step of 256 streams is one call into the HTTP loop, not 256 (each a write to its wake-up pipe)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, list[int] | str]]] = {}
+    for ticket, item in items:
+        if ticket.loop:
+            by_loop.setdefault(ticket.loop, []).append((ticket.queue, item))
+        else:
+            ticket.queue.put(item)
+    for loop, puts in by_loop.items():
         try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+            loop.call_soon_threadsafe(_put_all, puts)
         except RuntimeError:  # the loop is closed (the server stopped): no one waits, and the dispatcher goes on
             pass
+
+
+def _put_all(puts: list[tuple[asyncio.Queue, list[int] | str]]) -> None:
+    for waiting, item in puts:
+        waiting.put_nowait(item)
 
 
 class Batcher:
@@ -69,17 +85,20 @@ class Batcher:
 
     def deliver(self, kind: str, events: list[Event]) -> None:
         """The dispatcher's hand-off: each event's tokens to its ticket, and its finish reason once finished."""
-        for event in events:
-            with self.lock:
+        items = []
+        with self.lock:
+            for event in events:
                 ticket = self.tickets.get(event.rid)
-                if ticket is not None and event.reason is None:
+                if ticket is None:
+                    continue
+                if event.tokens:
+                    items.append((ticket, event.tokens))
+                if event.reason is None:
                     self._generating(event.rid)
-            if ticket is None:
-                continue
-            if event.tokens:
-                ticket.put(event.tokens)
-            if event.reason is not None:
-                self._finish(event.rid, event.reason)
+                else:
+                    self._end(event.rid)
+                    items.append((ticket, event.reason))
+        hand_over(items)
 
     def _generating(self, rid: int) -> None:
         """The request makes tokens on its replica (lock held)."""
@@ -90,10 +109,14 @@ class Batcher:
         together = sum(r == replica for r in self.generating.values())
         self.stats["largest_batch"] = max(self.stats["largest_batch"], together)
 
+    def _end(self, rid: int) -> Ticket | None:
+        """The request is over: forget it (lock held)."""
+        self.generating.pop(rid, None)
+        return self.tickets.pop(rid, None)
+
     def _finish(self, rid: int, reason: str) -> None:
         with self.lock:
-            ticket = self.tickets.pop(rid, None)
-            self.generating.pop(rid, None)
+            ticket = self._end(rid)
         if ticket is not None:
             ticket.put(reason)
 

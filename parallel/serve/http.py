@@ -1,10 +1,10 @@
-"""Rank 0's HTTP server: uvicorn (HTTP/1.1 through h11) running the ASGI app of app.py on its own event loop, in
-a thread of rank 0.
+"""The server's HTTP: uvicorn (HTTP/1.1 through h11) running the ASGI app of app.py on its own event loop, in a
+thread of the server's API process (api_process.py).
 
 The socket is bound before the model loads (a port in use fails at once, not after the weights), and handed to
 uvicorn once the batcher exists. h11 parses strictly (a malformed Content-Length or an oversized head is a 400
 and a closed connection); the protocol below adds a deadline for each request to arrive whole; the app's gate
-bounds bodies. SIGTERM drains: new requests are refused with 503 while those in flight get
+bounds bodies. A drain (SIGTERM, through rank 0) refuses new requests with 503 while those in flight get
 server.drain_timeout_s to finish; whatever is left is cut and told so; then uvicorn stops.
 """
 
@@ -13,10 +13,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
-import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 import h11
 import uvicorn
@@ -73,7 +73,9 @@ class DeadlineProtocol(H11Protocol):
 
 
 class Server:
-    def __init__(self, cfg: JobConfig, enc: HarmonyEncoding, context_length: int, vocab_size: int):
+    def __init__(self, cfg: JobConfig, enc: HarmonyEncoding, context_length: int, vocab_size: int,
+                 on_stop: Callable[[], None]):
+        """on_stop: called should uvicorn stop on its own (not drained): the job should then end."""
         server = cfg.server
         key = server.api_key if server.api_key is not None else os.environ.get(API_KEY_ENV)
         if key is not None and not key.strip():
@@ -85,19 +87,18 @@ class Server:
         self.api = Api(Settings(model_name, cfg.generation, context_length, vocab_size), enc, key, server.max_body_bytes)
         self.protocol = functools.partial(DeadlineProtocol, timeout_s=server.request_timeout_s)
         self.drain_timeout_s = server.drain_timeout_s
-        self.started = False
+        self.on_stop = on_stop
 
     def start(self, batcher: Batcher) -> None:
         self.api.batcher = batcher
         # No access log (a line a request would drown the job's log) and no lifespan; uvicorn's own errors still
-        # reach stderr. Off the main thread, uvicorn installs no signal handlers: SIGTERM is launch/serve.py's.
+        # reach stderr. Off the main thread, uvicorn installs no signal handlers: SIGTERM is rank 0's (api_process.py).
         config = uvicorn.Config(self.api.asgi, http=self.protocol, ws="none", lifespan="off", log_config=None,
                                 log_level="error", access_log=False, proxy_headers=False,
                                 timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
         self.uvicorn = uvicorn.Server(config)
         self.thread = threading.Thread(target=self._serve, daemon=True, name="http")
         self.thread.start()
-        self.started = True
         host, port = self.socket.getsockname()[:2]
         key = "required" if self.api.asgi.expected else "not required"
         log(f"serving {self.api.settings.model_name!r} at http://{host}:{port}/v1 (api key {key})")
@@ -107,12 +108,11 @@ class Server:
             asyncio.run(self.uvicorn.serve(sockets=[self.socket]))
         except BaseException as e:  # noqa: BLE001 - SystemExit too: how uvicorn says it cannot start
             error(f"the HTTP server failed: {type(e).__name__}: {e}")
-        if not self.api.draining:  # it stopped on its own: the job ends as on SIGTERM rather than serve no one
-            error("the HTTP server stopped; shutting down")
-            os.kill(os.getpid(), signal.SIGTERM)
+        if not self.api.draining:  # it stopped on its own
+            self.on_stop()
 
     def drain(self) -> None:
-        """SIGTERM: refuse new requests (503; /health says draining), let those in flight finish within
+        """Refuse new requests (503; /health says draining), let those in flight finish within
         drain_timeout_s, cut the rest (each client is told), stop serving, end the replicas."""
         self.api.draining = True
         batcher = self.api.batcher

@@ -2,7 +2,7 @@
 rendered with harmony, a text encoded as o200k, or token ids as given) and its budget within the context.
 
 Small bodies are prepared on the event loop. Larger ones go to worker processes: harmony renders and encodes
-while holding the GIL, a few MB of prompt for seconds, and no other request on rank 0 (nor rank 0's own replica)
+while holding the GIL, a few MB of prompt for seconds, and no other request of the server's API process
 could move meanwhile; in a worker, a big prompt costs its own request only.
 """
 
@@ -121,8 +121,8 @@ def _start_worker(server_pid: int) -> None:
 
 
 def _end_with(pid: int) -> None:
-    """A worker's queue never reports rank 0 gone (the worker holds both of its ends): an orphan would wait on it
-    forever, keeping the forkserver and the job's stdout open. End when rank 0 does, however it ends."""
+    """A worker's queue never reports the API process gone (the worker holds both of its ends): an orphan would
+    wait on it forever, keeping the forkserver and the job's stdout open. End when it does, however it ends."""
     try:
         select.select([os.pidfd_open(pid)], [], [])
     finally:
@@ -134,7 +134,7 @@ class Preparer:
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        # forkserver: the workers fork from one clean process (rank 0 runs threads and may hold a GPU); it imports
+        # forkserver: the workers fork from one clean process (the API process runs threads); it imports
         # the entry script once, and every worker loads harmony's vocabulary as it starts.
         self.context = multiprocessing.get_context("forkserver")
         self.pool = self._new_pool()

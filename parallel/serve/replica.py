@@ -1,6 +1,6 @@
 """A serving replica's leader: its reporter for the replica loop (parallel/distributed/replica.py), which sends
-rank 0 the tokens its backend makes, `server.stream_interval` steps' worth at a time (a request's first token
-and its end at once: time to first token and completion are never held back)."""
+the server's API process the tokens its backend makes, `server.stream_interval` steps' worth at a time (a
+request's first token and its end at once: time to first token and completion are never held back)."""
 
 from __future__ import annotations
 

@@ -7,10 +7,13 @@ hand; gpt-oss-120b on one GPU is measured by launch/bench.py, tests/gpu/run.sh's
    experts), 1 and 128 tokens, all experts and an ep share (the second half): triton_kernels' output, eager and
    replayed from a CUDA graph on new inputs, against a float32 reference on the same packed weights (relative L2
    error), beside torch's bf16 grouped_mm on the weights dequantized (the engine's bf16 path); a layer's time,
-   each path replayed from a CUDA graph. The ep shares again on EP_SEEDS more seeds of weights and inputs.
+   each path replayed from a CUDA graph. An ep share must equal, bit for bit, the whole layer with the other
+   experts' weights zero (its routes are the whole layer's, minus the others'). The ep shares again on EP_SEEDS
+   more seeds of weights and inputs.
 2. Greedy tokens: the taught tiny model (tests/taught.py) with its experts quantized to MXFP4, through the engine
    in bf16 (CUDA graphs, torch.compile) on the packed experts, against the same engine on them dequantized.
-Exits non-zero if an error is over TOLERANCE (~3e-3 expected), a graph replay differs from eager, or a token differs.
+Exits non-zero if an error is over TOLERANCE (~3e-3 expected), a graph replay differs from eager, a share differs
+from its zero-padded whole layer, or a token differs.
 """
 
 import gc
@@ -81,6 +84,20 @@ def replay_us(graph: torch.cuda.CUDAGraph, reps: int = 50) -> float:
     return start.elapsed_time(end) * 1000 / reps
 
 
+def zero_padded(share: Mxfp4Experts, total: int) -> Mxfp4Experts:
+    """An ep share as the whole layer: the other experts' codes and biases zero (E2M1 code 0 is +0), on the kernel."""
+    state = {}
+    for name, t in share.state_dict().items():
+        whole = torch.full((total, *t.shape[1:]), 127 if name.endswith("_scales") else 0, dtype=t.dtype, device=t.device)
+        whole[share.first_expert:share.first_expert + share.local] = t
+        state[name] = whole
+    with torch.device("cuda"):
+        module = Mxfp4Experts(total, HIDDEN, INNER, **MATH)
+    module.load_state_dict(state)
+    module.prepare(torch.bfloat16)
+    return module
+
+
 @torch.no_grad()
 def layer_rows(name: str, total: int, local: int, first: int, gen: torch.Generator) -> list[dict]:
     """A layer of `local` random experts from `first` on: both token counts, every path."""
@@ -108,7 +125,8 @@ def layer_rows(name: str, total: int, local: int, first: int, gen: torch.Generat
         graph.replay()
         truth, eager = reference(h.float(), router_w, router_b), fast(h, router_w, router_b)
         grouped_graph, _ = in_graph(grouped, h, router_w, router_b)
-        rows.append(dict(layer=f"{name} experts {first}-{first + local - 1} of {total}", tokens=tokens,
+        whole = torch.equal(eager, zero_padded(reference, total)(h, router_w, router_b)) if local < total else True
+        rows.append(dict(layer=f"{name} experts {first}-{first + local - 1} of {total}", tokens=tokens, whole=whole,
                          mxfp4=relative(eager, truth), graph=relative(graphed, truth), same=torch.equal(graphed, eager),
                          bf16=relative(grouped(h, router_w, router_b), truth), mxfp4_us=replay_us(graph),
                          bf16_us=replay_us(grouped_graph)))
@@ -118,7 +136,7 @@ def layer_rows(name: str, total: int, local: int, first: int, gen: torch.Generat
 
 def layer_check() -> bool:
     """Every layer on seed 0's weights and inputs; the ep shares (their own routing metadata) on EP_SEEDS more."""
-    print(f"{'layer':<34} {'tokens':>6} {'MXFP4 err':>9} {'in graph':>9} {'= eager':>7} {'bf16 err':>9} "
+    print(f"{'layer':<34} {'tokens':>6} {'MXFP4 err':>9} {'in graph':>9} {'= eager':>7} {'= whole':>7} {'bf16 err':>9} "
           f"{'MXFP4 us':>9} {'bf16 us':>8}", flush=True)
     ok = True
     cases = [(name, total, local, first, 0) for name, total in (("20b", 32), ("120b", 128))
@@ -129,9 +147,9 @@ def layer_check() -> bool:
         torch.manual_seed(seed)
         gen = torch.Generator("cuda").manual_seed(seed)
         for r in layer_rows(name, total, local, first, gen):
-            print(f"{r['layer']:<34} {r['tokens']:>6} {r['mxfp4']:>9.2e} {r['graph']:>9.2e} {r['same']!s:>7} "
+            print(f"{r['layer']:<34} {r['tokens']:>6} {r['mxfp4']:>9.2e} {r['graph']:>9.2e} {r['same']!s:>7} {r['whole']!s:>7} "
                   f"{r['bf16']:>9.2e} {r['mxfp4_us']:>9.1f} {r['bf16_us']:>8.1f}  seed {seed}", flush=True)
-            ok &= r["mxfp4"] <= TOLERANCE and r["graph"] <= TOLERANCE and r["same"]
+            ok &= r["mxfp4"] <= TOLERANCE and r["graph"] <= TOLERANCE and r["same"] and r["whole"]
         gc.collect()
         torch.cuda.empty_cache()
     return ok
