@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -257,6 +258,24 @@ def test_an_api_process_that_dies_ends_the_job(taught_model):
     os.kill(api_process_of(proc.pid), signal.SIGKILL)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0 and "the server's API process died" in out, out
+
+
+def test_rank_0_killed_takes_its_api_process_and_port_with_it(taught_model):
+    """Rank 0 dies without a word (SIGKILL, the OOM killer): its API process, which ignores SIGTERM, does not live on
+    holding the port; a new server can listen on it."""
+    proc, url = start_server(taught_model, "engine.mode=always", nproc=1)
+    api = api_process_of(proc.pid)
+    rank0 = int(open(f"/proc/{api}/stat").read().rsplit(")", 1)[1].split()[1])
+    os.kill(rank0, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while os.path.exists(f"/proc/{api}") and "zombie" not in open(f"/proc/{api}/status").read() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not os.path.exists(f"/proc/{api}") or "zombie" in open(f"/proc/{api}/status").read()
+    stop_server(proc)
+    with socket.socket() as again:  # as the server binds: SO_REUSEADDR, so only a listener still there is in the way
+        again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        again.bind(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+        again.listen()
 
 
 def hello_tokens(enc) -> list[int]:

@@ -15,6 +15,7 @@ import queue
 import secrets
 import socket
 import threading
+from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client, Connection, Listener
 
 import torch.distributed as dist
@@ -95,10 +96,14 @@ class Hub:
             self.take(listener, replicas - 1)
 
     def take(self, listener: Listener, leaders: int) -> None:
-        """Wait for `leaders` leaders to connect to `listener` (each first sends its replica number)."""
-        for _ in range(leaders):
-            conn = _no_delay(listener.accept())
-            replica = conn.recv()
+        """Wait for `leaders` leaders to connect to `listener` (each first sends its replica number). A connection
+        without the key (a port scanner, a stray client) is dropped, and the wait goes on."""
+        while len(self.connections) < leaders:
+            try:
+                conn = _no_delay(listener.accept())
+                replica = conn.recv()
+            except (AuthenticationError, EOFError, OSError):
+                continue
             self.connections[replica] = conn
             threading.Thread(target=self._relay, args=(replica, conn), daemon=True, name=f"link-{replica}").start()
 

@@ -15,9 +15,11 @@ job at once. An API process that stops serving on its own asks rank 0 to drain i
 from __future__ import annotations
 
 import atexit
+import ctypes
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 from multiprocessing.connection import Connection
 
@@ -29,6 +31,8 @@ from parallel.log import error, log, log_clock, set_log_clock
 from parallel.protocol.harmony import encoding
 from parallel.serve.batcher import Batcher
 from parallel.serve.http import Server
+
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent ends
 
 
 class ApiProcessError(Exception):
@@ -43,7 +47,7 @@ class ApiProcess:
         self.control, theirs = spawn.Pipe()
         # Not a daemon (its request preparer has worker processes): killed should rank 0 exit without waiting for it.
         self.process = spawn.Process(target=_serve, name="api-process",
-                                     args=(cfg, context_length, vocab_size, replicas, theirs, log_clock()))
+                                     args=(cfg, context_length, vocab_size, replicas, theirs, log_clock(), os.getpid()))
         self.process.start()
         atexit.register(self.process.kill)
         theirs.close()
@@ -57,6 +61,7 @@ class ApiProcess:
         self.address, self.key = reply[1], reply[2]
         self.serving = False
         self.lock = threading.Lock()  # the signal handler's drain thread and the watcher both send
+        self.ended = threading.Event()  # the watcher has reaped the process (the only thread that joins it)
 
     def link_replicas(self, store: dist.Store) -> None:
         """Publish the API process's hub for the replicas' leaders; from now on it watches them, and rank 0
@@ -73,7 +78,7 @@ class ApiProcess:
         self.process.kill()
 
     def wait(self) -> int:
-        self.process.join()
+        self.ended.wait()
         return self.process.exitcode
 
     def _watch(self) -> None:
@@ -87,16 +92,19 @@ class ApiProcess:
         except (EOFError, OSError):
             pass
         self.process.join()
+        self.ended.set()
         if self.process.exitcode:
             error(f"the server's API process died (exit code {self.process.exitcode}); shutting down")
             os._exit(1)
 
 
-def _serve(cfg: JobConfig, context_length: int, vocab_size: int, replicas: int, control: Connection, clock: float) -> None:
+def _serve(cfg: JobConfig, context_length: int, vocab_size: int, replicas: int, control: Connection, clock: float,
+           rank0: int) -> None:
     """The API process: bind and check, say where its hub listens, wait for every leader, serve until told to
     drain, then wait for every replica's goodbye."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with(rank0)
     set_log_clock(clock)
     try:
         server = Server(cfg, encoding(), context_length, vocab_size, on_stop=lambda: control.send("stopped"))
@@ -122,3 +130,12 @@ def _serve(cfg: JobConfig, context_length: int, vocab_size: int, replicas: int, 
     server.drain()
     batcher.dispatcher.finished.wait()
     log(f"served {batcher.stats['requests']} requests")
+
+
+def _die_with(parent: int) -> None:
+    """Be killed when rank 0 ends, however it ends (its watchdog's os._exit, SIGKILL, the OOM killer): an orphan
+    that ignores SIGTERM would hold the port, and a restarted job could not listen on it."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # rank 0 ended before the line above
+        os._exit(1)

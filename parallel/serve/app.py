@@ -121,8 +121,9 @@ class Api:
     async def health(self, request: Request) -> Response:
         # The batcher's counters sit behind the dispatcher's lock, which a send to a busy replica may hold.
         status = await asyncio.get_running_loop().run_in_executor(None, self.batcher.status)
-        # CPU seconds so far of this thread (the HTTP loop: parsing, replies, streaming) and of the whole process
-        # (the engine loop's host work too): how near either is to a full core says what bounds the server.
+        # CPU seconds so far of this thread (the HTTP loop: parsing, replies, streaming) and of the whole API
+        # process (the dispatcher and the replicas' links too): a rate near a full core says the server's Python,
+        # not the engine, bounds it.
         cpu = {"http_cpu_s": round(time.thread_time(), 3), "process_cpu_s": round(time.process_time(), 3)}
         body = {"status": "draining" if self.draining else "ok", "model": self.settings.model_name, **status, **cpu}
         return json_response(503 if self.draining else 200, body)
