@@ -229,14 +229,24 @@ def test_sigterm_drains_requests_in_flight(taught_model):
         urllib.request.urlopen(f"{url}/health", timeout=2)
 
 
+def parent_of(pid: int) -> int:
+    """The parent process of `pid` (-1 once it has ended), from /proc."""
+    try:
+        return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return -1
+
+
+def running(pid: int) -> bool:
+    """`pid` exists and is not a zombie waiting to be reaped."""
+    try:
+        return "zombie" not in open(f"/proc/{pid}/status").read()
+    except OSError:
+        return False
+
+
 def api_process_of(job: int) -> int:
     """The server's API process among a job's processes: the one rank 0 spawned (multiprocessing's spawn_main)."""
-    def parent(pid):
-        try:
-            return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
-        except OSError:  # it ended meanwhile
-            return -1
-
     def cmdline(pid):
         try:
             return open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode()
@@ -246,8 +256,8 @@ def api_process_of(job: int) -> int:
     pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
     family = {job}
     for _ in range(3):  # torchrun -> ranks -> their children
-        family |= {p for p in pids if parent(p) in family}
-    spawned = [p for p in family if "spawn_main" in cmdline(p) and "serve.py" in cmdline(parent(p))]
+        family |= {p for p in pids if parent_of(p) in family}
+    spawned = [p for p in family if "spawn_main" in cmdline(p) and "serve.py" in cmdline(parent_of(p))]
     assert len(spawned) == 1, [cmdline(p) for p in family]
     return spawned[0]
 
@@ -265,12 +275,11 @@ def test_rank_0_killed_takes_its_api_process_and_port_with_it(taught_model):
     holding the port; a new server can listen on it."""
     proc, url = start_server(taught_model, "engine.mode=always", nproc=1)
     api = api_process_of(proc.pid)
-    rank0 = int(open(f"/proc/{api}/stat").read().rsplit(")", 1)[1].split()[1])
-    os.kill(rank0, signal.SIGKILL)
+    os.kill(parent_of(api), signal.SIGKILL)
     deadline = time.monotonic() + 30
-    while os.path.exists(f"/proc/{api}") and "zombie" not in open(f"/proc/{api}/status").read() and time.monotonic() < deadline:
+    while running(api) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not os.path.exists(f"/proc/{api}") or "zombie" in open(f"/proc/{api}/status").read()
+    assert not running(api)
     stop_server(proc)
     with socket.socket() as again:  # as the server binds: SO_REUSEADDR, so only a listener still there is in the way
         again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -11,9 +11,11 @@ import subprocess
 import sys
 import threading
 import time
+from multiprocessing.connection import Client
 
 import pytest
 
+from parallel.distributed.channel import Hub, listen
 from parallel.serve.http import API_KEY_ENV
 from tests.conftest import ROOT
 from tests.serving import KEY, health, start_server, stop_server
@@ -224,3 +226,24 @@ def test_a_port_in_use_fails_before_the_model_loads(taught_model):
         run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert run.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in run.stderr, run.stderr
     assert "loading" not in run.stderr.lower(), run.stderr
+
+
+def test_a_stray_connection_to_the_hub_costs_only_itself():
+    """Something without the job's key connects to the hub's port while it waits for the replicas' leaders (a port
+    scanner, a client that got the wrong port): it is dropped, and the leader that follows still links."""
+    listener, key = listen()
+    hub = Hub()
+    waiting = threading.Thread(target=hub.take, args=(listener, 1))
+    waiting.start()
+    with socket.create_connection(listener.address) as stray:
+        stray.sendall(b"GET / HTTP/1.1\r\n\r\n")
+        time.sleep(1)
+        assert waiting.is_alive()  # still waiting for its leader
+        leader = Client(listener.address, authkey=key)
+        leader.send(0)
+        waiting.join(timeout=30)
+    assert not waiting.is_alive() and list(hub.connections) == [0]
+    leader.send(("want", 4))
+    assert hub.inbox.get(timeout=10) == (0, ("want", 4))
+    leader.close()
+    listener.close()
