@@ -20,6 +20,8 @@ from multiprocessing.connection import Client, Connection, Listener
 
 import torch.distributed as dist
 
+from parallel.distributed.runtime import fatal
+
 KEY, ADDRESS = "channel/key", "channel/address"
 
 
@@ -54,17 +56,29 @@ class LocalLink(Link):
 
 
 class SocketLink(Link):
+    """A leader's TCP link. The hub gone (rank 0, or the server's API process, ended) ends this rank, saying so:
+    nothing more can come, and a traceback would race the message of the rank that knows why."""
+
     def __init__(self, conn: Connection):
         self.conn = conn
 
     def send(self, message) -> None:
-        self.conn.send(message)
+        try:
+            self.conn.send(message)
+        except OSError:
+            self._gone()
 
     def receive(self, timeout_s: float = 0.0) -> list:
         messages = []
-        while self.conn.poll(0 if messages else timeout_s):
-            messages.append(self.conn.recv())
+        try:
+            while self.conn.poll(0 if messages else timeout_s):
+                messages.append(self.conn.recv())
+        except (EOFError, OSError):
+            self._gone()
         return messages
+
+    def _gone(self) -> None:
+        fatal("the link to the dispatcher is gone (rank 0, or the server's API process, ended); exiting")
 
 
 class Hub:
