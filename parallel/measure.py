@@ -167,30 +167,39 @@ async def _stream(client, model: str, prompt: str, max_tokens: int) -> dict:
     return {"ttft": stamps[0] if stamps else None, "end": time.perf_counter() - start, "tokens": tokens, "stamps": stamps}
 
 
-async def _client_share(url: str, key: str, model: str, requests: list[dict], streams: int) -> list[dict]:
+async def _client_share(url: str, key: str, model: str, requests: list[dict], streams: int, claim) -> list[dict]:
     import openai
 
-    gate = asyncio.Semaphore(streams)
     # Closed within its event loop: asyncio.run ends the loop, and a client left to the garbage collector would
     # close its connections on that dead loop, with a traceback.
     async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=3600) as client:
 
-        async def one(r):
-            async with gate:
-                return await _stream(client, model, r["prompt"], r["max_new_tokens"])
+        async def stream_in_turn() -> list[dict]:
+            done = []
+            while (i := claim()) is not None:
+                r = requests[i]
+                done.append({"request": i, **await _stream(client, model, r["prompt"], r["max_new_tokens"])})
+            return done
 
-        return await asyncio.gather(*(one(r) for r in requests))
+        return [r for part in await asyncio.gather(*(stream_in_turn() for _ in range(streams))) for r in part]
 
 
-def _client_process(url: str, key: str, model: str, requests: list[dict], streams: int, ready, results) -> None:
-    """A client process: its share of the requests at its share of the streams, once every process is ready;
-    what it measured (or its error) and the wall clock and CPU time it took go to `results`."""
+def _client_process(url: str, key: str, model: str, requests: list[dict], streams: int, taken, ready, results) -> None:
+    """A client process: `streams` streams, each taking the next request not yet taken by any process (`taken`, a
+    shared counter) as its last one ends, once every process is ready; what it measured (or its error) and the
+    wall clock and CPU time it took go to `results`."""
     import openai  # noqa: F401 - imported before the clock starts: a second or so of a cold start is no one's speed
+
+    def claim() -> int | None:
+        with taken.get_lock():
+            i = taken.value
+            taken.value = i + 1
+        return i if i < len(requests) else None
 
     ready.wait(timeout=600)
     start, cpu = time.time(), time.process_time()
     try:
-        out = asyncio.run(_client_share(url, key, model, requests, streams))
+        out = asyncio.run(_client_share(url, key, model, requests, streams, claim))
     except Exception as e:  # noqa: BLE001 - the parent says which concurrency failed, and where the log is
         results.put({"error": repr(e)})
         return
@@ -198,14 +207,17 @@ def _client_process(url: str, key: str, model: str, requests: list[dict], stream
 
 
 def clients(server: ServerJob, requests: list[dict], concurrency: int, processes: int | None = None) -> dict:
-    """`requests` through `concurrency` concurrent streams, spread over client processes (request i to process
-    i mod n; by default client_processes(concurrency) of them): every result, the seconds from the first start to
-    the last end, the busiest process's CPU share."""
+    """`requests` through `concurrency` concurrent streams spread over client processes (by default
+    client_processes(concurrency) of them), every stream taking the next request as its last one ends, as one
+    closed loop would: a fixed share a process would leave the run to the process with the longest share. Every
+    result (with its request's index), the seconds from the first start to the last end, the busiest process's
+    CPU share."""
     n = min(processes or client_processes(concurrency), concurrency)  # every process drives a stream at least
     spawn = multiprocessing.get_context("spawn")  # no fork of a process that may hold CUDA or threads
     ready, results = spawn.Barrier(n), spawn.Queue()  # the processes start together, once all are up
+    taken = spawn.Value("q", 0)
     workers = [spawn.Process(target=_client_process, daemon=True,
-                             args=(server.url, server.key, server.model, requests[i::n], concurrency // n + (i < concurrency % n), ready, results))
+                             args=(server.url, server.key, server.model, requests, concurrency // n + (i < concurrency % n), taken, ready, results))
                for i in range(n)]
     for w in workers:
         w.start()

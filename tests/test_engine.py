@@ -2,6 +2,7 @@
 preempt, prefix-cache hits, stops, aborts, per-request sampling, and the choice of backend."""
 
 import pytest
+import torch
 from transformers import GptOssForCausalLM
 
 from parallel.config import EngineConfig, merge_config
@@ -54,6 +55,17 @@ def test_chunked_token_budget_steps_give_the_plain_paths_greedy_tokens(tiny, enc
     assert {rid: tokens for rid, (tokens, _) in out.items()} == plain_tokens
     assert max(map(len, prompts)) > 64  # the longest prompt spans several steps
     assert all(event.queued_s >= 0 and event.first_token_s > 0 for _, event in out.values())
+
+
+def test_q_k_v_run_as_one_gemm_over_the_models_own_memory(tiny, enc, prompts):
+    """The engine stacks q_proj, k_proj and v_proj into one weight and the model's modules become views of it: no
+    second copy of them, and the model's own forward computes what it did."""
+    ids = torch.tensor([prompts[0]])
+    before = tiny(ids).logits
+    stacked = engine(tiny, enc).runner.weights[0][0][1]
+    attn = tiny.model.layers[0].self_attn
+    assert {p.untyped_storage().data_ptr() for p in (stacked, attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight)} == {stacked.data_ptr()}
+    assert torch.equal(tiny(ids).logits, before)
 
 
 def test_a_cache_too_small_for_all_preempts_and_still_gives_the_same_tokens(tiny, enc, prompts):

@@ -15,7 +15,7 @@ from parallel.distributed.mesh import Placement
 from parallel.engine.engine import Engine
 from parallel.engine.forward import experts as engine_experts
 from parallel.engine.interface import Sampling, Work, complete
-from parallel.engine.mxfp4 import Mxfp4Experts, local_routes, dequantize
+from parallel.engine.mxfp4 import Mxfp4Experts, combine_routes, dequantize, local_routes
 from parallel.engine.plain import Plain
 from parallel.protocol.harmony import pad_token_id, render_prompt, stop_tokens
 from parallel.protocol.requests import parse_request
@@ -92,6 +92,20 @@ def test_an_ep_shares_routes_sort_by_local_expert_and_others_drop_out():
     assert combine.tolist()[:4] == [5, 0, 2, 4] and set(combine.tolist()[4:]) == {-1}  # routes of experts 4, 5, 6, 7
     assert [dispatch[r].item() for r in (5, 0, 2, 4)] == [0, 1, 2, 3]
     assert (dispatch == -1).sum().item() == 8
+
+
+def test_each_token_sums_the_rows_of_its_own_routes_and_no_other_ranks():
+    """The experts' rows in expert order, as the down projection leaves them, back to tokens: each token gets the
+    sum of its routes' rows on this rank; another rank's route counts zero though its row holds NaN."""
+    indx = torch.tensor([[5, 1, 6, 0], [7, 4, 2, 3], [4, 5, 6, 7]])  # 3 tokens, top-4 of 8 experts
+    counts, combine, dispatch = local_routes(indx, first_expert=4, local=4)
+    route_values = torch.arange(12.0)[:, None] * torch.tensor([1.0, -2.0])  # route r's row: r * (1, -2)
+    rows = torch.full((12, 2), float("nan"))
+    rows[: int(counts.sum())] = route_values[combine[: int(counts.sum())].long()]
+    here = ((indx >= 4) & (indx < 8)).flatten()
+    expected = torch.where(here[:, None], route_values, 0).view(3, 4, 2).sum(1)
+    assert torch.equal(combine_routes(rows, dispatch, top_k=4), expected)
+    assert torch.equal(torch.compile(combine_routes, dynamic=True)(rows, dispatch, top_k=4), expected)
 
 
 def test_mxfp4_checkpoint_loads_packed_as_stored(mxfp4_checkpoints):

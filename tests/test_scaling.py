@@ -141,10 +141,12 @@ def test_sweep_plan_jobs_and_slurm_placement():
 
 def test_clients_spread_over_processes_measure_every_stream(tmp_path):
     """The benchmark's clients in two processes (as on a GPU host, where one would cap what it measures): every
-    request streamed to its budget, each with its chunks' times, the run timed from the first start to the last end."""
+    request streamed once, to its budget, each with its chunks' times, the run timed from the first start to the
+    last end."""
     requests = [{"prompt": f"Tell me about the number {i}.", "max_new_tokens": NEW_TOKENS} for i in range(6)]
     with ServerJob(str(ROOT / "configs" / "tiny.yaml"), 1, ["engine.mode=always"], tmp_path / "server.log") as server:
         run = clients(server, requests, concurrency=4, processes=2)
     assert run["processes"] == 2 and 0 < run["cpu"] and run["seconds"] > 0
-    assert sorted(r["tokens"] for r in run["results"]) == [NEW_TOKENS] * 6
+    assert sorted(r["request"] for r in run["results"]) == list(range(6))
+    assert [r["tokens"] for r in run["results"]] == [NEW_TOKENS] * 6
     assert all(len(r["stamps"]) >= 1 and r["ttft"] <= r["end"] <= run["seconds"] for r in run["results"])

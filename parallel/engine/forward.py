@@ -49,12 +49,33 @@ def embed(ids: torch.Tensor, weight: torch.Tensor, start: int, vocab: int, group
     return x
 
 
-def qkv(x, cos, sin, head_dim: int, eps: float, norm, wq, bq, wk, bk, wv, bv):
+def qkv(x, cos, sin, head_dim: int, eps: float, norm, weight, bias, sizes: tuple[int, int, int]):
+    """Queries, keys and values from one GEMM over q_proj, k_proj and v_proj stacked (`sizes` rows each)."""
     batch, width, _ = x.shape
     h = rms_norm(x, norm, eps)
-    q, k, v = (F.linear(h, w, b).view(batch, width, -1, head_dim).transpose(1, 2) for w, b in ((wq, bq), (wk, bk), (wv, bv)))
+    q, k, v = (t.reshape(batch, width, -1, head_dim).transpose(1, 2) for t in F.linear(h, weight, bias).split(sizes, -1))
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
     return q, k, v
+
+
+def stacked(projections) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+    """One weight and bias for linear layers of the same input, their rows stacked, and each one's rows. Each
+    layer's own tensors become views of them: one GEMM launch instead of several (at a decode step's few rows q,
+    k and v each cost a launch and a split-K reduce), with no second copy of the weights."""
+    weight = torch.cat([local(p.weight) for p in projections])
+    bias = torch.cat([local(p.bias) for p in projections])
+    sizes = tuple(local(p.weight).shape[0] for p in projections)
+    start = 0
+    for p, rows in zip(projections, sizes):
+        _point_at(p.weight, weight[start:start + rows])
+        _point_at(p.bias, bias[start:start + rows])
+        start += rows
+    return weight, bias, sizes
+
+
+def _point_at(param, view: torch.Tensor) -> None:
+    """The parameter's (this rank's) values are now view's, which equal them."""
+    (param._local_tensor if isinstance(param, DTensor) else param).data = view
 
 
 def residual_norm(x, attended, eps: float, bo, norm):
@@ -70,11 +91,12 @@ def experts_block(x, attended, eps: float, bo, norm, router_w, router_b, gate_up
     return x, experts(h, router_w, router_b, gate_up, gate_up_bias, down, down_bias, first_expert, top_k, limit, alpha, grouped).view_as(x)
 
 
-def packed_experts_block(residual_norm, x, attended, eps: float, bo, norm, router_w, router_b, packed):
+def packed_experts_block(residual_norm, combine, x, attended, eps: float, bo, norm, router_w, router_b, packed):
     """experts_block for experts kept in MXFP4 (parallel/engine/mxfp4.py): the module knows its share and runs
-    outside the compiled code (dynamo does not trace triton_kernels' launchers; the step's CUDA graph holds it)."""
+    outside the compiled code (dynamo does not trace triton_kernels' launchers; the step's CUDA graph holds it),
+    all but the sum of each token's routes (`combine`)."""
     x, h = residual_norm(x, attended, eps, bo, norm)
-    return x, packed(h, router_w, router_b).view_as(x)
+    return x, packed(h, router_w, router_b, combine).view_as(x)
 
 
 def experts(x, router_w, router_b, gate_up, gate_up_bias, down, down_bias, first_expert: int, top_k: int,
@@ -118,8 +140,7 @@ def swiglu(gate_up: torch.Tensor, limit: float, alpha: float) -> torch.Tensor:
 def layer_weights(layer, config, first_expert: int, grouped: bool, packed: bool) -> tuple[tuple, tuple, tuple]:
     """One layer's local tensors for qkv, attention and experts_block (packed_experts_block: the experts module)."""
     attn, mlp, experts = layer.self_attn, layer.mlp, layer.mlp.experts
-    projections = tuple(map(local, (layer.input_layernorm.weight, attn.q_proj.weight, attn.q_proj.bias,
-                                    attn.k_proj.weight, attn.k_proj.bias, attn.v_proj.weight, attn.v_proj.bias)))
+    projections = (local(layer.input_layernorm.weight), *stacked((attn.q_proj, attn.k_proj, attn.v_proj)))
     attention = (local(attn.sinks), attn.scaling, local(attn.o_proj.weight))
     norm_router = tuple(map(local, (attn.o_proj.bias, layer.post_attention_layernorm.weight, mlp.router.weight, mlp.router.bias)))
     if packed:

@@ -8,10 +8,10 @@ is `*_blocks` (E, out, in/32, 16) uint8, two E2M1 codes a byte, low nibble first
 One layer's experts (`Mxfp4Experts`) run through one of two paths, both the math of parallel/engine/forward.py's
 `experts` (top-k router with a softmax over the chosen k, clamped SwiGLU, routing weights):
   - triton_kernels (the triton repository's MoE library at tag v3.6.0, which needs triton 3.6) on CUDA in
-    bf16: the weights are converted once to the layouts its Hopper kernels read, then `topk` routes and two
-    `matmul_ogs` calls gather the tokens, run both projections with the SwiGLU fused, and scatter the rows
-    back weighted, as vLLM runs gpt-oss on Hopper. No host syncs and no value-dependent shapes: it captures
-    in CUDA graphs.
+    bf16: the weights are converted once to the layouts its Hopper kernels read, then `topk` routes, two
+    `matmul_ogs` calls gather the tokens and run both projections (the SwiGLU fused into the first, the routing
+    weights into the second), and `combine_routes` sums each token's rows. No host syncs and no value-dependent
+    shapes: it captures in CUDA graphs.
   - a reference on any device: the layer's experts dequantized on the fly (one layer's worth of memory) and
     every local expert run over every token, weighted zero where the token did not choose it.
 Under expert parallelism a module holds experts [first_expert, first_expert + local); routes to other ranks'
@@ -141,9 +141,10 @@ class Mxfp4Experts(nn.Module):
         if uses_triton_kernels(self.gate_up_proj_blocks.device.type, dtype):
             self.kernel = _Kernel(self)
 
-    def forward(self, h: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tensor, combine=None) -> torch.Tensor:
+        """`combine`: combine_routes, or the engine's compiled copy of it (one kernel instead of three)."""
         if self.kernel:
-            return self.kernel(h, F.linear(h, router_weight, router_bias))
+            return self.kernel(h, F.linear(h, router_weight, router_bias), combine)
         return self.reference(h, router_weight, router_bias)
 
     def reference(self, h: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tensor) -> torch.Tensor:
@@ -196,19 +197,23 @@ class _Kernel:
         self.activation = FusedActivation(FnSpecs("swiglu", swiglu_fn, ("alpha", "limit"), reduction_n=2),
                                           (experts.alpha, experts.limit))
 
-    def __call__(self, h: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    def __call__(self, h: torch.Tensor, logits: torch.Tensor, combine=None) -> torch.Tensor:
         from triton_kernels.matmul_ogs import matmul_ogs
 
-        routing, gather, scatter = self._route(logits)
+        routing, gather, dispatch = self._route(logits)
         hidden = matmul_ogs(h, self.gate_up, self.gate_up_bias, routing, gather_indx=gather,
                             precision_config=self.gate_up_precision, fused_activation=self.activation)
-        return matmul_ogs(hidden, self.down, self.down_bias, routing, scatter_indx=scatter,
-                          precision_config=self.down_precision, gammas=routing.gate_scal)
+        # The down projection's rows stay in expert order and `combine` sums each token's, rather than matmul_ogs'
+        # own scatter and its reduce kernel: on one H100 the engine alone went from 265 to 299 tok/s at batch 1 and
+        # from 15,340 to 22,095 at batch 128 (20b shape, docs/performance.md, session 7).
+        rows = matmul_ogs(hidden, self.down, self.down_bias, routing, precision_config=self.down_precision,
+                          gammas=routing.gate_scal)
+        return (combine or combine_routes)(rows, dispatch, self.top_k)
 
     def _route(self, logits: torch.Tensor):
         """Routing data over the local experts: each token's top k of all experts (softmax over those k, as
         GptOssTopKRouter), rows sorted by local expert; routes to other ranks' experts drop out (index -1)."""
-        from triton_kernels.matmul_ogs import GatherIndx, RoutingData, ScatterIndx
+        from triton_kernels.matmul_ogs import GatherIndx, RoutingData
         from triton_kernels.tensor import make_ragged_tensor_metadata
         from triton_kernels.topk import topk
 
@@ -222,7 +227,15 @@ class _Kernel:
         # this rank does not run.
         ragged = make_ragged_tensor_metadata(counts, dispatch.shape[0])
         routing = RoutingData(routes.vals.flatten()[combine], counts, self.local, self.top_k, ragged)
-        return routing, GatherIndx(combine, dispatch), ScatterIndx(dispatch, combine)
+        return routing, GatherIndx(combine, dispatch), dispatch
+
+
+def combine_routes(rows: torch.Tensor, dispatch: torch.Tensor, top_k: int) -> torch.Tensor:
+    """(T, H): each token's top_k routes summed (in float32, in route order) from `rows`, the experts' weighted
+    outputs in expert order, route t * top_k + j being row dispatch[t * top_k + j]; a route this rank does not run
+    (-1) counts zero, whatever its row holds."""
+    picked = rows[dispatch.clamp(min=0)].view(-1, top_k, rows.shape[-1]).float()
+    return torch.where(dispatch.view(-1, top_k, 1) >= 0, picked, 0).sum(1).to(rows.dtype)
 
 
 def local_routes(indx: torch.Tensor, first_expert: int, local: int):
@@ -253,9 +266,12 @@ def _kernel_weight(experts: Mxfp4Experts, name: str):
     delattr(experts, f"{name}_blocks")
     delattr(experts, f"{name}_scales")
     e, out, groups, _ = blocks.shape
-    # mx_axis=1: the scales run along the inputs (dim 1 of the (E, in, out) weight).
+    # mx_axis=1: the scales run along the inputs (dim 1 of the (E, in, out) weight). The scales' Hopper layout
+    # fixes the matmul's warps and its tile width (4 warps: 128 columns, 8: 256). Narrower tiles give a decode
+    # step's few experts twice the blocks: one MoE layer on an H200 took 3-18% less time at 1 to 512 tokens, for
+    # both model shapes, with bitwise the same output (docs/performance.md, session 7).
     value_layout, value_options = layout.make_default_matmul_mxfp4_w_layout(mx_axis=1)
-    scale_layout, scale_options = layout.make_default_matmul_mxfp4_w_scale_layout(mx_axis=1, num_warps=8)
+    scale_layout, scale_options = layout.make_default_matmul_mxfp4_w_scale_layout(mx_axis=1, num_warps=4)
     values = _convert_layout(wrap_torch_tensor(blocks.view(e, out, groups * 16).transpose(-2, -1), dtype=FP4),
                              value_layout, **value_options)
     scales = _convert_layout(wrap_torch_tensor(scales.transpose(-2, -1)), scale_layout, **scale_options)

@@ -32,7 +32,7 @@ from parallel.engine.forward import (
     vocab_shard_start,
 )
 from parallel.engine.graphs import StepGraphs, StepInputs, pinned
-from parallel.engine.mxfp4 import Mxfp4Experts
+from parallel.engine.mxfp4 import Mxfp4Experts, combine_routes
 from parallel.engine.scheduler import Sequence
 from parallel.log import log
 
@@ -72,7 +72,7 @@ class Runner:
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda" and (self.grouped or self.packed)
         self.compiled = self.cuda_graphs and compile
         wrap = (lambda f: torch.compile(f, dynamic=True)) if self.compiled else (lambda f: f)
-        moe = partial(packed_experts_block, wrap(residual_norm)) if self.packed else wrap(experts_block)
+        moe = partial(packed_experts_block, wrap(residual_norm), wrap(combine_routes)) if self.packed else wrap(experts_block)
         self.pieces = (wrap(qkv), moe)
         max_blocks = -(-config.max_position_embeddings // block_size)
         # The last step's tokens, where the next step's forward reads those the host has not seen yet.
