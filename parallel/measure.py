@@ -167,7 +167,7 @@ async def _stream(client, model: str, prompt: str, max_tokens: int) -> dict:
     return {"ttft": stamps[0] if stamps else None, "end": time.perf_counter() - start, "tokens": tokens, "stamps": stamps}
 
 
-async def _client_share(url: str, key: str, model: str, requests: list[dict], streams: int, claim) -> list[dict]:
+async def _client_streams(url: str, key: str, model: str, requests: list[dict], streams: int, claim) -> list[dict]:
     import openai
 
     # Closed within its event loop: asyncio.run ends the loop, and a client left to the garbage collector would
@@ -199,7 +199,7 @@ def _client_process(url: str, key: str, model: str, requests: list[dict], stream
     ready.wait(timeout=600)
     start, cpu = time.time(), time.process_time()
     try:
-        out = asyncio.run(_client_share(url, key, model, requests, streams, claim))
+        out = asyncio.run(_client_streams(url, key, model, requests, streams, claim))
     except Exception as e:  # noqa: BLE001 - the parent says which concurrency failed, and where the log is
         results.put({"error": repr(e)})
         return

@@ -59,12 +59,14 @@ def test_chunked_token_budget_steps_give_the_plain_paths_greedy_tokens(tiny, enc
 
 def test_q_k_v_run_as_one_gemm_over_the_models_own_memory(tiny, enc, prompts):
     """The engine stacks q_proj, k_proj and v_proj into one weight and the model's modules become views of it: no
-    second copy of them, and the model's own forward computes what it did."""
+    second copy of them (a second engine on the model takes the same), and the model's own forward computes what
+    it did."""
     ids = torch.tensor([prompts[0]])
     before = tiny(ids).logits
     stacked = engine(tiny, enc).runner.weights[0][0][1]
     attn = tiny.model.layers[0].self_attn
     assert {p.untyped_storage().data_ptr() for p in (stacked, attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight)} == {stacked.data_ptr()}
+    assert engine(tiny, enc).runner.weights[0][0][1].data_ptr() == stacked.data_ptr()
     assert torch.equal(tiny(ids).logits, before)
 
 

@@ -58,19 +58,35 @@ def qkv(x, cos, sin, head_dim: int, eps: float, norm, weight, bias, sizes: tuple
     return q, k, v
 
 
-def stacked(projections) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+@torch.no_grad()
+def stack_projections_(projections) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
     """One weight and bias for linear layers of the same input, their rows stacked, and each one's rows. Each
     layer's own tensors become views of them: one GEMM launch instead of several (at a decode step's few rows q,
-    k and v each cost a launch and a split-K reduce), with no second copy of the weights."""
-    weight = torch.cat([local(p.weight) for p in projections])
-    bias = torch.cat([local(p.bias) for p in projections])
-    sizes = tuple(local(p.weight).shape[0] for p in projections)
+    k and v each cost a launch and a split-K reduce), with no second copy of the weights. Layers already stacked
+    (a second engine on the same model) are taken as they lie."""
+    weights, biases = [local(p.weight) for p in projections], [local(p.bias) for p in projections]
+    sizes = tuple(w.shape[0] for w in weights)
+    weight, bias = _back_to_back(weights), _back_to_back(biases)
+    if weight is not None and bias is not None:
+        return weight, bias, sizes
+    weight, bias = torch.cat(weights), torch.cat(biases)
     start = 0
     for p, rows in zip(projections, sizes):
         _point_at(p.weight, weight[start:start + rows])
         _point_at(p.bias, bias[start:start + rows])
         start += rows
     return weight, bias, sizes
+
+
+def _back_to_back(parts: list[torch.Tensor]) -> torch.Tensor | None:
+    """The parts as one tensor where they already lie one after another in one storage, else None."""
+    storage, offset = parts[0].untyped_storage(), parts[0].storage_offset()
+    for t in parts:
+        if not t.is_contiguous() or t.untyped_storage().data_ptr() != storage.data_ptr() or t.storage_offset() != offset:
+            return None
+        offset += t.numel()
+    rows = sum(t.shape[0] for t in parts)
+    return parts[0].new_empty(0).set_(storage, parts[0].storage_offset(), (rows, *parts[0].shape[1:]))
 
 
 def _point_at(param, view: torch.Tensor) -> None:
@@ -140,7 +156,7 @@ def swiglu(gate_up: torch.Tensor, limit: float, alpha: float) -> torch.Tensor:
 def layer_weights(layer, config, first_expert: int, grouped: bool, packed: bool) -> tuple[tuple, tuple, tuple]:
     """One layer's local tensors for qkv, attention and experts_block (packed_experts_block: the experts module)."""
     attn, mlp, experts = layer.self_attn, layer.mlp, layer.mlp.experts
-    projections = (local(layer.input_layernorm.weight), *stacked((attn.q_proj, attn.k_proj, attn.v_proj)))
+    projections = (local(layer.input_layernorm.weight), *stack_projections_((attn.q_proj, attn.k_proj, attn.v_proj)))
     attention = (local(attn.sinks), attn.scaling, local(attn.o_proj.weight))
     norm_router = tuple(map(local, (attn.o_proj.bias, layer.post_attention_layernorm.weight, mlp.router.weight, mlp.router.bias)))
     if packed:

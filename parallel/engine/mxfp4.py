@@ -204,8 +204,8 @@ class _Kernel:
         hidden = matmul_ogs(h, self.gate_up, self.gate_up_bias, routing, gather_indx=gather,
                             precision_config=self.gate_up_precision, fused_activation=self.activation)
         # The down projection's rows stay in expert order and `combine` sums each token's, rather than matmul_ogs'
-        # own scatter and its reduce kernel: on one H100 the engine alone went from 265 to 299 tok/s at batch 1 and
-        # from 15,340 to 22,095 at batch 128 (20b shape, docs/performance.md, session 7).
+        # own scatter and its reduce kernel (19 us at one token on an H100): the engine alone went from 265 to 299
+        # tok/s at batch 1 (20b shape, one H100, docs/performance.md, session 7).
         rows = matmul_ogs(hidden, self.down, self.down_bias, routing, precision_config=self.down_precision,
                           gammas=routing.gate_scal)
         return (combine or combine_routes)(rows, dispatch, self.top_k)
