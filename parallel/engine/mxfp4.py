@@ -142,9 +142,9 @@ class Mxfp4Experts(nn.Module):
             self.kernel = _Kernel(self)
 
     def forward(self, h: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tensor, combine=None) -> torch.Tensor:
-        """`combine`: combine_routes, or the engine's compiled copy of it (one kernel instead of three)."""
+        """`combine`: combine_routes (the default), or the engine's compiled copy of it (one kernel instead of three)."""
         if self.kernel:
-            return self.kernel(h, F.linear(h, router_weight, router_bias), combine)
+            return self.kernel(h, F.linear(h, router_weight, router_bias), combine or combine_routes)
         return self.reference(h, router_weight, router_bias)
 
     def reference(self, h: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tensor) -> torch.Tensor:
@@ -197,7 +197,7 @@ class _Kernel:
         self.activation = FusedActivation(FnSpecs("swiglu", swiglu_fn, ("alpha", "limit"), reduction_n=2),
                                           (experts.alpha, experts.limit))
 
-    def __call__(self, h: torch.Tensor, logits: torch.Tensor, combine=None) -> torch.Tensor:
+    def __call__(self, h: torch.Tensor, logits: torch.Tensor, combine) -> torch.Tensor:
         from triton_kernels.matmul_ogs import matmul_ogs
 
         routing, gather, dispatch = self._route(logits)
@@ -208,7 +208,7 @@ class _Kernel:
         # tok/s at batch 1 (20b shape, one H100, docs/performance.md, session 7).
         rows = matmul_ogs(hidden, self.down, self.down_bias, routing, precision_config=self.down_precision,
                           gammas=routing.gate_scal)
-        return (combine or combine_routes)(rows, dispatch, self.top_k)
+        return combine(rows, dispatch, self.top_k)
 
     def _route(self, logits: torch.Tensor):
         """Routing data over the local experts: each token's top k of all experts (softmax over those k, as
