@@ -15,6 +15,12 @@
 Workloads (parallel/workloads.py): sharegpt (log-normal lengths, means ~220 in / ~200 out), long (8,000-token
 prompts, 128 out), fixed (--prompt-tokens / --new-tokens). Random weights (model.load_format=dummy) give real
 speed and meaningless text: every figure written says so. Prints a table, writes JSON.
+
+Decoding follows generation.temperature (and top_p, seed) on every path, greedy by default. An isolated row counts
+the distinct tokens it made: where they collapse onto a few (NaN logits did so before session 8, docs/performance.md),
+a batch's routes collapse onto a few experts too, a step reads fewer expert weights than real text makes it read,
+and the figure overstates the engine. Sampling at generation.temperature=1 spreads random weights' tokens nearly
+uniformly, and shows such a collapse plainly.
 """
 
 from __future__ import annotations
@@ -69,7 +75,8 @@ def main() -> None:
     result = {"machine": machine(), "workload": {"kind": args.workload, "requests": args.requests,
                                                  "mean_prompt_words": mean(p for p, _ in drawn), "mean_new_tokens": mean(n for _, n in drawn)},
               "weights": "random (model.load_format=dummy)" if "model.load_format=dummy" in args.overrides else "checkpoint",
-              "overrides": args.overrides, "nproc": args.nproc, "runs": []}
+              "overrides": args.overrides, "nproc": args.nproc, "runs": [],
+              "decoding": decoding(merge_config(args.config, list(args.overrides)).generation)}
     for path in args.paths:
         for row in measure(path, args, workload, workdir):
             result["runs"].append(row)
@@ -112,7 +119,9 @@ def isolated(args, name: str) -> list[dict]:
     rows = []
     for batch in args.batch_sizes:
         prompts = [render_prompt(enc, parse_request({"prompt": PROMPT.format(i)}, 0), "medium") for i in range(batch)]
-        work = [Work(i, p, args.new_tokens, Sampling(ignore_eos=True)) for i, p in enumerate(prompts)]
+        gen = cfg.generation
+        work = [Work(i, p, args.new_tokens, Sampling(gen.temperature, gen.top_p, gen.seed + i, ignore_eos=True))
+                for i, p in enumerate(prompts)]
         make = {"plain": partial(Plain, model, batch, stop_tokens(enc), pad_token_id(enc)),
                 "engine": partial(Engine, model, cfg.engine, stop_tokens(enc))}[name]
         backend = make()
@@ -124,8 +133,9 @@ def isolated(args, name: str) -> list[dict]:
         out = complete(backend, work)
         seconds = time.perf_counter() - start
         tokens = sum(len(t) for t, _ in out.values())
+        distinct = len({token for t, _ in out.values() for token in t})
         rows.append({"path": f"isolated {name}", "batch": batch, "prompt_tokens": mean(len(p) for p in prompts),
-                     "output_tokens": tokens, "seconds": round(seconds, 2), "output_tokens_per_s": round(tokens / seconds, 1),
+                     "output_tokens": tokens, "distinct_tokens": distinct, "seconds": round(seconds, 2), "output_tokens_per_s": round(tokens / seconds, 1),
                      "ttft_mean_s": round(mean(e.queued_s + e.first_token_s for _, e in out.values()), 3),
                      "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 1) if device.type == "cuda" else None,
                      "backend": backend.describe()})
@@ -133,6 +143,10 @@ def isolated(args, name: str) -> list[dict]:
         gc.collect()  # the engine's cache and graphs sit in reference cycles: freed now, not when the next needs room
         torch.cuda.empty_cache() if device.type == "cuda" else None
     return rows
+
+
+def decoding(gen) -> str:
+    return f"sampled, temperature {gen.temperature}, top_p {gen.top_p}" if gen.temperature > 0 else "greedy"
 
 
 def mean(values) -> float:
@@ -144,7 +158,8 @@ def table(result: dict) -> str:
     keys = ["path", "batch", "concurrency", "requests", "output_tokens_per_s", "total_tokens_per_s", "ttft_p50_s",
             "ttft_p99_s", "itl_p50_s", "itl_p99_s", "peak_gpu_memory_gib", "client_cpu_max", "server_http_cpu", "server_process_cpu"]
     used = [k for k in keys if any(k in r for r in result["runs"])]
-    lines = [f"{result['machine']}, {result['weights']} weights, workload {result['workload']}, {' '.join(result['overrides'])}", "",
+    lines = [f"{result['machine']}, {result['weights']} weights, {result['decoding']} decoding, workload {result['workload']}, "
+             f"{' '.join(result['overrides'])}", "",
              "| " + " | ".join(used) + " |", "|" + "---|" * len(used)]
     for r in result["runs"]:
         lines.append("| " + " | ".join(str(r.get(k, "")) for k in used) + " |")

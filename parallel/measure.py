@@ -157,8 +157,9 @@ async def _stream(client, model: str, prompt: str, max_tokens: int) -> dict:
     """One streamed completion: when each chunk of tokens arrived."""
     start = time.perf_counter()
     stamps, tokens = [], 0
+    # No temperature: the server's generation.temperature decides, as the launcher's does for the batch job.
     stream = await client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, stream=True,
-                                             temperature=0, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+                                             stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
     async for chunk in stream:
         if chunk.choices and chunk.choices[0].text:
             stamps.append(time.perf_counter() - start)

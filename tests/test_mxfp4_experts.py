@@ -15,7 +15,7 @@ from parallel.distributed.mesh import Placement
 from parallel.engine.engine import Engine
 from parallel.engine.forward import experts as engine_experts
 from parallel.engine.interface import Sampling, Work, complete
-from parallel.engine.mxfp4 import Mxfp4Experts, combine_routes, dequantize, local_routes
+from parallel.engine.mxfp4 import EXPERTS_A_STEP, Mxfp4Experts, _convert_layout, combine_routes, dequantize, local_routes
 from parallel.engine.plain import Plain
 from parallel.protocol.harmony import pad_token_id, render_prompt, stop_tokens
 from parallel.protocol.requests import parse_request
@@ -106,6 +106,27 @@ def test_each_token_sums_the_rows_of_its_own_routes_and_no_other_ranks():
     expected = torch.where(here[:, None], route_values, 0).view(3, 4, 2).sum(1)
     assert torch.equal(combine_routes(rows, dispatch, top_k=4), expected)
     assert torch.equal(torch.compile(combine_routes, dynamic=True)(rows, dispatch, top_k=4), expected)
+
+
+def test_hopper_layouts_converted_a_few_experts_at_a_time_are_triton_kernels_own_and_end_in_zeros():
+    """The weights' conversion for matmul_ogs on Hopper, EXPERTS_A_STEP experts at a time (an uneven last step here),
+    gives what triton_kernels' convert_layout gives for the whole tensor. And zero bytes follow the scales: the
+    kernel loads a K tile's scales unmasked, so gpt-oss's K of 2880 (22.5 tiles of 128) reads 64 bytes past the
+    last expert's, which were whatever the memory held (E8M0's NaN, 0xFF, made NaN of that expert's tokens)."""
+    from triton_kernels.tensor import FP4, convert_layout, wrap_torch_tensor
+    from triton_kernels.tensor_details.layout import HopperMXScaleLayout, HopperMXValueLayout
+
+    experts, out, groups = EXPERTS_A_STEP + 2, 2880, 90
+    blocks = torch.randint(0, 256, (experts, out, groups * 16), dtype=torch.uint8)
+    scales = torch.randint(118, 122, (experts, out, groups), dtype=torch.uint8)
+    for layout, tensor, options in ((HopperMXValueLayout, lambda: wrap_torch_tensor(blocks.transpose(-2, -1), dtype=FP4), {}),
+                                    (HopperMXScaleLayout, lambda: wrap_torch_tensor(scales.transpose(-2, -1)), {"num_warps": 4})):
+        ours = _convert_layout(tensor(), layout, mx_axis=1, **options).storage.data
+        assert torch.equal(ours, convert_layout(tensor(), layout, mx_axis=1, **options).storage.data)
+    end = sum((n - 1) * step for n, step in zip(ours.shape, ours.stride())) + 1
+    memory = torch.empty(0, dtype=torch.uint8).set_(ours.untyped_storage())
+    over_read = -(groups * 32) % 128
+    assert over_read == 64 and len(memory) >= end + over_read and not memory[end:end + over_read].any()
 
 
 def test_mxfp4_checkpoint_loads_packed_as_stored(mxfp4_checkpoints):

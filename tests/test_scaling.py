@@ -150,3 +150,20 @@ def test_clients_spread_over_processes_measure_every_stream(tmp_path):
     assert sorted(r["request"] for r in run["results"]) == list(range(6))
     assert [r["tokens"] for r in run["results"]] == [NEW_TOKENS] * 6
     assert all(len(r["stamps"]) >= 1 and r["ttft"] <= r["end"] <= run["seconds"] for r in run["results"])
+
+
+def test_the_isolated_bench_decodes_as_the_generation_config_says(tmp_path):
+    """launch/bench.py's engine in-process samples where generation.temperature is set, its report says how it
+    decoded, and each row counts its distinct tokens (a collapsed run, as NaN logits make one, shows there)."""
+    runs = {}
+    for temperature in ("0", "1.0"):
+        out = tmp_path / f"{temperature}.json"
+        subprocess.run([sys.executable, str(ROOT / "launch" / "bench.py"), "--config", str(ROOT / "configs" / "tiny.yaml"),
+                        "--paths", "isolated", "--batch-sizes", "4", "--new-tokens", "16", "--requests", "4",
+                        "--workdir", str(tmp_path / temperature), "--out", str(out), f"generation.temperature={temperature}"],
+                       check=True, capture_output=True)
+        runs[temperature] = json.loads(out.read_text())
+    assert runs["0"]["decoding"] == "greedy" and runs["1.0"]["decoding"] == "sampled, temperature 1.0, top_p 1.0"
+    greedy, sampled = (runs[t]["runs"][0] for t in ("0", "1.0"))
+    assert greedy["output_tokens"] == sampled["output_tokens"] == 4 * 16
+    assert sampled["distinct_tokens"] > greedy["distinct_tokens"]

@@ -61,6 +61,13 @@ class StepInputs:
         prev[cu[due + 1] - 1] = waiting_for
         return cls(ids, positions, slots, prev, cu.astype(np.int32), seq_lens, tables, cu[due + 1] - 1, decode)
 
+    @classmethod
+    def padding(cls, decode: bool) -> StepInputs:
+        """A step of no sequences: loaded at a graph's size, it is padding alone."""
+        none = np.zeros(0, dtype=np.int64)
+        return cls(none, none, none, none, np.zeros(1, dtype=np.int32), np.zeros(0, dtype=np.int32),
+                   np.zeros((0, 0), dtype=np.int32), none, decode)
+
 
 def pinned(a: np.ndarray) -> torch.Tensor:
     """A host array in page-locked memory, for a copy to the GPU that queues behind the step it runs now instead
@@ -144,12 +151,11 @@ class StepGraphs:
         return self.forward(ids, prev, positions, slots, attend, self.take[: min(size, self.rows)])  # a row a sequence at most
 
     def _capture(self, kind: str, size: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        """Warm-ups (compilation, autotuning) then the capture, on padding alone: every key goes to the null block,
-        every mixed-step sequence is empty, so no live sequence's cache is touched."""
-        self.tok.zero_()
-        self.meta.fill_(1)
-        self.meta[0].zero_()
-        self.take.zero_()
+        """Warm-ups (compilation, autotuning) then the capture, on padding alone, laid out as a live step pads: every
+        key goes to the null block, so no live sequence's cache is touched, and every token is attended, so no layer
+        reads memory nothing wrote. (With every sequence empty instead, attention wrote none of its output and the
+        warm-ups ran the MoE layers on whatever the pool held.)"""
+        self._load(StepInputs.padding(kind == "decode"), size)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):

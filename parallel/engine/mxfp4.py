@@ -42,6 +42,11 @@ RANDOM_SCALES = (118, 122)
 # Experts converted to triton_kernels' layouts at a time: a whole 120b layer at once takes several times its size
 # in temporaries, more than is left beside the model on an 80 GB GPU.
 EXPERTS_A_STEP = 8
+# Zero bytes kept after each converted tensor. On Hopper, matmul_ogs' kernel loads a K tile's scales without a
+# mask, and gpt-oss's K (2880) ends in half a tile (128): the last expert's last row of scales reads up to 64 bytes
+# past the tensor. Whatever lies there scales codes masked to zero, harmless unless it is 0xFF, E8M0's NaN: then
+# NaN times zero poisoned every token routed there (one layer in four of a random gpt-oss-20b, now and then).
+TAIL_BYTES = 4096
 
 
 def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -293,7 +298,10 @@ def _convert_layout(tensor, layout_class, **options):
     swizzled = None
     for first in range(0, data.shape[0], EXPERTS_A_STEP):
         part = new_layout.swizzle_data(data[first:first + EXPERTS_A_STEP])
-        if swizzled is None:  # the layouts may return transposed views: keep their memory order
-            swizzled = torch.empty_strided((data.shape[0], *part.shape[1:]), part.stride(), dtype=part.dtype, device=part.device)
+        if swizzled is None:  # the layouts may return transposed views: keep their memory order, and a zero tail
+            shape = (data.shape[0], *part.shape[1:])
+            size = sum((n - 1) * step for n, step in zip(shape, part.stride())) + 1
+            memory = torch.zeros(size + TAIL_BYTES // part.element_size(), dtype=part.dtype, device=part.device)
+            swizzled = memory.as_strided(shape, part.stride())
         swizzled[first:first + EXPERTS_A_STEP] = part
     return Tensor(Storage(swizzled, new_layout), dtype=tensor.dtype, shape=tensor.shape, shape_max=tensor.shape_max)

@@ -10,10 +10,15 @@ hand; gpt-oss-120b on one GPU is measured by launch/bench.py, tests/gpu/run.sh's
    each path replayed from a CUDA graph. An ep share must equal, bit for bit, the whole layer with the other
    experts' weights zero (its routes are the whole layer's, minus the others'). The ep shares again on EP_SEEDS
    more seeds of weights and inputs.
-2. Greedy tokens: the taught tiny model (tests/taught.py) with its experts quantized to MXFP4, through the engine
+2. Many tokens, as a mixed step's graph holds (MANY): the same token MANY times, so that every route lands on the
+   same 4 experts (a warm-up's padding does this), must give the one-token output in every row; MANY tokens routed
+   at random must match the float32 reference on their first 128, and a graph replay must equal eager.
+3. Why the converted scales end in zeros: 0xFF written there must make NaN of exactly the tokens routed to a layer's
+   last expert, and zeros again must give the layer's output back.
+4. Greedy tokens: the taught tiny model (tests/taught.py) with its experts quantized to MXFP4, through the engine
    in bf16 (CUDA graphs, torch.compile) on the packed experts, against the same engine on them dequantized.
 Exits non-zero if an error is over TOLERANCE (~3e-3 expected), a graph replay differs from eager, a share differs
-from its zero-padded whole layer, or a token differs.
+from its zero-padded whole layer, a row of many tokens differs from its token alone, or a token differs.
 """
 
 import gc
@@ -26,13 +31,14 @@ from pathlib import Path
 os.environ.setdefault("TRITON_INTERPRET", "0")
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from transformers import GptOssForCausalLM  # noqa: E402
 
 from parallel.config import EngineConfig  # noqa: E402
 from parallel.engine.engine import Engine  # noqa: E402
 from parallel.engine.forward import experts as engine_experts  # noqa: E402
 from parallel.engine.interface import Sampling, Work, complete  # noqa: E402
-from parallel.engine.mxfp4 import Mxfp4Experts, dequantize  # noqa: E402
+from parallel.engine.mxfp4 import TAIL_BYTES, Mxfp4Experts, dequantize  # noqa: E402
 from parallel.protocol.harmony import encoding, render_prompt, stop_tokens  # noqa: E402
 from parallel.protocol.requests import parse_request  # noqa: E402
 from tests.conftest import quantize  # noqa: E402
@@ -42,6 +48,7 @@ HIDDEN = INNER = 2880
 MATH = {"top_k": 4, "limit": 7.0, "alpha": 1.702}
 TOLERANCE = 1e-2
 EP_SEEDS = 4
+MANY = 8192  # the engine's largest mixed step (engine.max_batched_tokens)
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -155,6 +162,75 @@ def layer_check() -> bool:
     return ok
 
 
+@torch.no_grad()
+def many_tokens_check() -> bool:
+    """Whole layers of both shapes at MANY tokens: one token repeated (every route on its 4 experts), and random."""
+    print(f"{'layer':<6} {'tokens':<20} {'worst row':>12} {'MXFP4 err':>9} {'= eager':>7} {'MXFP4 us':>9}", flush=True)
+    ok = True
+    for name, total in (("20b", 32), ("120b", 128)):
+        torch.manual_seed(0)
+        gen = torch.Generator("cuda").manual_seed(0)
+        reference = Mxfp4Experts.random_packed(total, HIDDEN, INNER, device="cuda", dtype=torch.float32, **MATH)
+        with torch.device("cuda"):
+            fast = Mxfp4Experts(total, HIDDEN, INNER, **MATH)
+        fast.load_state_dict(reference.state_dict())
+        fast.prepare(torch.bfloat16)
+        h, router_w, router_b = layer_inputs(total, MANY, gen)
+        one = h[:1].clone()
+        alone = fast(one, router_w, router_b)
+        static = torch.zeros_like(h)
+        graph, graphed = in_graph(fast, static, router_w, router_b)
+        for kind, tokens in (("one token repeated", one.expand_as(h)), ("random", h)):
+            static.copy_(tokens)
+            graph.replay()
+            eager = fast(tokens.contiguous(), router_w, router_b)
+            # the worst row, not an average that 8,191 good rows would hide a bad one in
+            rows = ((graphed.float() - alone.float()).norm(dim=-1).max() / alone.float().norm()).item() if kind != "random" else 0
+            error = relative(graphed[:128], reference(tokens[:128].float(), router_w, router_b))
+            same = torch.equal(graphed, eager)
+            print(f"{name:<6} {kind:<20} {rows if kind != 'random' else '-':>12.3} {error:>9.2e} {same!s:>7} "
+                  f"{replay_us(graph, 10):>9.1f}", flush=True)
+            ok &= rows <= TOLERANCE and error <= TOLERANCE and same and bool(graphed.isfinite().all())
+        torch.cuda.synchronize()  # an illegal access in any of it surfaces here, named
+        del graph, reference, fast
+        gc.collect()
+        torch.cuda.empty_cache()
+    return ok
+
+
+@torch.no_grad()
+def scale_tail_check() -> bool:
+    """The reason for TAIL_BYTES (parallel/engine/mxfp4.py), seen: 0xFF (E8M0's NaN) written into the zero bytes after
+    a layer's scales must turn the tokens routed to its last expert NaN, and only those (the kernel's last K tile
+    reads there); zeros again must give back the layer's output."""
+    ok = True
+    for name, total in (("20b", 32), ("120b", 128)):
+        torch.manual_seed(0)
+        gen = torch.Generator("cuda").manual_seed(0)
+        fast = Mxfp4Experts.random_packed(total, HIDDEN, INNER, device="cuda", dtype=torch.bfloat16, **MATH)
+        h, router_w, router_b = layer_inputs(total, 128, gen)
+        clean = fast(h, router_w, router_b)
+        last = (torch.topk(F.linear(h, router_w, router_b), MATH["top_k"]).indices == total - 1).any(-1)
+        tails = []
+        for config in (fast.kernel.gate_up_precision, fast.kernel.down_precision):
+            scales = config.weight_scale.storage.data
+            end = sum((n - 1) * step for n, step in zip(scales.shape, scales.stride())) + 1
+            tails.append(torch.empty(0, dtype=torch.uint8, device="cuda").set_(scales.untyped_storage())[end:end + TAIL_BYTES])
+        for tail in tails:
+            tail.fill_(0xFF)
+        poisoned = fast(h, router_w, router_b).isfinite().all(-1)
+        for tail in tails:
+            tail.zero_()
+        again = fast(h, router_w, router_b)
+        print(f"{name}: 0xFF after the scales: {int((~poisoned).sum())} tokens NaN, {int(last.sum())} routed to the last "
+              f"expert; zeros again: output as before {torch.equal(again, clean)}", flush=True)
+        ok &= torch.equal(~poisoned, last) and bool(last.any()) and torch.equal(again, clean)
+        del fast
+        gc.collect()
+        torch.cuda.empty_cache()
+    return ok
+
+
 def packed_twin(experts, config) -> Mxfp4Experts:
     """A layer's float experts quantized to MXFP4, as Mxfp4Experts on the GPU; the float ones are set to the
     values those dequantize to, so that both hold the same weights."""
@@ -198,7 +274,7 @@ def main() -> int:
     import triton
 
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
-    checks = [layer_check, greedy_check]
+    checks = [scale_tail_check, layer_check, many_tokens_check, greedy_check]
     ok = True
     for check in checks:
         ok &= check()

@@ -6,6 +6,7 @@
 # ../shared/tokenizer).
 #
 #   bash tests/gpu/run.sh engine-check:120 bench-20b launcher-20b:300      (a step's seconds after the colon; 600)
+#   bash tests/gpu/run.sh bench-20b+generation.temperature=1                  (overrides for the step's model)
 #
 # On a machine of several GPUs, lists of steps run side by side, one list a GPU, each in its own OUT and JOBS:
 #   for i in 0 1; do CUDA_VISIBLE_DEVICES=$i OUT=/tmp/out$i JOBS=/tmp/jobs$i bash tests/gpu/run.sh ... & done; wait
@@ -18,8 +19,6 @@ if [ ! -d /tmp/site ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 fi
 export PYTHONPATH=/tmp/site:$PWD TIKTOKEN_ENCODINGS_BASE=$PWD/.vocab PYTHONUNBUFFERED=1
-M20=(model.path=builtin:gpt-oss-20b model.load_format=dummy)
-M120=(model.path=builtin:gpt-oss-120b model.load_format=dummy)
 BENCH=(python3 launch/bench.py --config configs/gpt-oss-20b.yaml --workdir "$JOBS")
 
 step() {
@@ -27,22 +26,36 @@ step() {
         engine-check) python3 tests/gpu/engine_check.py ;;
         paged-check) python3 tests/gpu/paged_attention_check.py ;;
         mxfp4-check) python3 tests/gpu/mxfp4_check.py ;;
+        # an engine's start (every graph's warm-ups and capture) and steps, 2 layers of 120b's shape, under
+        # compute-sanitizer (Firecracker machines; gVisor refuses it): out-of-bounds accesses with the graphs on, again
+        # with each tensor its own allocation (which graphs cannot capture, and without which an access past a tensor
+        # into the allocator's own memory goes unseen), then reads of memory nothing wrote (slow: give it 10 minutes)
+        sanitize) san=(compute-sanitizer --error-exitcode 3 --print-limit 20 --report-api-errors no)
+                  check=(python3 tests/gpu/start_check.py --layers 2 engine.cache_gib=4 engine.slots=16)
+                  export TORCHINDUCTOR_COMPILE_THREADS=1
+                  status=0
+                  "${san[@]}" --tool memcheck "${check[@]}" || status=$?
+                  PYTORCH_NO_CUDA_MEMORY_CACHING=1 "${san[@]}" --tool memcheck "${check[@]}" engine.cuda_graphs=false || status=$?
+                  "${san[@]}" --tool initcheck "${check[@]}" || status=$?
+                  return $status ;;
+        # gpt-oss-120b-shaped engines started one after another: a fault at start that comes and goes
+        start-120b) PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True python3 tests/gpu/start_check.py --layers 36 --starts 8 ;;
         # 20b random weights: MXFP4 experts (model.mxfp4=auto keeps them packed where triton_kernels runs), or bf16
-        bench-20b) "${BENCH[@]}" --paths isolated --batch-sizes 1 128 --new-tokens 256 --out "$OUT/bench-20b.json" "${M20[@]}" ;;
-        bench-20b-bf16) "${BENCH[@]}" --paths isolated --batch-sizes 1 128 --new-tokens 256 --out "$OUT/bench-20b-bf16.json" "${M20[@]}" model.mxfp4=dequantize ;;
+        bench-20b) "${BENCH[@]}" --paths isolated --batch-sizes 1 128 --new-tokens 256 --out "$OUT/$RUN.json" "${M20[@]}" ;;
+        bench-20b-bf16) "${BENCH[@]}" --paths isolated --batch-sizes 1 128 --new-tokens 256 --out "$OUT/$RUN.json" "${M20[@]}" model.mxfp4=dequantize ;;
         # the plain recipe, model.generate, with transformers' native MXFP4 experts (the hub kernel, staged as a wheel)
         # and dequantized to bf16: ../shared/device/recipe_mxfp4.py, which fetch-wheels copies into .whl/
         plain-20b) python3 .whl/recipe_mxfp4.py --batches 1 128 --new 256 ;;
         # the plain recipe through our launcher (engine.mode=never) beside the engine, on the same ShareGPT-like workload
-        plain-launcher-20b) "${BENCH[@]}" --paths plain --requests 1000 --plain-requests 256 --out "$OUT/plain-launcher-20b.json" "${M20[@]}" ;;
-        launcher-20b) "${BENCH[@]}" --paths launcher --requests 1000 --out "$OUT/launcher-20b.json" "${M20[@]}" ;;
-        launcher-20b-bf16) "${BENCH[@]}" --paths launcher --requests 1000 --out "$OUT/launcher-20b-bf16.json" "${M20[@]}" model.mxfp4=dequantize ;;
+        plain-launcher-20b) "${BENCH[@]}" --paths plain --requests 1000 --plain-requests 256 --out "$OUT/$RUN.json" "${M20[@]}" ;;
+        launcher-20b) "${BENCH[@]}" --paths launcher --requests 1000 --out "$OUT/$RUN.json" "${M20[@]}" ;;
+        launcher-20b-bf16) "${BENCH[@]}" --paths launcher --requests 1000 --out "$OUT/$RUN.json" "${M20[@]}" model.mxfp4=dequantize ;;
         # two GPUs, two replicas: the dispatcher keeps both engines full
-        launcher-20b-dp2) "${BENCH[@]}" --paths launcher --requests 1000 --nproc 2 --out "$OUT/launcher-20b-dp2.json" "${M20[@]}" parallel.dp=2 ;;
-        server-20b) "${BENCH[@]}" --paths server --requests 1000 --rounds 4 --concurrency 1 128 256 --out "$OUT/server-20b.json" "${M20[@]}" ;;
-        long-20b) "${BENCH[@]}" --paths launcher --workload long --requests 64 --out "$OUT/long-20b.json" "${M20[@]}" ;;
+        launcher-20b-dp2) "${BENCH[@]}" --paths launcher --requests 1000 --nproc 2 --out "$OUT/$RUN.json" "${M20[@]}" parallel.dp=2 ;;
+        server-20b) "${BENCH[@]}" --paths server --requests 1000 --rounds 4 --concurrency 1 128 256 --out "$OUT/$RUN.json" "${M20[@]}" ;;
+        long-20b) "${BENCH[@]}" --paths launcher --workload long --requests 64 --out "$OUT/$RUN.json" "${M20[@]}" ;;
         bench-120b) PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True python3 launch/bench.py --config configs/gpt-oss-120b.yaml \
-            --paths isolated --batch-sizes 1 64 --new-tokens 256 --workdir "$JOBS" --out "$OUT/bench-120b.json" "${M120[@]}" ;;
+            --paths isolated --batch-sizes 1 64 --new-tokens 256 --workdir "$JOBS" --out "$OUT/$RUN.json" "${M120[@]}" ;;
         layouts) bash tests/gpu/layouts.sh "$OUT/layouts" ;;
         profile-20b) python3 tests/gpu/profile_decode.py --config configs/gpt-oss-20b.yaml --batch-sizes 1 128 240 "${M20[@]}" ;;
         # The 20b front, ~6 min: the engine's server with bf16 experts and with MXFP4 ones, each at 1, 32, 128 and 256
@@ -61,14 +74,18 @@ step() {
 }
 
 for name in "$@"; do
-    limit=${name##*:}; name=${name%%:*}; [ "$limit" = "$name" ] && limit=600
+    limit=${name##*:}; RUN=${name%%:*}; [ "$limit" = "$name" ] && limit=600
+    # STEP+key=value+...: the step with config overrides for its model (logged and written as the whole name)
+    IFS=+ read -ra parts <<< "$RUN"
+    M20=(model.path=builtin:gpt-oss-20b model.load_format=dummy "${parts[@]:1}")
+    M120=(model.path=builtin:gpt-oss-120b model.load_format=dummy "${parts[@]:1}")
     start=$(date +%s)
     rm -rf "$JOBS"
-    timeout "$limit" bash -c "$(declare -f step); $(declare -p M20 M120 BENCH OUT JOBS); step $name" > "$OUT/$name.log" 2>&1
+    timeout "$limit" bash -c "$(declare -f step); $(declare -p M20 M120 BENCH OUT JOBS RUN); step ${parts[0]}" > "$OUT/$RUN.log" 2>&1
     code=$?
     # the jobs a bench step started: the end of their logs, with the engine's step counts
-    for job in "$JOBS"/*.log; do [ -f "$job" ] && { echo "--- $job"; grep -v "Loading weights" "$job" | tail -n 12; } >> "$OUT/$name.log"; done
-    echo "== $name: exit $code in $(( $(date +%s) - start )) s"
-    tail -n 15 "$OUT/$name.log" | grep -v "Loading weights"
+    for job in "$JOBS"/*.log; do [ -f "$job" ] && { echo "--- $job"; grep -v "Loading weights" "$job" | tail -n 12; } >> "$OUT/$RUN.log"; done
+    echo "== $RUN: exit $code in $(( $(date +%s) - start )) s"
+    tail -n 15 "$OUT/$RUN.log" | grep -v "Loading weights"
 done
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
