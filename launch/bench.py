@@ -155,7 +155,7 @@ def mean(values) -> float:
 
 
 def table(result: dict) -> str:
-    keys = ["path", "batch", "concurrency", "requests", "output_tokens_per_s", "total_tokens_per_s", "ttft_p50_s",
+    keys = ["path", "batch", "concurrency", "requests", "output_tokens_per_s", "distinct_tokens", "total_tokens_per_s", "ttft_p50_s",
             "ttft_p99_s", "itl_p50_s", "itl_p99_s", "peak_gpu_memory_gib", "client_cpu_max", "server_http_cpu", "server_process_cpu"]
     used = [k for k in keys if any(k in r for r in result["runs"])]
     lines = [f"{result['machine']}, {result['weights']} weights, {result['decoding']} decoding, workload {result['workload']}, "

@@ -44,8 +44,10 @@ RANDOM_SCALES = (118, 122)
 EXPERTS_A_STEP = 8
 # Zero bytes kept after each converted tensor. On Hopper, matmul_ogs' kernel loads a K tile's scales without a
 # mask, and gpt-oss's K (2880) ends in half a tile (128): the last expert's last row of scales reads up to 64 bytes
-# past the tensor. Whatever lies there scales codes masked to zero, harmless unless it is 0xFF, E8M0's NaN: then
-# NaN times zero poisoned every token routed there (one layer in four of a random gpt-oss-20b, now and then).
+# past the tensor. Whatever lies there scales codes masked to zero, harmless unless it is 0xFF (E8M0's NaN, which
+# the kernel widens to inf): zero times inf is NaN, in the down projection NaN for every token routed to that expert
+# (3 of the 24 layers of a random gpt-oss-20b in one probe), in gate_up a wrong finite value once the SwiGLU's clamp
+# drops the NaN (docs/performance.md, session 8).
 TAIL_BYTES = 4096
 
 
