@@ -1,6 +1,8 @@
 """The engine on CPU against the plain path: token-budget steps, chunked prefill, a paged cache small enough to
 preempt, prefix-cache hits, stops, aborts, per-request sampling, and the choice of backend."""
 
+import copy
+
 import pytest
 import torch
 from transformers import GptOssForCausalLM
@@ -163,3 +165,18 @@ def test_a_prompt_with_token_ids_outside_the_vocabulary_is_refused_alone(tiny, e
     out = complete(runner, [Work(0, [10**9], 5, Sampling()), Work(1, [-1], 5, Sampling()), Work(2, prompts[0], 3, Sampling())])
     assert [out[i][1].reason.startswith("error: prompt token ids") for i in range(3)] == [True, True, False]
     assert len(out[2][0]) == 3
+
+
+@pytest.mark.parametrize("sampling", [Sampling(), Sampling(temperature=1.0, seed=3)], ids=["greedy", "sampled"])
+def test_a_request_whose_logits_turn_nan_ends_with_an_error_and_leaves_no_nan_behind(tiny, enc, prompts, plain_tokens, sampling):
+    """NaN in the model (here the embedding of a token only request 0's prompt ends with) ends that request with an
+    error that says so, where argmax would have picked the NaN's index every step; the cached blocks it wrote (NaN
+    even before that token) are not found again, so the requests after it, sharing its harmony prefix, run clean."""
+    broken = copy.deepcopy(tiny)
+    with torch.no_grad():
+        broken.model.embed_tokens.weight[12345] = float("nan")
+    fast = engine(broken, enc)
+    out = complete(fast, [Work(0, prompts[0] + [12345], LIMITS[0], sampling)])
+    assert out[0][0] == [] and out[0][1].reason.startswith("error: the model's logits were NaN (not a number) at new token 1")
+    after = complete(fast, work(prompts, LIMITS)[1:])
+    assert {rid: tokens for rid, (tokens, _) in after.items()} == {rid: t for rid, t in plain_tokens.items() if rid}

@@ -76,6 +76,15 @@ class BlockPool:
             self.hits += len(blocks) * self.block_size
         return blocks, parent
 
+    def forget(self, blocks: list[int]) -> None:
+        """Unkey these blocks: what they hold must not be found again (a sequence whose model turned NaN wrote NaN
+        keys and values there, even at positions before the one that went wrong: attention weighs a later NaN by
+        zero, which is NaN)."""
+        for block in blocks:
+            key = self.key_of.pop(block, None)
+            if key is not None:
+                del self.block_of[key]
+
     def remember(self, blocks: list[int], tokens: list[int], first: int, last: int, parent: int | None) -> int | None:
         """Key a sequence's full blocks first..last-1 (their tokens computed; `parent`: block first-1's key), so
         later prompts can share them. Returns block last-1's key."""

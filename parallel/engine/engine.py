@@ -37,6 +37,9 @@ from parallel.log import log
 CACHE_HEADROOM_BYTES = 6 * 2**30
 # On CPU (tests, small models) the cache takes this unless engine.cache_gib says otherwise.
 CPU_CACHE_BYTES = 2**30
+# The token of a row whose logits hold a NaN (a broken checkpoint, or a kernel fault): argmax would return the NaN's
+# index, the same nonsense every step, and nothing would say so. The request ends with an error instead.
+NO_TOKEN = -1
 
 
 class Engine:
@@ -159,10 +162,12 @@ class Engine:
     # -- tokens ---------------------------------------------------------------------------------------------
 
     def _next_tokens(self, logits: torch.Tensor, due: list[Sequence]) -> torch.Tensor:
-        """On the device, without waiting for it: every parameter is known on the host."""
-        if all(seq.sampling.temperature == 0 for seq in due):
-            return logits.argmax(-1)
+        """On the device, without waiting for it: every parameter is known on the host. NO_TOKEN where a row's
+        logits hold a NaN."""
+        tokens = logits.argmax(-1) if all(seq.sampling.temperature == 0 for seq in due) else self._sampled(logits, due)
+        return torch.where(logits.isnan().any(-1), NO_TOKEN, tokens)
 
+    def _sampled(self, logits: torch.Tensor, due: list[Sequence]) -> torch.Tensor:
         def column(values, dtype) -> torch.Tensor:
             return self.runner.to_device(np.array(list(values), dtype=dtype))
 
@@ -181,18 +186,24 @@ class Engine:
             if self.sequences.get(seq.rid) is not seq:
                 continue
             at = len(seq.tokens) - seq.unknown
-            seq.tokens[at] = token
-            seq.unknown -= 1
             if seq.first_token is None:
                 seq.first_token = now
-            stop = {} if seq.sampling.ignore_eos else self.stop
-            reason = finish_reason(token, at + 1 - seq.prompt_len, seq.max_new_tokens, stop)
+            if token == NO_TOKEN:
+                made, reason = [], (f"error: the model's logits were NaN (not a number) at new token {at + 1 - seq.prompt_len}: "
+                                    "the checkpoint or a kernel is broken, and no token can be chosen")
+            else:
+                seq.tokens[at] = token
+                seq.unknown -= 1
+                stop = {} if seq.sampling.ignore_eos else self.stop
+                made, reason = [token], finish_reason(token, at + 1 - seq.prompt_len, seq.max_new_tokens, stop)
             if reason is None:
-                events.append(Event(seq.rid, [token]))
+                events.append(Event(seq.rid, made))
                 continue
+            if token == NO_TOKEN:
+                self.pool.forget(seq.blocks)
             self.scheduler.finish(seq)
             del self.sequences[seq.rid]
-            events.append(Event(seq.rid, [token], reason, seq.admitted - seq.arrived, seq.first_token - seq.admitted))
+            events.append(Event(seq.rid, made, reason, seq.admitted - seq.arrived, seq.first_token - seq.admitted))
         return events
 
 

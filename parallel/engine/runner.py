@@ -142,8 +142,9 @@ class Runner:
 
     def keep(self, tokens: torch.Tensor) -> Callable[[], list[int]]:
         """Hold a step's sampled tokens (R,) where the next step's forward reads them and start their copy to the
-        host; returns the wait for them."""
-        self.sampled[: len(tokens)].copy_(tokens)
+        host; returns the wait for them. The engine's NO_TOKEN (-1) is read as token 0 by the step launched after it,
+        whose row the host then drops."""
+        self.sampled[: len(tokens)].copy_(tokens.clamp(min=0))
         if self.device.type != "cuda":
             return tokens.tolist
         host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
