@@ -163,9 +163,10 @@ class Engine:
 
     def _next_tokens(self, logits: torch.Tensor, due: list[Sequence]) -> torch.Tensor:
         """On the device, without waiting for it: every parameter is known on the host. NO_TOKEN where a row's
-        logits hold a NaN."""
+        logits hold a NaN: argmax, greedy or over the sampler's noisy logits, picks a NaN wherever there is one, so
+        the chosen logit alone tells (R values read, not the whole vocabulary again)."""
         tokens = logits.argmax(-1) if all(seq.sampling.temperature == 0 for seq in due) else self._sampled(logits, due)
-        return torch.where(logits.isnan().any(-1), NO_TOKEN, tokens)
+        return torch.where(logits.gather(-1, tokens[:, None])[:, 0].isnan(), NO_TOKEN, tokens)
 
     def _sampled(self, logits: torch.Tensor, due: list[Sequence]) -> torch.Tensor:
         def column(values, dtype) -> torch.Tensor:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import math
 
 import torch
 import torch.nn.functional as F
@@ -300,10 +301,9 @@ def _convert_layout(tensor, layout_class, **options):
     swizzled = None
     for first in range(0, data.shape[0], EXPERTS_A_STEP):
         part = new_layout.swizzle_data(data[first:first + EXPERTS_A_STEP])
-        if swizzled is None:  # the layouts may return transposed views: keep their memory order, and a zero tail
+        if swizzled is None:  # dense, but maybe transposed: keep the layout's memory order, and a zero tail
             shape = (data.shape[0], *part.shape[1:])
-            size = sum((n - 1) * step for n, step in zip(shape, part.stride())) + 1
-            memory = torch.zeros(size + TAIL_BYTES // part.element_size(), dtype=part.dtype, device=part.device)
+            memory = torch.zeros(math.prod(shape) + TAIL_BYTES // part.element_size(), dtype=part.dtype, device=part.device)
             swizzled = memory.as_strided(shape, part.stride())
         swizzled[first:first + EXPERTS_A_STEP] = part
     return Tensor(Storage(swizzled, new_layout), dtype=tensor.dtype, shape=tensor.shape, shape_max=tensor.shape_max)

@@ -38,7 +38,7 @@ from parallel.config import EngineConfig  # noqa: E402
 from parallel.engine.engine import Engine  # noqa: E402
 from parallel.engine.forward import experts as engine_experts  # noqa: E402
 from parallel.engine.interface import Sampling, Work, complete  # noqa: E402
-from parallel.engine.mxfp4 import TAIL_BYTES, Mxfp4Experts, dequantize  # noqa: E402
+from parallel.engine.mxfp4 import Mxfp4Experts, dequantize  # noqa: E402
 from parallel.protocol.harmony import encoding, render_prompt, stop_tokens  # noqa: E402
 from parallel.protocol.requests import parse_request  # noqa: E402
 from tests.conftest import quantize  # noqa: E402
@@ -214,8 +214,7 @@ def scale_tail_check() -> bool:
         last = (torch.topk(F.linear(h, router_w, router_b), MATH["top_k"]).indices == total - 1).any(-1)
         for projection, config in (("gate_up", fast.kernel.gate_up_precision), ("down", fast.kernel.down_precision)):
             scales = config.weight_scale.storage.data
-            end = sum((n - 1) * step for n, step in zip(scales.shape, scales.stride())) + 1
-            tail = torch.empty(0, dtype=torch.uint8, device="cuda").set_(scales.untyped_storage())[end:end + TAIL_BYTES]
+            tail = torch.empty(0, dtype=torch.uint8, device="cuda").set_(scales.untyped_storage())[scales.numel():]
             tail.fill_(0xFF)
             out = fast(h, router_w, router_b)
             tail.zero_()
