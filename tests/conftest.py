@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -101,3 +102,18 @@ def taught_model(model_cache):
     from tests.taught import teach
 
     return teach(model_cache / "taught")
+
+
+def nan_for(folder: Path, enc, line: dict, others: list[dict]) -> Path:
+    """The tiny checkpoint, copied to `folder`, with NaN embeddings for the tokens of `line`'s prompt that no other
+    line's prompt holds: that request's logits turn NaN, the others' stay finite."""
+    from parallel.distributed.checkpoint import TINY, resolve_checkpoint
+    from parallel.protocol.harmony import render_prompt
+    from parallel.protocol.requests import parse_request
+
+    tokens = [set(render_prompt(enc, parse_request(x, 0), "medium")) for x in (line, *others)]
+    checkpoint = shutil.copytree(resolve_checkpoint(TINY), folder)
+    weights = load_file(checkpoint / "model.safetensors")
+    weights["model.embed_tokens.weight"][sorted(tokens[0] - set.union(*tokens[1:]))] = float("nan")
+    save_file(weights, checkpoint / "model.safetensors", metadata={"format": "pt"})
+    return checkpoint

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from tests.conftest import launch, read_records, write_jsonl
+from tests.conftest import launch, nan_for, read_records, write_jsonl
 
 FAST = ["generation.max_new_tokens=2", "generation.batch_size=1"]
 
@@ -137,3 +137,18 @@ def test_a_line_sets_its_own_budget_and_sampling_in_openais_terms(tmp_path):
     assert records["stop"]["error"].startswith('line 7: "stop" is not supported')
     assert records["both"]["error"] == "line 8: give one token budget, not max_new_tokens and max_tokens"
     assert records["hot"]["error"].startswith("line 9: temperature must be a number in [0, 2]")
+
+
+def test_a_line_that_turns_the_model_nan_costs_only_itself(tmp_path, enc):
+    """A checkpoint whose embeddings are NaN for the tokens of one line's word only (through the engine): that line's
+    record is an error that names the NaN, where argmax would have written one token over and over; the other lines
+    run to their budget."""
+    lines = [{"id": f"q{i}", "prompt": f"Question {i}"} for i in range(1, 4)] + [{"id": "nan", "prompt": "xylophone"}]
+    checkpoint = nan_for(tmp_path / "checkpoint", enc, lines[-1], lines[:-1])
+    out = tmp_path / "out.jsonl"
+    run = launch(out, f"model.path={checkpoint}", "engine.mode=always", *FAST, prompts=write_jsonl(tmp_path / "in.jsonl", lines))
+    records = {r["id"]: r for r in read_records(out)}
+    assert run.returncode == 0, run.stderr
+    assert records["nan"]["error"].startswith("line 4: the model's logits were NaN (not a number) at new token 1")
+    # the tiny model's two tokens are never whole harmony, so the others' errors are parse errors: their own
+    assert all(records[f"q{i}"]["usage"]["completion_tokens"] == 2 and "NaN" not in records[f"q{i}"]["error"] for i in range(1, 4))

@@ -369,3 +369,23 @@ def test_requests_cut_by_the_drain_deadline_say_so(taught_model):
     assert cut.value.status_code == 503
     out, _ = proc.communicate(timeout=60)
     assert "2 unfinished requests cut" in out, out
+
+
+def test_a_request_that_turns_the_model_nan_fails_alone_over_http(tmp_path, enc):
+    """The server on a checkpoint whose embeddings are NaN for one word's tokens: the request with that word is a
+    500 that names the NaN, not a reply of one token repeated; the server answers the next request."""
+    from tests.conftest import nan_for
+
+    broken, clean = {"prompt": "xylophone"}, {"prompt": "Question 1"}
+    checkpoint = nan_for(tmp_path / "checkpoint", enc, broken, [clean])
+    proc, url = start_server(checkpoint, "engine.mode=always", "generation.max_new_tokens=4", nproc=1)
+    try:
+        def chat(text):
+            return post(url, "/v1/chat/completions", json.dumps({"model": str(checkpoint), "messages": [{"role": "user", "content": text}]}).encode())
+
+        code, reply = chat(broken["prompt"])
+        assert code == 500 and "the model's logits were NaN (not a number) at new token 1" in reply["error"]["message"], reply
+        code, reply = chat(clean["prompt"])
+        assert code == 200 and reply["usage"]["completion_tokens"] > 0, reply
+    finally:
+        stop_server(proc)
