@@ -15,6 +15,8 @@ from parallel.engine.choice import choose_backend
 from parallel.engine.engine import Engine
 from parallel.engine.interface import Sampling, Work, complete
 from parallel.engine.plain import Plain
+from parallel.engine.kernels.sampling import BLOCK, PROGRAMS, gumbel_argmax as sampling_kernel
+from parallel.engine.sampling import ROWS, draw, gumbel_argmax, sample, scale
 from parallel.protocol.harmony import render_prompt, stop_tokens
 from parallel.protocol.requests import parse_request
 from tests.conftest import ROOT
@@ -104,6 +106,31 @@ def test_sampled_requests_do_not_depend_on_who_shares_their_steps(tiny, enc, pro
     crowded = complete(engine(tiny, enc), [Work(1, prompts[1], 16, Sampling(1.0, 0.9, 8)), Work(0, prompts[0], 16, sampled)])
     other_seed = complete(engine(tiny, enc), [Work(0, prompts[0], 16, Sampling(1.0, 0.9, 8))])[0][0]
     assert crowded[0][0] == alone != other_seed
+
+
+@pytest.mark.parametrize("cut", [False, True])
+def test_many_rows_are_sampled_a_few_at_a_time_each_as_if_alone(cut):
+    rows = 2 * ROWS + 3
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(rows, 500, generator=gen)
+    temperature = torch.rand(rows, generator=gen) * (torch.arange(rows) % 3 > 0)  # every third row greedy
+    top_p = torch.rand(rows, generator=gen) if cut else torch.ones(rows)
+    seeds, positions = torch.randint(0, 2**40, (2, rows), generator=gen)
+    alone = [draw(logits[i : i + 1], temperature[i : i + 1], top_p[i : i + 1], seeds[i : i + 1], positions[i : i + 1], cut) for i in range(rows)]
+    assert sample(logits, temperature, top_p, seeds, positions, cut).tolist() == torch.cat(alone).tolist()
+
+
+@pytest.mark.parametrize("rows", [9, PROGRAMS])  # a row's vocabulary split over 3 programs, and over one
+def test_the_sampling_kernel_draws_the_tokens_torch_draws_and_a_nan_wins_its_row(rows):
+    gen = torch.Generator().manual_seed(1)
+    vocab = 2 * BLOCK + 5  # a last block mostly past the vocabulary
+    logits = (torch.randn(rows, vocab, generator=gen) * 4).bfloat16()
+    logits[3, vocab - 2] = float("nan")
+    temperature = torch.rand(rows, generator=gen) * 2 + 0.1
+    seeds, positions = torch.randint(0, 2**40, (2, rows), generator=gen)
+    drawn = sampling_kernel(logits, temperature, seeds, positions)
+    assert drawn.tolist() == gumbel_argmax(scale(logits, temperature), seeds, positions).tolist()
+    assert drawn[3] == vocab - 2
 
 
 def test_engine_ends_requests_at_harmony_stop_tokens(enc, taught_model):

@@ -6,6 +6,12 @@ from __future__ import annotations
 
 import torch
 
+# Rows drawn at once. The noise's int64 (rows, vocab) temporaries take 8 bytes a logit, several at a time: at
+# gpt-oss's 201,088-token vocabulary, a launcher's mixed steps of hundreds of sampled rows ran an H100 out of memory
+# in the few GiB the KV cache leaves (CACHE_HEADROOM_BYTES). 128 rows keep each near 200 MB; a decode step of up to
+# 128 rows is still one draw.
+ROWS = 128
+
 
 def _signed(c: int) -> int:
     return c - (1 << 64) if c >= 1 << 63 else c
@@ -29,16 +35,39 @@ def uniform(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.T
     return (_shift(x, 40).float() + 0.5) / 2**24
 
 
-def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, seeds: torch.Tensor,
-           positions: torch.Tensor, cut: bool) -> torch.Tensor:
+def scale(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    return logits.float() / temperature.clamp_min(1e-6)[:, None]
+
+
+def gumbel_argmax(scaled: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Each row's draw from softmax(scaled): the argmax of scaled plus Gumbel noise from the hash."""
+    return (scaled - torch.log(-torch.log(uniform(seeds, positions, scaled.shape[-1])))).argmax(-1)
+
+
+def draw(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, seeds: torch.Tensor,
+         positions: torch.Tensor, cut: bool) -> torch.Tensor:
     """Row r's token: argmax where temperature[r] == 0, else a draw from softmax(logits / temperature) cut to the
-    smallest set of tokens whose probability reaches top_p[r] (Gumbel-max over the hash's noise). `cut`: whether
-    any top_p is below 1, told by the caller, which knows without asking the device (a sync)."""
-    greedy = logits.argmax(-1)
-    scaled = logits.float() / temperature.clamp_min(1e-6)[:, None]
+    smallest set of tokens whose probability reaches top_p[r]. `cut`: whether any top_p is below 1, told by the
+    caller, which knows without asking the device (a sync). Without a cut, on GPU, one Triton kernel draws
+    (parallel/engine/kernels/sampling.py). Each row's token depends on that row alone, so rows may be drawn in any
+    grouping."""
     if cut:
+        scaled = scale(logits, temperature)
         probs, order = torch.softmax(scaled, -1).sort(-1, descending=True)
         outside = probs.cumsum(-1) - probs >= top_p[:, None]
-        scaled = scaled.scatter(-1, order, torch.where(outside, float("-inf"), scaled.gather(-1, order)))
-    gumbel = -torch.log(-torch.log(uniform(seeds, positions, logits.shape[-1])))
-    return torch.where(temperature > 0, (scaled + gumbel).argmax(-1), greedy)
+        noisy = gumbel_argmax(scaled.scatter(-1, order, torch.where(outside, float("-inf"), scaled.gather(-1, order))),
+                              seeds, positions)
+    elif logits.is_cuda:
+        from parallel.engine.kernels.sampling import gumbel_argmax as kernel  # triton: GPU builds of torch bring it
+
+        noisy = kernel(logits, temperature, seeds, positions)
+    else:
+        noisy = gumbel_argmax(scale(logits, temperature), seeds, positions)
+    return torch.where(temperature > 0, noisy, logits.argmax(-1))
+
+
+def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, seeds: torch.Tensor,
+           positions: torch.Tensor, cut: bool) -> torch.Tensor:
+    """`draw` over ROWS rows at a time."""
+    columns = (logits, temperature, top_p, seeds, positions)
+    return torch.cat([draw(*(c[i : i + ROWS] for c in columns), cut) for i in range(0, len(logits), ROWS)])

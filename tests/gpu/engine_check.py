@@ -8,7 +8,12 @@
    attention, CUDA graphs for decode steps, torch.compile'd pieces, prefix caching): its three lessons answered
    token for token, twice (the second time from the prefix cache). (The random tiny model's logits are too close in
    bf16 for exact comparisons between two implementations; the taught one's are not.)
-Exits non-zero if any tokens differ.
+3. the sampler at gpt-oss's vocabulary: the Triton draw (parallel/engine/kernels/sampling.py) against torch's on
+   the same logits and noise, 1, 128 and 300 rows (the same tokens but where float rounding of the noise's
+   logarithms differs: at most SAMPLER_MISMATCH of rows), each one's time, and the sampler's peak
+   memory drawing 1,024 rows (a launcher's mixed step may sample that many), top-p at 1 and below, against
+   SAMPLER_GIB.
+Exits non-zero if any greedy tokens differ, or the sampler differs or takes more than that.
 """
 
 import sys
@@ -23,9 +28,14 @@ from parallel.distributed.checkpoint import TINY, resolve_checkpoint
 from parallel.engine.engine import Engine
 from parallel.engine.interface import Sampling, Work, complete
 from parallel.engine.plain import Plain
+from parallel.engine.kernels.sampling import gumbel_argmax as sampling_kernel
+from parallel.engine.sampling import gumbel_argmax, sample, scale
 from parallel.protocol.harmony import encoding, pad_token_id, render_prompt, stop_tokens
 from parallel.protocol.requests import parse_request
 from tests.taught import LESSONS, teach
+
+SAMPLER_GIB = 2  # of the engine's 6 GiB of headroom (parallel/engine/engine.py)
+SAMPLER_MISMATCH = 0.01
 
 
 def greedy_matches(enc) -> tuple[int, int, str]:
@@ -53,6 +63,42 @@ def taught_lessons(enc) -> tuple[int, int, str]:
     return same, 2 * len(answers), f"{engine.describe()}; prefix cache hit {engine.pool.hits} of {engine.pool.queries} prompt tokens"
 
 
+def sampler_agrees() -> tuple[int, int, str]:
+    gen = torch.Generator("cuda").manual_seed(0)
+    same = total = 0
+    times = []
+    for rows in (1, 128, 300):
+        logits = (torch.randn(rows, 201088, device="cuda", generator=gen) * 4).bfloat16()
+        temperature = torch.rand(rows, device="cuda", generator=gen) + 0.5
+        seeds, positions = torch.randint(0, 2**40, (2, rows), device="cuda", generator=gen)
+        ours, theirs = (lambda: sampling_kernel(logits, temperature, seeds, positions),
+                        lambda: gumbel_argmax(scale(logits, temperature), seeds, positions))
+        same += (ours() == theirs()).sum().item()
+        total += rows
+        times.append(f"{rows} rows: Triton {timed(ours):.3f} ms, torch {timed(theirs):.3f} ms")
+    return same, total, "; ".join(times)
+
+
+def timed(f, repeats: int = 20) -> float:
+    f()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        f()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
+def sampler_peak_gib(cut: bool, rows: int = 1024, vocab: int = 201088) -> float:
+    logits = torch.randn(rows, vocab, device="cuda").bfloat16()
+    ones = torch.ones(rows, device="cuda")
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    sample(logits, ones, ones * 0.9, ones.long(), ones.long(), cut)
+    return (torch.cuda.max_memory_allocated() - before) / 2**30
+
+
 def main() -> int:
     print("torch", torch.__version__, torch.cuda.get_device_name())
     enc = encoding()
@@ -62,6 +108,12 @@ def main() -> int:
     same, total, how = taught_lessons(enc)
     print(f"greedy bfloat16, taught model: engine ({how}) answers {same}/{total} lessons token for token")
     ok &= same == total
+    same, total, how = sampler_agrees()
+    print(f"sampler: Triton draw = torch draw on {same}/{total} rows ({how})")
+    ok &= same >= total * (1 - SAMPLER_MISMATCH)
+    peaks = [sampler_peak_gib(cut) for cut in (False, True)]
+    print(f"sampler at 1,024 rows: peak {peaks[0]:.2f} GiB, {peaks[1]:.2f} GiB with top-p (at most {SAMPLER_GIB})")
+    ok &= max(peaks) <= SAMPLER_GIB
     print("OK" if ok else "FAILED")
     return 0 if ok else 1
 
