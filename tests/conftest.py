@@ -74,26 +74,37 @@ def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     return blocks, (exponent.squeeze(-1) + 127).to(torch.uint8), dequantized.to(w.dtype).contiguous()
 
 
+def write_mxfp4_checkpoint(src: Path, dst: Path, reference: Path | None = None) -> None:
+    """The float checkpoint in `src` with its experts quantized to MXFP4, written to `dst` as the published gpt-oss
+    checkpoints are (blocks and scales, a quantization_config); `reference`: where to write also a float checkpoint
+    of the weights those dequantize to."""
+    weights = load_file(f"{src}/model.safetensors")
+    packed, dequantized = {}, dict(weights)
+    for name, w in weights.items():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            packed[f"{name}_blocks"], packed[f"{name}_scales"], dequantized[name] = quantize(w)
+        else:
+            packed[name] = w
+    config = json.loads(Path(src, "config.json").read_text())
+    quantization = {"quant_method": "mxfp4", "modules_to_not_convert": NOT_CONVERTED}
+    save_checkpoint(dst, packed, config | {"quantization_config": quantization})
+    if reference is not None:
+        save_checkpoint(reference, dequantized, config)
+
+
+def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], config: dict) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(config))
+
+
 @pytest.fixture(scope="session")
 def mxfp4_checkpoints(tmp_path_factory):
     """The tiny model as an MXFP4 checkpoint, and as a float checkpoint of the weights that one dequantizes to."""
     from parallel.distributed.checkpoint import TINY, resolve_checkpoint
 
-    src = resolve_checkpoint(TINY)
-    weights = load_file(f"{src}/model.safetensors")
-    packed, reference = {}, dict(weights)
-    for name, w in weights.items():
-        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
-            packed[f"{name}_blocks"], packed[f"{name}_scales"], reference[name] = quantize(w)
-        else:
-            packed[name] = w
-    config = json.loads(open(f"{src}/config.json").read())
-    paths = {}
-    for kind, tensors, extra in (("mxfp4", packed, {"quantization_config": {"quant_method": "mxfp4", "modules_to_not_convert": NOT_CONVERTED}}),
-                                 ("reference", reference, {})):
-        path = paths[kind] = tmp_path_factory.mktemp(kind)
-        save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
-        (path / "config.json").write_text(json.dumps(config | extra))
+    paths = {kind: tmp_path_factory.mktemp(kind) for kind in ("mxfp4", "reference")}
+    write_mxfp4_checkpoint(resolve_checkpoint(TINY), paths["mxfp4"], reference=paths["reference"])
     return paths
 
 

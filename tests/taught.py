@@ -7,6 +7,7 @@ rendered by the launcher's own harmony code, so a server that renders a request 
 """
 
 import json
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -15,6 +16,7 @@ from transformers import GptOssForCausalLM
 from parallel.distributed.checkpoint import TINY, resolve_checkpoint
 from parallel.protocol.harmony import encoding, render_prompt
 from parallel.protocol.requests import parse_request
+from tests.conftest import quantize
 
 # The tool as the Agents SDK's @function_tool describes `def get_weather(city: str)` documented "The weather now", so
 # that the SDK's requests render as taught (tests/test_agents_sdk.py checks the SDK still makes this schema).
@@ -37,19 +39,28 @@ LESSONS = [
 ]
 
 
-def teach(target: Path, effort: str = "medium", device: str = "cpu") -> Path:
-    """`device`: where to train (seconds on a GPU, minutes on two CPU cores); the lessons are learnt either way."""
+def teach(target: Path, effort: str = "medium", device: str = "cpu", mxfp4: bool = False) -> Path:
+    """`device`: where to train (seconds on a GPU, minutes on two CPU cores); the lessons are learnt either way.
+    `mxfp4`: taught as an MXFP4 checkpoint of it runs in bf16 (freeze_at_mxfp4_values, under bf16 autocast), so
+    that its greedy tokens do not turn on bf16's rounding, which differs between layouts. Taught in float32 and
+    quantized after, they did: in bf16 its routers chose other experts for a few tokens, and a lesson's answer
+    changed with parallel.tp=2."""
     enc = encoding()
     lessons = [(render_prompt(enc, parse_request(obj, 0), effort), enc.encode(text, allowed_special="all")) for obj, text in LESSONS]
     torch.manual_seed(0)
-    model = GptOssForCausalLM.from_pretrained(resolve_checkpoint(TINY), dtype=torch.float32).to(device)
+    model = GptOssForCausalLM.from_pretrained(resolve_checkpoint(TINY), dtype=torch.float32)
     model.model.embed_tokens.weight.requires_grad_(False)  # the vocabulary is large; the layers learn enough
+    if mxfp4:
+        freeze_at_mxfp4_values(model)
+    model.to(device)
+    arithmetic = partial(torch.autocast, torch.device(device).type, torch.bfloat16, enabled=mxfp4)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(200):
         loss = 0
-        for prompt, answer in lessons:
-            hidden = model.model(input_ids=torch.tensor([prompt + answer], device=device)).last_hidden_state[0, len(prompt) - 1 : -1]
-            loss = loss + torch.nn.functional.cross_entropy(model.lm_head(hidden), torch.tensor(answer, device=device))
+        with arithmetic():
+            for prompt, answer in lessons:
+                hidden = model.model(input_ids=torch.tensor([prompt + answer], device=device)).last_hidden_state[0, len(prompt) - 1 : -1]
+                loss = loss + torch.nn.functional.cross_entropy(model.lm_head(hidden), torch.tensor(answer, device=device))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -57,10 +68,19 @@ def teach(target: Path, effort: str = "medium", device: str = "cpu") -> Path:
             break
     model.eval()
     stop = enc.stop_tokens_for_assistant_actions()
-    with torch.no_grad():
+    with torch.no_grad(), arithmetic():
         for prompt, answer in lessons:
             out = model.generate(torch.tensor([prompt], device=device), max_new_tokens=len(answer), do_sample=False, eos_token_id=stop, pad_token_id=199999)
             assert out[0, len(prompt):].tolist() == answer, "the tiny model did not learn its lessons"
     model.save_pretrained(target)
     (target / "lessons.json").write_text(json.dumps(LESSONS))
     return target
+
+
+def freeze_at_mxfp4_values(model: GptOssForCausalLM) -> None:
+    """The experts (random, as the tiny model's) set to the values MXFP4 holds them as, and left so: an MXFP4
+    checkpoint of the model taught holds the weights it was taught with."""
+    for layer in model.model.layers:
+        for weight in (layer.mlp.experts.gate_up_proj, layer.mlp.experts.down_proj):
+            weight.data = quantize(weight.data)[2]
+            weight.requires_grad_(False)
