@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics["rejected_lines"] = len(rejected)
         Path(f"{cfg.data.output}.metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         log(json.dumps(metrics))
-    finish_job(watchdog)
+    finish_job(watchdog, backend)
     return 0
 
 

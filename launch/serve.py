@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if api and api.wait():
         return 1
-    finish_job(watchdog)
+    finish_job(watchdog, backend)
     return 0
 
 

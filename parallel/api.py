@@ -133,7 +133,7 @@ class LLM:
         """Leave the job (every rank together); the LLM cannot generate after this."""
         if self.watchdog is None:
             return
-        finish_job(self.watchdog)
+        finish_job(self.watchdog, self.backend)
         self.watchdog = None
         for key in self.added_environment:
             os.environ.pop(key, None)

@@ -74,7 +74,12 @@ def peak_memory_gib(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
 
 
-def finish_job(watchdog: Watchdog) -> None:
+def finish_job(watchdog: Watchdog, backend: Backend | None = None) -> None:
+    """Leave the job, every rank together. The backend lets go of its CUDA graphs first: a process whose graphs
+    captured NCCL collectives (the engine under tp or ep) hangs at exit once its process group is destroyed
+    (pytorch/pytorch#115388), seen as a 2-GPU tp job that wrote every record and never ended."""
+    if backend is not None:
+        backend.close()
     watchdog.stop()
     dist.barrier()
     dist.destroy_process_group()

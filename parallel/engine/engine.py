@@ -149,6 +149,9 @@ class Engine:
         if events:
             publish(events)
 
+    def close(self) -> None:
+        self.runner.close()
+
     def summary(self) -> str:
         """What the steps did: how many of each kind, their tokens and the host's time (how much of it waiting for
         the GPU: the rest is scheduling and bookkeeping, which the GPU may wait for); preemptions; prefix-cache

@@ -66,6 +66,10 @@ class Backend(Protocol):
     def summary(self) -> str:
         """What it did, for the log at the end."""
 
+    def close(self) -> None:
+        """Let go of what it holds on the device beyond the model (the engine's CUDA graphs); it may not generate
+        after this."""
+
 
 @dataclass
 class Completion:

@@ -26,6 +26,9 @@ class Plain:
     def describe(self) -> str:
         return f"plain model.generate, batches of up to {self.batch_size}"
 
+    def close(self) -> None:
+        """Nothing held beyond the model."""
+
     def summary(self) -> str:
         return f"plain: {self.batches} batches"
 

@@ -10,6 +10,7 @@ lm_head's module gathers a vocabulary split of the logits.
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Callable
 from functools import partial
@@ -118,6 +119,13 @@ class Runner:
             x = x + moe
         x = x[:, 0] if take is None else x[take, 0]
         return self.model.lm_head(inner.norm(x))
+
+    def close(self) -> None:
+        """The CUDA graphs freed, after the work they were given (their pools and captured collectives)."""
+        if self.graphs is not None:
+            torch.cuda.synchronize(self.device)
+            self.graphs = None
+            gc.collect()
 
     # -- one step -------------------------------------------------------------------------------------------
 
