@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     Replica(place, backend, link, TokenStreamer(cfg.server.stream_interval) if place.is_leader else None).run()
 
     if api and api.wait():
+        backend.close()  # no process-group teardown, but the graphs still go first (parallel/job.py's finish_job)
         return 1
     finish_job(watchdog, backend)
     return 0

@@ -16,7 +16,7 @@ from transformers import GptOssForCausalLM
 from parallel.distributed.checkpoint import TINY, resolve_checkpoint
 from parallel.protocol.harmony import encoding, render_prompt
 from parallel.protocol.requests import parse_request
-from tests.conftest import quantize
+from tests.mxfp4_files import quantize
 
 # The tool as the Agents SDK's @function_tool describes `def get_weather(city: str)` documented "The weather now", so
 # that the SDK's requests render as taught (tests/test_agents_sdk.py checks the SDK still makes this schema).
@@ -41,8 +41,9 @@ LESSONS = [
 
 def teach(target: Path, effort: str = "medium", device: str = "cpu", mxfp4: bool = False) -> Path:
     """`device`: where to train (seconds on a GPU, minutes on two CPU cores); the lessons are learnt either way.
-    `mxfp4`: taught as an MXFP4 checkpoint of it runs in bf16 (freeze_at_mxfp4_values, under bf16 autocast), so
-    that its greedy tokens do not turn on bf16's rounding, which differs between layouts. Taught in float32 and
+    `mxfp4`: taught the way its MXFP4 checkpoint will run, experts at MXFP4's values (freeze_at_mxfp4_values) and
+    arithmetic in bf16 (autocast), so that its greedy tokens do not turn on bf16's rounding, which differs between
+    layouts. Taught in float32 and
     quantized after, they did: in bf16 its routers chose other experts for a few tokens, and a lesson's answer
     changed with parallel.tp=2."""
     enc = encoding()

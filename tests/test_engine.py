@@ -133,6 +133,17 @@ def test_the_sampling_kernel_draws_the_tokens_torch_draws_and_a_nan_wins_its_row
     assert drawn[3] == vocab - 2
 
 
+def test_no_token_far_below_the_top_is_ever_drawn():
+    # At (seed 33, position 7) a 24-bit hash gave some token u = 1, infinite noise, and the draw regardless of logits.
+    logits = torch.zeros(4, 201088)
+    logits[:, 0] = 30  # every other token e**-30 as likely
+    ones = torch.ones(4)
+    seeds, positions = torch.tensor([33, 33, 1, 2]), torch.tensor([7, 8, 7, 7])
+    for cut in (False, True):
+        assert sample(logits, ones, ones * (0.5 if cut else 1), seeds, positions, cut).tolist() == [0] * 4
+    assert sampling_kernel(logits, ones, seeds, positions).tolist() == [0] * 4
+
+
 def test_engine_ends_requests_at_harmony_stop_tokens(enc, taught_model):
     model = GptOssForCausalLM.from_pretrained(taught_model).eval()
     lessons = [(render_prompt(enc, parse_request(obj, 0), "medium"), enc.encode(text, allowed_special="all")) for obj, text in LESSONS]

@@ -104,6 +104,12 @@ class StepGraphs:
                 self.graphs[kind, size] = self._capture(kind, size)
                 size //= 2
 
+    def release(self) -> None:
+        """Every graph freed now, whoever still refers to it (see Runner.close)."""
+        for graph, _ in self.graphs.values():
+            graph.reset()
+        self.graphs.clear()
+
     def run(self, step: StepInputs) -> torch.Tensor:
         """The logits of the step's due tokens, through its graph."""
         key = ("decode", power_of_two(len(step.ids))) if step.decode else ("mixed", power_of_two(len(step.ids), MIN_TOKENS))

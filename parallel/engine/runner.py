@@ -10,7 +10,6 @@ lm_head's module gathers a vocabulary split of the logits.
 
 from __future__ import annotations
 
-import gc
 import time
 from collections.abc import Callable
 from functools import partial
@@ -121,11 +120,13 @@ class Runner:
         return self.model.lm_head(inner.norm(x))
 
     def close(self) -> None:
-        """The CUDA graphs freed, after the work they were given (their pools and captured collectives)."""
+        """The CUDA graphs freed, after the work they were given: graphs that captured NCCL collectives (tp, ep) and
+        outlive the process group hang the process's exit (parallel/job.py's finish_job). Steps after this run
+        eager."""
         if self.graphs is not None:
             torch.cuda.synchronize(self.device)
+            self.graphs.release()
             self.graphs = None
-            gc.collect()
 
     # -- one step -------------------------------------------------------------------------------------------
 

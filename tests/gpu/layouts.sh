@@ -18,6 +18,7 @@ mkdir -p "$out"
 gpus=$(nvidia-smi -L | wc -l)
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
 failed=()
+LIMIT=${LIMIT:-180}  # seconds a run may take: an engine starts in about 50 s on an H100
 
 # A series: its name ($series), its overrides ($overrides), the records its runs are compared with ($reference) and
 # the line that each rank logs where it runs its experts natively ($native; empty: none looked for).
@@ -25,11 +26,15 @@ run() { # NAME NPROC OVERRIDES...
     local name=$series-$1 nproc=$2
     shift 2
     if (( nproc > gpus )); then echo "$name: skipped, needs $nproc GPUs"; return; fi
-    if ! torchrun --nproc_per_node="$nproc" launch/generate.py --config configs/tiny.yaml "${overrides[@]}" \
-            data.output="$out/$name.jsonl" output.raw=true output.echo=false runtime.progress=false \
-            generation.batch_size=1 "$@" > "$out/$name.log" 2>&1; then
-        echo "$name: FAILED"; tail -30 "$out/$name.log"; failed+=("$name"); return
-    fi
+    rm -f "$out/$name".*  # the launcher resumes: records left by an earlier run would make it do nothing
+    # A job that writes its records and then does not exit fails too (session 9's tp=2 with CUDA graphs did).
+    timeout "$LIMIT" torchrun --nproc_per_node="$nproc" launch/generate.py --config configs/tiny.yaml "${overrides[@]}" \
+        data.output="$out/$name.jsonl" output.raw=true output.echo=false runtime.progress=false \
+        generation.batch_size=1 "$@" > "$out/$name.log" 2>&1 || {
+        code=$?
+        echo "$name: FAILED ($( ((code == 124)) && echo "did not end within $LIMIT s" || echo "exit $code"))"
+        tail -30 "$out/$name.log"; failed+=("$name"); return
+    }
     python3 - "$name" "$nproc" "$reference" "$out/$name.jsonl" "$out/$name.log" "$native" <<'PY' || failed+=("$name")
 import json, os, sys
 name, nproc, reference, records, log, native = sys.argv[1:]

@@ -22,27 +22,23 @@ from its zero-padded whole layer, a row of many tokens differs from its token al
 """
 
 import gc
-import os
 import sys
 import tempfile
 from pathlib import Path
 
-# tests/conftest.py (for `quantize`) turns Triton's interpreter on where it sees no /dev/nvidia0.
-os.environ.setdefault("TRITON_INTERPRET", "0")
+import torch
+import torch.nn.functional as F
+from transformers import GptOssForCausalLM
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from transformers import GptOssForCausalLM  # noqa: E402
-
-from parallel.config import EngineConfig  # noqa: E402
-from parallel.engine.engine import Engine  # noqa: E402
-from parallel.engine.forward import experts as engine_experts  # noqa: E402
-from parallel.engine.interface import Sampling, Work, complete  # noqa: E402
-from parallel.engine.mxfp4 import Mxfp4Experts, dequantize  # noqa: E402
-from parallel.protocol.harmony import encoding, render_prompt, stop_tokens  # noqa: E402
-from parallel.protocol.requests import parse_request  # noqa: E402
-from tests.conftest import quantize  # noqa: E402
-from tests.taught import LESSONS, teach  # noqa: E402
+from parallel.config import EngineConfig
+from parallel.engine.engine import Engine
+from parallel.engine.forward import experts as engine_experts
+from parallel.engine.interface import Sampling, Work, complete
+from parallel.engine.mxfp4 import Mxfp4Experts, dequantize
+from parallel.protocol.harmony import encoding, render_prompt, stop_tokens
+from parallel.protocol.requests import parse_request
+from tests.mxfp4_files import quantize
+from tests.taught import LESSONS, teach
 
 HIDDEN = INNER = 2880
 MATH = {"top_k": 4, "limit": 7.0, "alpha": 1.702}

@@ -12,7 +12,8 @@ the launcher's records hold them with output.raw=true.
 import argparse
 from pathlib import Path
 
-from tests.conftest import write_jsonl, write_mxfp4_checkpoint
+from tests.conftest import write_jsonl
+from tests.mxfp4_files import write_mxfp4_checkpoint
 from tests.taught import LESSONS, teach
 
 

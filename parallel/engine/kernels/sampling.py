@@ -18,7 +18,8 @@ import triton.language as tl
 from parallel.engine.sampling import GOLDEN, MIX1, MIX2
 
 BLOCK = 4096  # tokens a loop step
-PROGRAMS = 264  # what a draw of few rows splits into: about two waves of an H100's 132 SMs
+PROGRAMS = 264  # a draw of few rows splits its vocabulary into up to this many programs (two waves of an H100's 132
+# SMs), a block each at least: 50 for one row of gpt-oss's vocabulary
 
 
 @triton.jit
@@ -40,7 +41,7 @@ def _gumbel_argmax(logits, stride, temperature, seeds, positions, best_value, be
         h = (h ^ (h >> 30)) * MIX1
         h = (h ^ (h >> 27)) * MIX2
         h = h ^ (h >> 31)
-        u = ((h >> 40).to(tl.float32) + 0.5) / 16777216.0
+        u = ((h >> 41).to(tl.float32) + 0.5) / 8388608.0  # below 1, as `uniform` says why
         v = tl.where(x != x, float("inf"), x / t - tl.log(-tl.log(u)))
         v = tl.where(inside, v, float("-inf"))
         top = tl.max(v, 0)
@@ -56,7 +57,7 @@ def gumbel_argmax(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.
     """Each row's argmax of logits / temperature + its noise (rows of temperature 0 are the caller's)."""
     rows, vocab = logits.shape
     blocks = triton.cdiv(vocab, BLOCK)
-    span = triton.cdiv(blocks, max(1, min(triton.cdiv(PROGRAMS, max(rows, 1)), blocks))) * BLOCK
+    span = triton.cdiv(blocks, min(triton.cdiv(PROGRAMS, max(rows, 1)), blocks)) * BLOCK
     splits = triton.cdiv(vocab, span)
     value = torch.empty(rows, splits, dtype=torch.float32, device=logits.device)
     token = torch.empty(rows, splits, dtype=torch.int64, device=logits.device)
