@@ -50,23 +50,23 @@ def gumbel_argmax(scaled: torch.Tensor, seeds: torch.Tensor, positions: torch.Te
 
 def draw(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, seeds: torch.Tensor,
          positions: torch.Tensor, cut: bool) -> torch.Tensor:
-    """Row r's token: argmax where temperature[r] == 0, else a draw from softmax(logits / temperature) cut to the
-    smallest set of tokens whose probability reaches top_p[r]. `cut`: whether any top_p is below 1, told by the
-    caller, which knows without asking the device (a sync). Without a cut, on GPU, one Triton kernel draws
-    (parallel/engine/kernels/sampling.py). Each row's token depends on that row alone, so rows may be drawn in any
-    grouping."""
-    if cut:
-        scaled = scale(logits, temperature)
-        probs, order = torch.softmax(scaled, -1).sort(-1, descending=True)
-        outside = probs.cumsum(-1) - probs >= top_p[:, None]
-        noisy = gumbel_argmax(scaled.scatter(-1, order, torch.where(outside, float("-inf"), scaled.gather(-1, order))),
-                              seeds, positions)
-    elif logits.is_cuda:
+    """Row r's token: argmax where temperature[r] == 0, else a draw from softmax(logits / temperature), cut where
+    top_p[r] < 1 to the smallest set of tokens whose probability reaches it. `cut`: whether any top_p is below 1,
+    told by the caller, which knows without asking the device (a sync). On GPU one Triton kernel draws the uncut
+    rows (parallel/engine/kernels/sampling.py). A row's path depends on its own top_p only, and its token on that
+    row alone, so rows may be drawn in any grouping."""
+    if logits.is_cuda:
         from parallel.engine.kernels.sampling import gumbel_argmax as kernel  # triton: GPU builds of torch bring it
 
         noisy = kernel(logits, temperature, seeds, positions)
     else:
         noisy = gumbel_argmax(scale(logits, temperature), seeds, positions)
+    if cut:
+        scaled = scale(logits, temperature)
+        probs, order = torch.softmax(scaled, -1).sort(-1, descending=True)
+        outside = probs.cumsum(-1) - probs >= top_p[:, None]
+        kept = scaled.scatter(-1, order, torch.where(outside, float("-inf"), scaled.gather(-1, order)))
+        noisy = torch.where(top_p < 1, gumbel_argmax(kept, seeds, positions), noisy)
     return torch.where(temperature > 0, noisy, logits.argmax(-1))
 
 

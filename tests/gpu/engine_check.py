@@ -9,8 +9,8 @@
    token for token, twice (the second time from the prefix cache). (The random tiny model's logits are too close in
    bf16 for exact comparisons between two implementations; the taught one's are not.)
 3. the sampler at gpt-oss's vocabulary: the Triton draw (parallel/engine/kernels/sampling.py) against torch's on
-   the same logits and noise, 1, 128 and 300 rows (the same tokens but where float rounding of the noise's
-   logarithms differs: at most SAMPLER_MISMATCH of rows), each one's time, and the sampler's peak
+   the same logits and noise, 1, 128 and 300 rows (the same tokens but where their float rounding differs: at
+   most SAMPLER_MISMATCH of rows), each one's time, and the sampler's peak
    memory drawing 1,024 rows (a launcher's mixed step may sample that many), top-p at 1 and below, against
    SAMPLER_GIB.
 Exits non-zero if any greedy tokens differ, or the sampler differs or takes more than that.
