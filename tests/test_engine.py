@@ -16,7 +16,7 @@ from parallel.engine.engine import Engine
 from parallel.engine.interface import Sampling, Work, complete
 from parallel.engine.plain import Plain
 from parallel.engine.kernels.sampling import BLOCK, PROGRAMS, gumbel_argmax as sampling_kernel
-from parallel.engine.sampling import ROWS, draw, gumbel_argmax, sample, scale
+from parallel.engine.sampling import ROWS, gumbel_argmax, sample, scale
 from parallel.protocol.harmony import render_prompt, stop_tokens
 from parallel.protocol.requests import parse_request
 from tests.conftest import ROOT
@@ -116,7 +116,7 @@ def test_many_rows_are_sampled_a_few_at_a_time_each_as_if_alone(cut):
     temperature = torch.rand(rows, generator=gen) * (torch.arange(rows) % 3 > 0)  # every third row greedy
     top_p = torch.rand(rows, generator=gen) if cut else torch.ones(rows)
     seeds, positions = torch.randint(0, 2**40, (2, rows), generator=gen)
-    alone = [draw(logits[i : i + 1], temperature[i : i + 1], top_p[i : i + 1], seeds[i : i + 1], positions[i : i + 1], cut) for i in range(rows)]
+    alone = [sample(logits[i : i + 1], temperature[i : i + 1], top_p[i : i + 1], seeds[i : i + 1], positions[i : i + 1], cut) for i in range(rows)]
     assert sample(logits, temperature, top_p, seeds, positions, cut).tolist() == torch.cat(alone).tolist()
 
 

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import torch
 
-# Rows drawn at once. The noise's int64 (rows, vocab) temporaries take 8 bytes a logit, several at a time: at
+# Rows torch draws at once. The noise's int64 (rows, vocab) temporaries take 8 bytes a logit, several at a time: at
 # gpt-oss's 201,088-token vocabulary, a launcher's mixed steps of hundreds of sampled rows ran an H100 out of memory
-# in the few GiB the KV cache leaves (CACHE_HEADROOM_BYTES). 128 rows keep each near 200 MB; a decode step of up to
-# 128 rows is still one draw.
+# in the few GiB the KV cache leaves (CACHE_HEADROOM_BYTES). 128 rows keep each near 200 MB.
 ROWS = 128
 
 
@@ -48,30 +47,39 @@ def gumbel_argmax(scaled: torch.Tensor, seeds: torch.Tensor, positions: torch.Te
     return (scaled - torch.log(-torch.log(uniform(seeds, positions, scaled.shape[-1])))).argmax(-1)
 
 
-def draw(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, seeds: torch.Tensor,
-         positions: torch.Tensor, cut: bool) -> torch.Tensor:
+def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, seeds: torch.Tensor,
+           positions: torch.Tensor, cut: bool) -> torch.Tensor:
     """Row r's token: argmax where temperature[r] == 0, else a draw from softmax(logits / temperature), cut where
     top_p[r] < 1 to the smallest set of tokens whose probability reaches it. `cut`: whether any top_p is below 1,
     told by the caller, which knows without asking the device (a sync). On GPU one Triton kernel draws the uncut
-    rows (parallel/engine/kernels/sampling.py). A row's path depends on its own top_p only, and its token on that
-    row alone, so rows may be drawn in any grouping."""
+    rows, all in one launch, as it keeps nothing of size (rows, vocab) (parallel/engine/kernels/sampling.py); torch
+    draws ROWS rows at a time. A row's path depends on its own top_p only, and its token on that row alone, so rows
+    may be drawn in any grouping."""
     if logits.is_cuda:
         from parallel.engine.kernels.sampling import gumbel_argmax as kernel  # triton: GPU builds of torch bring it
 
         noisy = kernel(logits, temperature, seeds, positions)
     else:
-        noisy = gumbel_argmax(scale(logits, temperature), seeds, positions)
+        noisy = _by_rows(_uncut, logits, temperature, seeds, positions)
     if cut:
-        scaled = scale(logits, temperature)
-        probs, order = torch.softmax(scaled, -1).sort(-1, descending=True)
-        outside = probs.cumsum(-1) - probs >= top_p[:, None]
-        kept = scaled.scatter(-1, order, torch.where(outside, float("-inf"), scaled.gather(-1, order)))
-        noisy = torch.where(top_p < 1, gumbel_argmax(kept, seeds, positions), noisy)
+        noisy = torch.where(top_p < 1, _by_rows(_cut, logits, temperature, top_p, seeds, positions), noisy)
     return torch.where(temperature > 0, noisy, logits.argmax(-1))
 
 
-def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, seeds: torch.Tensor,
-           positions: torch.Tensor, cut: bool) -> torch.Tensor:
+def _uncut(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    return gumbel_argmax(scale(logits, temperature), seeds, positions)
+
+
+def _cut(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, seeds: torch.Tensor,
+         positions: torch.Tensor) -> torch.Tensor:
+    """The draw among the smallest set of tokens whose probability reaches top_p."""
+    scaled = scale(logits, temperature)
+    probs, order = torch.softmax(scaled, -1).sort(-1, descending=True)
+    outside = probs.cumsum(-1) - probs >= top_p[:, None]
+    kept = scaled.scatter(-1, order, torch.where(outside, float("-inf"), scaled.gather(-1, order)))
+    return gumbel_argmax(kept, seeds, positions)
+
+
+def _by_rows(draw, *columns: torch.Tensor) -> torch.Tensor:
     """`draw` over ROWS rows at a time."""
-    columns = (logits, temperature, top_p, seeds, positions)
-    return torch.cat([draw(*(c[i : i + ROWS] for c in columns), cut) for i in range(0, len(logits), ROWS)])
+    return torch.cat([draw(*(c[i : i + ROWS] for c in columns)) for i in range(0, len(columns[0]), ROWS)])
