@@ -29,12 +29,14 @@ import argparse
 import functools
 import gc
 import json
+import signal
 import tempfile
 import time
 from functools import partial
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from parallel.config import merge_config, parse_args_and_overrides
 from parallel.engine.engine import Engine
@@ -66,6 +68,9 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, help="workload, outputs and the jobs' logs (default: a new temporary folder)")
     parser.add_argument("overrides", nargs="*")
     args = parse_args_and_overrides(parser)
+    # A stop (`timeout`, Slurm's time limit) unwinds as Ctrl-C does, so the server a run started in a session of its
+    # own is ended by its `with` block rather than left holding the GPUs.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
     enc = encoding()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-"))
@@ -84,6 +89,8 @@ def main() -> None:
             if args.out:
                 args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(table(result))
+    if dist.is_initialized():  # the isolated paths' process group
+        dist.destroy_process_group()
 
 
 def measure(path: str, args, workload: Path, workdir: Path) -> list[dict]:
@@ -139,6 +146,7 @@ def isolated(args, name: str) -> list[dict]:
                      "ttft_mean_s": round(mean(e.queued_s + e.first_token_s for _, e in out.values()), 3),
                      "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 1) if device.type == "cuda" else None,
                      "backend": backend.describe()})
+        backend.close()
         del backend
         gc.collect()  # the engine's cache and graphs sit in reference cycles: freed now, not when the next needs room
         torch.cuda.empty_cache() if device.type == "cuda" else None

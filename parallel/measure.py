@@ -116,18 +116,21 @@ class ServerJob:
                                      env={**job_env(), "GPT_OSS_API_KEY": self.key})
 
     def __enter__(self) -> ServerJob:
-        deadline = time.monotonic() + 1800
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            for host in self.hosts:
-                try:
-                    health = json.load(urllib.request.urlopen(f"http://{host}:{self.port}/health", timeout=2))
-                    self.url, self.model = f"http://{host}:{self.port}", health["model"]
-                    return self
-                except OSError:
-                    pass
-            time.sleep(1)
-        self.__exit__()
-        raise RuntimeError(f"the server did not come up; see {self.log.name}")
+        try:
+            deadline = time.monotonic() + 1800
+            while time.monotonic() < deadline and self.proc.poll() is None:
+                for host in self.hosts:
+                    try:
+                        health = json.load(urllib.request.urlopen(f"http://{host}:{self.port}/health", timeout=2))
+                        self.url, self.model = f"http://{host}:{self.port}", health["model"]
+                        return self
+                    except OSError:
+                        pass
+                time.sleep(1)
+            raise RuntimeError(f"the server did not come up; see {self.log.name}")
+        except BaseException:  # a stop while it loads, too: `with` calls __exit__ only once __enter__ has returned
+            self.__exit__()
+            raise
 
     def health(self) -> dict:
         return json.load(urllib.request.urlopen(f"{self.url}/health", timeout=30))
