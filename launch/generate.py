@@ -58,8 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     backend = load_backend(run, place)
     if backend is None:
         return 2
-    gen_start = time.monotonic()
     hub, link = open_links(place, store, run.layout.dp)
+    # Rank 0's hub waits for every replica to load and connect before any work goes out: a replica slow to start
+    # counts as loading, not generation.
+    gen_start = time.monotonic()
     if hub:
         dispatcher = Dispatcher(hub, run.layout.dp, writer.deliver)
         dispatcher.submit(work)

@@ -77,7 +77,8 @@ def peak_memory_gib(device: torch.device) -> float:
 def finish_job(watchdog: Watchdog, backend: Backend | None = None) -> None:
     """Leave the job, every rank together. The backend lets go of its CUDA graphs first: a process whose graphs
     captured NCCL collectives (the engine under tp or ep) hangs at exit once its process group is destroyed
-    (pytorch/pytorch#115388), seen as a 2-GPU tp job that wrote every record and never ended."""
+    (pytorch/pytorch#115388): on 2 H100s a tp job without this wrote every record, then both ranks waited in
+    ncclCommFinalize for good (docs/performance.md, session 10)."""
     if backend is not None:
         backend.close()
     watchdog.stop()
