@@ -108,16 +108,32 @@ def test_sampled_requests_do_not_depend_on_who_shares_their_steps(tiny, enc, pro
     assert crowded[0][0] == alone != other_seed
 
 
+def cut_rows(top_p: torch.Tensor) -> torch.Tensor | None:
+    """What the engine tells `sample`: the rows whose top_p is below 1."""
+    rows = (top_p < 1).nonzero()[:, 0]
+    return rows if len(rows) else None
+
+
 @pytest.mark.parametrize("cut", [False, True])
 def test_many_rows_are_sampled_a_few_at_a_time_each_as_if_alone(cut):
     rows = 2 * ROWS + 3
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(rows, 500, generator=gen)
     temperature = torch.rand(rows, generator=gen) * (torch.arange(rows) % 3 > 0)  # every third row greedy
-    top_p = torch.rand(rows, generator=gen) if cut else torch.ones(rows)
+    top_p = torch.rand(rows, generator=gen).where(torch.arange(rows) % 2 > 0, 1.0) if cut else torch.ones(rows)  # half cut
     seeds, positions = torch.randint(0, 2**40, (2, rows), generator=gen)
-    alone = [sample(logits[i : i + 1], temperature[i : i + 1], top_p[i : i + 1], seeds[i : i + 1], positions[i : i + 1], cut) for i in range(rows)]
-    assert sample(logits, temperature, top_p, seeds, positions, cut).tolist() == torch.cat(alone).tolist()
+    alone = [sample(*(c[i : i + 1] for c in (logits, temperature, top_p, seeds, positions)), cut_rows(top_p[i : i + 1])) for i in range(rows)]
+    assert sample(logits, temperature, top_p, seeds, positions, cut_rows(top_p)).tolist() == torch.cat(alone).tolist()
+
+
+def test_only_the_rows_cut_by_top_p_keep_to_their_top_tokens():
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.randn(64, 500, generator=gen)
+    hot = torch.full((64,), 5.0)  # nearly flat: uncut rows draw far from their argmax
+    top_p = torch.ones(64).where(torch.arange(64) % 2 > 0, 1e-6)  # even rows: the top token alone
+    seeds, positions = torch.randint(0, 2**40, (2, 64), generator=gen)
+    top = sample(logits, hot, top_p, seeds, positions, cut_rows(top_p)) == logits.argmax(-1)
+    assert top[0::2].all() and top[1::2].sum() < 4
 
 
 @pytest.mark.parametrize("rows", [9, PROGRAMS])  # a row's vocabulary split over 3 programs, and over one
@@ -139,8 +155,8 @@ def test_no_token_far_below_the_top_is_ever_drawn():
     logits[:, 0] = 30  # every other token e**-30 as likely
     ones = torch.ones(4)
     seeds, positions = torch.tensor([33, 33, 1, 2]), torch.tensor([7, 8, 7, 7])
-    for cut in (False, True):
-        assert sample(logits, ones, ones * (0.5 if cut else 1), seeds, positions, cut).tolist() == [0] * 4
+    for top_p in (ones, ones * 0.5):
+        assert sample(logits, ones, top_p, seeds, positions, cut_rows(top_p)).tolist() == [0] * 4
     assert sampling_kernel(logits, ones, seeds, positions).tolist() == [0] * 4
 
 

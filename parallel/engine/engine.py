@@ -179,7 +179,8 @@ class Engine:
         top_p = column((s.sampling.top_p for s in due), np.float32)
         seeds = column((s.sampling.seed for s in due), np.int64)
         positions = column((len(s.tokens) for s in due), np.int64)
-        return sample(logits, temperature, top_p, seeds, positions, cut=any(s.sampling.top_p < 1 for s in due))
+        cut = [i for i, s in enumerate(due) if s.sampling.top_p < 1]
+        return sample(logits, temperature, top_p, seeds, positions, column(cut, np.int64) if cut else None)
 
     def _advance(self, due: list[Sequence], tokens: list[int]) -> list[Event]:
         """A step's tokens, read: each fills its sequence's oldest PENDING place, unless the sequence has ended

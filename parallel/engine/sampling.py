@@ -48,21 +48,22 @@ def gumbel_argmax(scaled: torch.Tensor, seeds: torch.Tensor, positions: torch.Te
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, seeds: torch.Tensor,
-           positions: torch.Tensor, cut: bool) -> torch.Tensor:
+           positions: torch.Tensor, cut: torch.Tensor | None) -> torch.Tensor:
     """Row r's token: argmax where temperature[r] == 0, else a draw from softmax(logits / temperature), cut where
-    top_p[r] < 1 to the smallest set of tokens whose probability reaches it. `cut`: whether any top_p is below 1,
-    told by the caller, which knows without asking the device (a sync). On GPU one Triton kernel draws the uncut
-    rows, all in one launch, as it keeps nothing of size (rows, vocab) (parallel/engine/kernels/sampling.py); torch
-    draws ROWS rows at a time. A row's path depends on its own top_p only, and its token on that row alone, so rows
-    may be drawn in any grouping."""
+    top_p[r] < 1 to the smallest set of tokens whose probability reaches it. `cut`: the indices of the rows whose
+    top_p is below 1 (None: no row's), told by the caller, which knows them without asking the device (a sync), so
+    that only those rows pay for the sort. On GPU one Triton kernel draws the other rows, all in one launch, as it
+    keeps nothing of size (rows, vocab) (parallel/engine/kernels/sampling.py); torch draws ROWS rows at a time. A
+    row's path depends on its own top_p only, and its token on that row alone, so rows may be drawn in any
+    grouping."""
     if logits.is_cuda:
         from parallel.engine.kernels.sampling import gumbel_argmax as kernel  # triton: GPU builds of torch bring it
 
         noisy = kernel(logits, temperature, seeds, positions)
     else:
         noisy = _by_rows(_uncut, logits, temperature, seeds, positions)
-    if cut:
-        noisy = torch.where(top_p < 1, _by_rows(_cut, logits, temperature, top_p, seeds, positions), noisy)
+    if cut is not None:
+        noisy = noisy.index_put((cut,), _by_rows(_cut, *(c[cut] for c in (logits, temperature, top_p, seeds, positions))))
     return torch.where(temperature > 0, noisy, logits.argmax(-1))
 
 

@@ -42,8 +42,7 @@ def _gumbel_argmax(logits, stride, temperature, seeds, positions, best_value, be
         h = (h ^ (h >> 27)) * MIX2
         h = h ^ (h >> 31)
         u = ((h >> 41).to(tl.float32) + 0.5) / 8388608.0  # below 1, as `uniform` says why
-        # div_rn: IEEE division, as torch's (Triton's / is approximate), so that the kernel draws torch's tokens
-        v = tl.where(x != x, float("inf"), tl.math.div_rn(x, t) - tl.log(-tl.log(u)))
+        v = tl.where(x != x, float("inf"), x / t - tl.log(-tl.log(u)))
         v = tl.where(inside, v, float("-inf"))
         top = tl.max(v, 0)
         at = start + tl.argmax(v, 0)
