@@ -30,6 +30,7 @@ import functools
 import gc
 import json
 import signal
+import sys
 import tempfile
 import time
 from functools import partial
@@ -89,7 +90,7 @@ def main() -> None:
             if args.out:
                 args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(table(result))
-    if dist.is_initialized():  # the isolated paths' process group
+    if dist.is_initialized():  # the isolated paths' process group: torch warns at exit about one left alive
         dist.destroy_process_group()
 
 
@@ -175,4 +176,8 @@ def table(result: dict) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("stopped; every job it started is ended, and --out (where given) holds what was measured before", file=sys.stderr)
+        sys.exit(130)

@@ -11,6 +11,7 @@ slurm/torchrun.sh), through it: one torchrun on every node of a Slurm allocation
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import multiprocessing
 import os
@@ -75,7 +76,11 @@ def run_launcher(config: str, workload: Path, out: Path, nproc: int, overrides: 
            "runtime.progress=false", "output.echo=false", *overrides]
     log = Path(f"{out}.log")
     with open(log, "w") as f:
-        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=timeout_s, env=job_env()).returncode
+        job = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=job_env(), start_new_session=True)
+        try:
+            code = job.wait(timeout=timeout_s)
+        finally:
+            end_job(job)
     stderr = log.read_text()
     if code:
         raise RuntimeError(f"launcher failed ({' '.join(overrides)}):\n{stderr[-4000:]}")
@@ -95,6 +100,23 @@ def run_launcher(config: str, workload: Path, out: Path, nproc: int, overrides: 
     }
 
 
+def end_job(proc: subprocess.Popen, grace_s: float = 60) -> None:
+    """Stop a job started in a session of its own, if it still runs: SIGTERM, which torchrun hands on to its ranks
+    (they run in sessions of their own, so only torchrun can end them), then SIGKILL after grace_s, or at once when
+    another stop comes while waiting."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace_s)
+    except BaseException as e:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        if not isinstance(e, subprocess.TimeoutExpired):
+            raise
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -110,13 +132,14 @@ class ServerJob:
         self.port, self.key = free_port(), secrets.token_urlsafe(16)
         self.hosts = hosts or ["127.0.0.1"]
         bind = ["server.host=0.0.0.0"] if hosts else []
-        cmd = [*torchrun("serve.py", nproc), "--config", config, f"server.port={self.port}", *bind, *overrides]
-        self.log = open(log, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
-                                     env={**job_env(), "GPT_OSS_API_KEY": self.key})
+        self.cmd = [*torchrun("serve.py", nproc), "--config", config, f"server.port={self.port}", *bind, *overrides]
+        self.log_path = log
 
     def __enter__(self) -> ServerJob:
-        try:
+        self.log, self.proc = open(self.log_path, "w"), None
+        try:  # a stop while it loads ends it too: `with` calls __exit__ only once __enter__ has returned
+            self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+                                         env={**job_env(), "GPT_OSS_API_KEY": self.key})
             deadline = time.monotonic() + 1800
             while time.monotonic() < deadline and self.proc.poll() is None:
                 for host in self.hosts:
@@ -128,7 +151,7 @@ class ServerJob:
                         pass
                 time.sleep(1)
             raise RuntimeError(f"the server did not come up; see {self.log.name}")
-        except BaseException:  # a stop while it loads, too: `with` calls __exit__ only once __enter__ has returned
+        except BaseException:
             self.__exit__()
             raise
 
@@ -136,13 +159,11 @@ class ServerJob:
         return json.load(urllib.request.urlopen(f"{self.url}/health", timeout=30))
 
     def __exit__(self, *exc) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-        self.log.close()
+        try:
+            if self.proc is not None:
+                end_job(self.proc)
+        finally:
+            self.log.close()
 
 
 # Streams one client process drives. One asyncio loop with the official client parses some 5,000 streamed chunks a
@@ -226,15 +247,18 @@ def clients(server: ServerJob, requests: list[dict], concurrency: int, processes
     for w in workers:
         w.start()
     parts = []
-    while len(parts) < n:
-        try:
-            parts.append(results.get(timeout=5))
-        except queue.Empty:  # a process that died without a word would otherwise be waited for forever
-            codes = [w.exitcode for w in workers]
-            if any(code not in (None, 0) for code in codes):
-                for w in workers:
-                    w.kill()
-                raise RuntimeError(f"a client process died (exit codes {codes})") from None
+    try:
+        while len(parts) < n:
+            try:
+                parts.append(results.get(timeout=5))
+            except queue.Empty:  # a process that died without a word would otherwise be waited for forever
+                codes = [w.exitcode for w in workers]
+                if any(code not in (None, 0) for code in codes):
+                    raise RuntimeError(f"a client process died (exit codes {codes})") from None
+    except BaseException:  # a stop too: clients left streaming would hold up the server's drain
+        for w in workers:
+            w.kill()
+        raise
     for w in workers:
         w.join()
     errors = [p["error"] for p in parts if "error" in p]

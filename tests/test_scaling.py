@@ -169,13 +169,13 @@ def test_the_isolated_bench_decodes_as_the_generation_config_says(tmp_path):
     assert sampled["distinct_tokens"] > greedy["distinct_tokens"]
 
 
-def log_holders(log) -> list[int]:
-    """The processes with `log` open: a server job's, which write their output to it."""
-    held = []
+def log_holders(log, but: int) -> set[int]:
+    """The processes other than `but` with `log` open: a server job's, which write their output to it."""
+    held = set()
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            if any(os.readlink(f"/proc/{pid}/fd/{fd}") == str(log) for fd in os.listdir(f"/proc/{pid}/fd")):
-                held.append(int(pid))
+            if int(pid) != but and any(os.readlink(f"/proc/{pid}/fd/{fd}") == str(log) for fd in os.listdir(f"/proc/{pid}/fd")):
+                held.add(int(pid))
         except OSError:
             continue
     return held
@@ -184,18 +184,24 @@ def log_holders(log) -> list[int]:
 def test_a_bench_stopped_by_sigterm_ends_the_server_it_started(tmp_path):
     """`timeout` and Slurm's time limits stop a bench with SIGTERM, here while its server loads; the server runs in a
     session of its own, so unless the bench ends it, it outlives the bench and holds the GPUs."""
-    bench = subprocess.Popen([sys.executable, str(ROOT / "launch" / "bench.py"), "--config", str(ROOT / "configs" / "tiny.yaml"),
-                              "--paths", "server", "--workload", "fixed", "--requests", "2", "--concurrency", "2",
-                              "--workdir", str(tmp_path), "engine.mode=always"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(tmp_path / "bench.out", "w") as out:
+        bench = subprocess.Popen([sys.executable, str(ROOT / "launch" / "bench.py"), "--config", str(ROOT / "configs" / "tiny.yaml"),
+                                  "--paths", "server", "--workload", "fixed", "--requests", "2", "--concurrency", "2",
+                                  "--workdir", str(tmp_path), "engine.mode=always"], stdout=out, stderr=subprocess.STDOUT)
     log = tmp_path / "server.log"
-    deadline = time.monotonic() + 120
-    while not (log.exists() and "loading" in log.read_text()):
-        assert time.monotonic() < deadline and bench.poll() is None, "the server did not start loading"
-        time.sleep(0.2)
-    assert log_holders(log)
-    bench.send_signal(signal.SIGTERM)
-    assert bench.wait(timeout=120) != 0
-    deadline = time.monotonic() + 60
-    while log_holders(log):
-        assert time.monotonic() < deadline, f"the server outlived its bench: {log_holders(log)}"
-        time.sleep(0.5)
+    try:
+        deadline = time.monotonic() + 120
+        while not (log.exists() and b"] loading " in log.read_bytes()):  # rank 0 loads before the server answers
+            assert time.monotonic() < deadline and bench.poll() is None, (tmp_path / "bench.out").read_text()
+            time.sleep(0.2)
+        assert log_holders(log, but=bench.pid)
+        bench.send_signal(signal.SIGTERM)
+        assert bench.wait(timeout=120) == 130, (tmp_path / "bench.out").read_text()
+        deadline = time.monotonic() + 60
+        while log_holders(log, but=bench.pid):
+            assert time.monotonic() < deadline, f"the server outlived its bench: {log_holders(log, but=bench.pid)}"
+            time.sleep(0.5)
+    finally:
+        bench.kill()
+        for pid in log_holders(log, but=os.getpid()):
+            os.kill(pid, signal.SIGKILL)
