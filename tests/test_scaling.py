@@ -170,7 +170,7 @@ def test_the_isolated_bench_decodes_as_the_generation_config_says(tmp_path):
 
 
 def log_holders(log, but: int) -> set[int]:
-    """The processes other than `but` with `log` open: a server job's, which write their output to it."""
+    """The processes other than `but` with `log` open: a job's, which write their output to it."""
     held = set()
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -181,17 +181,19 @@ def log_holders(log, but: int) -> set[int]:
     return held
 
 
-def test_a_bench_stopped_by_sigterm_ends_the_server_it_started(tmp_path):
-    """`timeout` and Slurm's time limits stop a bench with SIGTERM, here while its server loads; the server runs in a
-    session of its own, so unless the bench ends it, it outlives the bench and holds the GPUs."""
+@pytest.mark.parametrize("path, log", [("server", "server.log"), ("launcher", "out.jsonl.log")])
+def test_a_bench_stopped_by_sigterm_ends_the_job_it_started(tmp_path, path, log):
+    """`timeout` and Slurm's time limits stop a bench with SIGTERM, here while its job loads; the job runs in a
+    session of its own (torchrun's ranks in theirs), so unless the bench ends it, it outlives the bench and holds
+    the GPUs."""
     with open(tmp_path / "bench.out", "w") as out:
         bench = subprocess.Popen([sys.executable, str(ROOT / "launch" / "bench.py"), "--config", str(ROOT / "configs" / "tiny.yaml"),
-                                  "--paths", "server", "--workload", "fixed", "--requests", "2", "--concurrency", "2",
+                                  "--paths", path, "--workload", "fixed", "--requests", "2", "--concurrency", "2",
                                   "--workdir", str(tmp_path), "engine.mode=always"], stdout=out, stderr=subprocess.STDOUT)
-    log = tmp_path / "server.log"
+    log = tmp_path / log
     try:
         deadline = time.monotonic() + 120
-        while not (log.exists() and b"] loading " in log.read_bytes()):  # rank 0 loads before the server answers
+        while not (log.exists() and b"] loading " in log.read_bytes()):  # rank 0 loads before the job does any work
             assert time.monotonic() < deadline and bench.poll() is None, (tmp_path / "bench.out").read_text()
             time.sleep(0.2)
         assert log_holders(log, but=bench.pid)
@@ -199,7 +201,7 @@ def test_a_bench_stopped_by_sigterm_ends_the_server_it_started(tmp_path):
         assert bench.wait(timeout=120) == 130, (tmp_path / "bench.out").read_text()
         deadline = time.monotonic() + 60
         while log_holders(log, but=bench.pid):
-            assert time.monotonic() < deadline, f"the server outlived its bench: {log_holders(log, but=bench.pid)}"
+            assert time.monotonic() < deadline, f"the {path} outlived its bench: {log_holders(log, but=bench.pid)}"
             time.sleep(0.5)
     finally:
         bench.kill()
