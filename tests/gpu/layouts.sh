@@ -42,7 +42,9 @@ if not os.path.exists(reference):
     sys.exit(f"{name}: FAILED, no {reference} to compare with")
 ref, got = ({r["id"]: r["raw"] for r in map(json.loads, open(p))} for p in (reference, records))
 ranks = open(log).read().count(native) if native else int(nproc)  # no line to look for: none missing
-print(f"{name}: {'same tokens as' if ref == got else 'DIFFERENT from'} {os.path.basename(reference)} ({len(got)} records)"
+verdict = ("is the reference" if reference == records  # float's one-GPU run: nothing to compare it with
+           else f"{'same tokens as' if ref == got else 'DIFFERENT from'} {os.path.basename(reference)}")
+print(f"{name}: {verdict} ({len(got)} records)"
       + (f", native on {ranks} of {nproc} ranks" if native else ""))
 sys.exit(ref != got or ranks != int(nproc))
 PY
