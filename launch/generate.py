@@ -5,7 +5,7 @@
 
 Reads top to bottom: config -> layout -> process group and mesh -> work plan (rank 0) -> model -> the replica
 loop (rank 0 hands out requests, every replica generates, rank 0 writes the records) -> metrics. Run it again
-with the same data.output to resume a stopped job.
+with the same data.output to resume a stopped job; one job writes an output at a time (parallel/batch/lock.py).
 """
 
 from __future__ import annotations
@@ -13,18 +13,30 @@ from __future__ import annotations
 import json
 import sys
 import time
-from pathlib import Path
 
 from parallel.batch.coordinator import RecordMaker
-from parallel.batch.output import OutputFile, check_paths, read_requests
+from parallel.batch.output import (
+    OutputError,
+    OutputFile,
+    check_paths,
+    read_requests,
+    write_atomically,
+)
 from parallel.batch.planning import plan_work
 from parallel.batch.writer import Totals, Writer
 from parallel.config import to_yaml
 from parallel.distributed.dispatch import Dispatcher
 from parallel.distributed.replica import Replica
 from parallel.distributed.runtime import exit_on_signals, join_job
-from parallel.job import finish_job, load_backend, open_links, peak_memory_gib, plan_run
-from parallel.log import log
+from parallel.job import (
+    finish_job,
+    load_backend,
+    open_links,
+    peak_memory_gib,
+    plan_run,
+    stop_job,
+)
+from parallel.log import error, log
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,15 +50,26 @@ def main(argv: list[str] | None = None) -> int:
 
     writer = None
     if place.rank == 0:
-        out = OutputFile(cfg.data.output)
-        Path(f"{cfg.data.output}.config.yaml").write_text(to_yaml(cfg))
-        requests = read_requests(cfg.data.input, cfg.data.shard, cfg.data.num_shards)
-        work, rejected = plan_work(requests, out, enc, cfg.generation, run.shape.max_position_embeddings)
-        out.write(rejected)
-        log(f"{len(work)} requests to run, {len(rejected)} lines rejected, {len(out.done) - len(rejected)} already in {cfg.data.output}")
-        store.set("new_records", str(len(work) + len(rejected)))
+        try:
+            # One job writes an output at a time: this takes <output>.lock, held until rank 0 exits, and refuses an
+            # output that another job is writing.
+            out = OutputFile(cfg.data.output)
+            write_atomically(f"{cfg.data.output}.config.yaml", to_yaml(cfg))
+            requests = read_requests(cfg.data.input, cfg.data.shard, cfg.data.num_shards)
+            work, rejected = plan_work(requests, out, enc, cfg.generation, run.shape.max_position_embeddings)
+            out.write(rejected)
+        except OutputError as e:
+            error(f"data.output: {e}")
+            store.set("new_records", "refused")
+        else:
+            log(f"{len(work)} requests to run, {len(rejected)} lines rejected, {len(out.done) - len(rejected)} already in {cfg.data.output}")
+            store.set("new_records", str(len(work) + len(rejected)))
+    new_records = store.get("new_records")
+    # An output that another job is writing, or a full disk, stops every rank here (exit 2), before any model loads.
+    if new_records == b"refused":
+        stop_job(watchdog, 2)
     # A finished job run again stops here, before any model loads, and keeps the metrics of the run that did the work.
-    if store.get("new_records") == b"0":
+    if new_records == b"0":
         log(f"nothing to do: every line of {cfg.data.input} has its record in {cfg.data.output}")
         finish_job(watchdog)
         return 0
@@ -70,16 +93,22 @@ def main(argv: list[str] | None = None) -> int:
     Replica(place, backend, link, RecordMaker(enc, cfg.output.raw) if place.is_leader else None).run()
     store.set(f"peak_gib/{place.rank}", str(peak_memory_gib(place.device)))
 
+    status = 0
     if writer:
         dispatcher.finished.wait()
         writer.close()
         metrics = summarize(writer.totals, place.world_size, str(run.layout), time.monotonic() - start, time.monotonic() - gen_start)
         metrics["peak_gpu_memory_gib"] = max(float(store.get(f"peak_gib/{r}")) for r in range(place.world_size)) or None
         metrics["rejected_lines"] = len(rejected)
-        Path(f"{cfg.data.output}.metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         log(json.dumps(metrics))
+        try:
+            write_atomically(f"{cfg.data.output}.metrics.json", json.dumps(metrics, indent=2) + "\n",
+                             advice=f"every record is in {cfg.data.output}, and the metrics in the line above")
+        except OutputError as e:
+            error(str(e))
+            status = 1
     finish_job(watchdog, backend)
-    return 0
+    return status
 
 
 def summarize(totals: Totals, world_size: int, layout: str, wall_s: float, generation_s: float) -> dict:

@@ -152,8 +152,8 @@ class ServerConfig:
     # A request body larger than this is refused with 413 before it is read (a Content-Length over it), or cut
     # off where it passes it (a chunked body). A context-filling prompt is well under 1 MB of JSON.
     max_body_bytes: int = 4 * 2**20
-    # A request's head and body must arrive within this long of the connection going quiet: a client that
-    # trickles them (slowloris) is disconnected instead of holding a connection forever.
+    # A request's head and body must arrive within this long of the connection opening or its last reply ending: a
+    # client that trickles them (slowloris) is disconnected instead of holding a connection forever.
     request_timeout_s: float = 30.0
 
 

@@ -4,8 +4,12 @@ and choose its backend, link rank 0 with the replicas' leaders, leave the job.""
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -84,3 +88,15 @@ def finish_job(watchdog: Watchdog, backend: Backend | None = None) -> None:
     watchdog.stop()
     dist.barrier()
     dist.destroy_process_group()
+
+
+def stop_job(watchdog: Watchdog, code: int) -> NoReturn:
+    """Leave the job before any model loads, every rank with exit `code`. torchrun stops the ranks still running
+    once one exits non-zero; a rank it stops while leaving exits with `code` too, rather than by its SIGTERM (two
+    ranks refused an output: whichever exited first, torchrun's SIGTERM ended the other with -15). No rank lingers
+    in interpreter teardown, where a signal handler may never run."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(code))
+    finish_job(watchdog)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

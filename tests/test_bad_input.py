@@ -152,3 +152,37 @@ def test_a_line_that_turns_the_model_nan_costs_only_itself(tmp_path, enc):
     assert records["nan"]["error"].startswith("line 4: the model's logits were NaN (not a number) at new token 1")
     # the tiny model's two tokens are never whole harmony, so the others' errors are parse errors: their own
     assert all(records[f"q{i}"]["usage"]["completion_tokens"] == 2 and "NaN" not in records[f"q{i}"]["error"] for i in range(1, 4))
+
+
+def test_hostile_prompts_cost_only_their_lines_on_a_two_rank_job(tmp_path):
+    """Runs that o200k's tokenizer takes minutes over (harmony holding the GIL, rank 0's heartbeat stopped, the job
+    ended by the other rank) are encoded in pieces, or refused unread when no tokenizing could fit them: each such
+    line gets its record, a prompt with a run that fits the context is answered, and every other line is."""
+    lines = [
+        {"id": "before", "prompt": "Hi"},
+        {"id": "letters", "prompt": "a" * 600_000},
+        {"id": "punctuation", "prompt": "!" * 400_000},
+        {"id": "whitespace", "prompt": "x" + " \t" * 200_000 + "x"},
+        {"id": "marks", "prompt": "a\u0301" * 200_000},
+        {"id": "fits", "prompt": "Spell " + "z" * 3000},
+        {"id": "instructions", "messages": [{"role": "system", "content": "=" * 5000}, {"role": "user", "content": "Hi"}]},
+        '{"id": "cut", "prompt": "Hi"',
+        '{"id": ' + "9" * 5000 + ', "prompt": "Hi"}',
+        {"id": "after", "prompt": "Bye"},
+    ]
+    out = tmp_path / "out.jsonl"
+    run = launch(out, *FAST, "parallel.tp=2", nproc=2, prompts=write_jsonl(tmp_path / "in.jsonl", lines), timeout=240)
+    assert run.returncode == 0, run.stderr
+    records = {r["index"]: r for r in read_records(out)}
+    assert sorted(records) == list(range(1, 11))
+    for i in (1, 6, 10):
+        assert records[i]["error"] is None or "harmony" in records[i]["error"]  # the tiny model's noise, parsed
+        assert records[i]["usage"]["completion_tokens"] == 2
+    assert records[2]["error"] == ("line 2: the prompt holds over 524288 characters, which cannot fit the model's "
+                                   "context of 4096 tokens (a token holds at most 128 bytes)")
+    for i in (3, 4, 5):
+        assert records[i]["error"].startswith(f"line {i}: the prompt's ") and "tokens fill the model's context" in records[i]["error"]
+    assert records[7]["error"].startswith("line 7: cannot render the conversation with harmony: the instructions (system "
+                                          "and developer messages): a run of over 512 characters")
+    assert records[8]["error"] == "line 8: not valid JSON: Expecting ',' delimiter at the end of the line"
+    assert records[9]["error"] == "line 9: not valid JSON: an integer of more than 4300 digits"

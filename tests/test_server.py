@@ -347,6 +347,30 @@ def test_seed_makes_sampling_repeatable(client):
     assert said[0] == said[1]
 
 
+def test_streamed_replies_say_where_harmony_broke_as_whole_ones_do(client):
+    """Sampled hot from a prompt it was not taught, the model writes noise, which is not harmony: the whole reply
+    carries `harmony_error`, and the stream of the same tokens (same seed) says the same on its last event, rather
+    than end as if nothing broke. (Completions decode tokens as text and parse no harmony: nothing to say there.)"""
+    api, model = client
+    hot = {"model": model, "temperature": 2, "extra_body": {"seed": 7}}
+    chat = dict(hot, messages=[{"role": "user", "content": "Once upon a time"}], max_tokens=24)
+    whole = api.chat.completions.create(**chat).choices[0]
+    error = whole.model_extra.get("harmony_error")
+    assert error and "not valid harmony" in error, whole
+    chunks = list(api.chat.completions.create(**chat, stream=True, stream_options={"include_usage": True}))
+    last = [c.choices[0] for c in chunks if c.choices][-1]
+    assert (last.finish_reason, last.model_extra.get("harmony_error")) == (whole.finish_reason, error)
+    assert not any(c.choices[0].model_extra.get("harmony_error") for c in chunks if c.choices and c.choices[0] is not last)
+
+    response = dict(hot, input="Once upon a time", max_output_tokens=24)
+    whole = api.responses.create(**response)
+    error = whole.model_extra.get("harmony_error")
+    assert error and "not valid harmony" in error, whole
+    events = list(api.responses.create(**response, stream=True))
+    assert events[-1].type == f"response.{whole.status}"
+    assert events[-1].response.model_extra.get("harmony_error") == error
+
+
 def test_requests_cut_by_the_drain_deadline_say_so(taught_model):
     """server.drain_timeout_s passes with requests still generating: the streamed one ends with an error event and
     the other is a 503, never a 200 that looks complete; meanwhile /health says draining and new requests get 503."""

@@ -16,7 +16,7 @@ from multiprocessing.connection import Client
 import pytest
 
 from parallel.distributed.channel import Hub, listen
-from parallel.serve.http import API_KEY_ENV
+from parallel.serve.http import API_KEY_ENV, MAX_HEAD_BYTES
 from tests.conftest import ROOT
 from tests.serving import KEY, health, start_server, stop_server
 from tests.taught import GREETING, HELLO
@@ -106,11 +106,75 @@ def test_a_malformed_content_length_is_400(server, length):
         assert status == 400 and closed(sock)
 
 
+def padded_head(size: int) -> bytes:
+    """A GET /v1/models head (request line, headers, blank line) of exactly `size` bytes, padded by a header."""
+    bare = request("GET", "/v1/models", None, headers="X-Pad: \r\n")
+    return request("GET", "/v1/models", None, headers=f"X-Pad: {'a' * (size - len(bare))}\r\n")
+
+
+def send_in_pieces(sock: socket.socket, data: bytes, piece: int = 1000) -> None:
+    """Each piece in a read of its own, as a slow client's head arrives; until the server closes the connection."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for start in range(0, len(data), piece):
+        try:
+            sock.sendall(data[start:start + piece])
+        except (BrokenPipeError, ConnectionResetError):  # refused and closed: its answer is there to read
+            return
+        time.sleep(0.02)
+
+
+class Replies:
+    """A connection's replies read through one buffered reader, for `response`: pipelined replies arrive together,
+    and http.client's reader of each reply's own would drop the bytes of the next one that it read ahead."""
+
+    def __init__(self, sock: socket.socket):
+        self.file = sock.makefile("rb")
+
+    def makefile(self, mode: str) -> "Replies":
+        return self
+
+    def __getattr__(self, name: str):
+        return getattr(self.file, name)
+
+    def close(self) -> None:  # http.client closes its reader after each reply: the next reply reads on
+        pass
+
+
+@pytest.mark.parametrize("size", [MAX_HEAD_BYTES, MAX_HEAD_BYTES + 1, 50_000])
+@pytest.mark.parametrize("arrival", ["one read", "in pieces", "pipelined"])
+def test_a_request_head_over_the_limit_is_400_however_it_arrives(server, size, arrival):
+    """h11 bounds only a head still incomplete: one that came whole in a single read, or pipelined behind another
+    request, was served at any size. Now one byte over MAX_HEAD_BYTES is a 400 saying so, and the connection closes;
+    a head of exactly the limit is served."""
+    url, model = server
+    head = padded_head(size)
+    assert len(head) == size
+    with connect(url, timeout=10) as sock:
+        replies = Replies(sock)
+        if arrival == "one read":
+            sock.sendall(head)
+        elif arrival == "in pieces":
+            send_in_pieces(sock, head)
+        else:  # behind a small request, in the same read: parsed when the first one's reply is done
+            sock.sendall(request("GET", "/v1/models", None) + head)
+            assert response(replies)[0] == 200
+        status, reply = response(replies)
+        if size <= MAX_HEAD_BYTES:
+            assert status == 200 and reply["data"][0]["id"] == model
+            sock.sendall(request("GET", "/v1/models", None))
+            assert response(replies)[0] == 200  # and the connection is kept alive
+        else:
+            says = f"request head (request line and headers) is larger than {MAX_HEAD_BYTES} bytes"
+            assert status == 400 and says in reply.decode(), reply
+            assert closed(sock)
+
+
 @pytest.mark.parametrize(
     "body, says",
     [
         (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
-        (chat("{model}", messages=[{"role": "user", "content": "a" * 5000}]), "a run of more than 4096 letters"),
+        (chat("{model}", messages=[{"role": "system", "content": "a" * 5000}, *HELLO]),
+         "the instructions (system and developer messages): a run of over 512 characters"),
         (b"[1, 2]", "must be a JSON object"),
         (b"null", "must be a JSON object"),
         (b"", "not valid JSON"),
@@ -155,37 +219,47 @@ def test_a_client_that_trickles_its_request_is_disconnected(server):
         assert closed(sock) and TIMEOUT_S <= time.monotonic() - start < TIMEOUT_S * 4
 
 
-def test_big_requests_cost_only_themselves(server):
-    """A 50 MB body and a prompt of nearly the limit (seconds of harmony rendering, in a worker process) in
-    flight: a small request is answered before either."""
+@pytest.mark.parametrize("unit", ["a", "!", " ", "a\u0301"], ids=["letters", "punctuation", "whitespace", "marks"])
+def test_big_requests_cost_only_themselves(server, unit):
+    """A 50 MB body, and two bodies that are one run of 500,000 characters each (a minute or more of o200k's
+    tokenizer were it given them whole), one of them dropped at once: an ordinary 7 KB chat request is answered
+    within seconds."""
     url, model = server
     done = {}
 
-    def send(name, data):
+    def send(name, data, drop):
         with connect(url) as sock:
             try:
                 sock.sendall(data)
             except (BrokenPipeError, ConnectionResetError):  # answered and cut off while still sending
                 pass
-            done[name] = (response(sock)[0], time.monotonic())
+            if not drop:
+                done[name] = response(sock)[0]
 
-    huge = request("POST", "/v1/chat/completions", b" " * 50_000_000)
-    # Runs of letters as long as allowed: the slowest text o200k takes, seconds for the whole body.
-    runs = " ".join("".join(random.Random(i).choices("abcdefghijklmnopqrstuvwxyz", k=4000)) for i in range(220))
-    big = request("POST", "/v1/chat/completions", json.dumps({"model": model, "messages": [{"role": "user", "content": runs}]}).encode())
-    assert LIMIT * 0.8 < len(big) < LIMIT
-    senders = [threading.Thread(target=send, args=item) for item in (("huge", huge), ("big", big))]
+    # Under what the tiny model's context could hold (4096 tokens of at most 128 bytes), so it is tokenized.
+    run = unit * (500_000 // len(unit))
+    # Its budget cannot fit beside it, which is found once it is tokenized: none runs, to keep the engine free.
+    big = json.dumps({"model": model, "messages": [{"role": "user", "content": run}], "max_tokens": 4000},
+                     ensure_ascii=False).encode()
+    assert len(big) < LIMIT
+    senders = [threading.Thread(target=send, args=item) for item in (("huge", request("POST", "/v1/chat/completions", b" " * 50_000_000), False),
+                                                                      ("big", request("POST", "/v1/chat/completions", big), False),
+                                                                      ("dropped", request("POST", "/v1/chat/completions", big), True))]
+    ordinary = [{"role": "user", "content": " ".join(random.Random(0).choices(["cat", "dog", "sat", "on", "the", "mat"], k=1700))}]
+    with connect(url) as sock:  # once before, so that its prefill (seconds on CPU) is in the prefix cache
+        assert exchange(sock, request("POST", "/v1/chat/completions", chat(model, messages=ordinary, max_tokens=1)))[0] == 200
     for sender in senders:
         sender.start()
     time.sleep(0.5)
+    start = time.monotonic()
     with connect(url) as sock:
-        status, reply = exchange(sock, request("POST", "/v1/chat/completions", chat(model, max_tokens=1)))
-    answered = time.monotonic()
+        status, reply = exchange(sock, request("POST", "/v1/chat/completions", chat(model, messages=ordinary, max_tokens=1)))
+    answered = time.monotonic() - start
     for sender in senders:
-        sender.join()
-    assert status == 200 and reply["usage"]["completion_tokens"] == 1
-    assert done["huge"][0] == 413 and done["big"][0] == 400
-    assert answered < done["big"][1]
+        sender.join(timeout=120)
+    assert status == 200 and reply["usage"]["completion_tokens"] == 1 and reply["usage"]["prompt_tokens"] > 1700
+    assert answered < 2, answered
+    assert done == {"huge": 413, "big": 400}
 
 
 def test_many_clients_that_disconnect_free_their_rows(server):

@@ -4,12 +4,15 @@ safely, resume."""
 from __future__ import annotations
 
 import codecs
+import contextlib
+import errno
 import json
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from parallel.batch.lock import LOCK_SUFFIX, OutputError, lock_output
 from parallel.batch.records import error_record, record_key
 from parallel.log import warn
 from parallel.protocol.requests import (
@@ -21,7 +24,12 @@ from parallel.protocol.requests import (
 )
 
 # What the job writes beside its output (`<output>.config.yaml`, ...): written to as surely as the output.
-SIDECARS = (".config.yaml", ".metrics.json")
+SIDECARS = (".config.yaml", ".metrics.json", LOCK_SUFFIX)
+# Errors of a file system with no room for what the job writes: the message says to free space.
+NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
+# Files made here get the mode open() would give them (umask read once, while the process has one thread).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 # Bytes read at a time, from the end, looking for where a torn last line starts.
 TAIL_BLOCK = 1 << 16
 
@@ -161,32 +169,89 @@ def _is_record(obj) -> bool:
 
 
 class OutputFile:
-    """Append-only JSONL. Opening an existing file resumes it: the records there are kept and their keys skipped.
+    """Append-only JSONL, written by one job at a time. Opening it takes `<output>.lock` (parallel/batch/lock.py)
+    before reading anything, and holds it until the process ends: a job started on an output another job is
+    writing is refused here. Opening an existing file resumes it: the records there are kept and their keys skipped.
 
     Resume reads the file line by line. A torn last line (a job killed mid-write) is cut off and its request runs
     again. Any other line that is not a record is reported with its line number and skipped: its request runs
     again and its record is appended at the end. That line stays where it is, like every record after it: the
     file is only ever appended to (or its torn tail cut), never rewritten, so nothing in it is lost; and a request
-    whose key is in `done` does not run again, so no record is written twice. launch/merge.py skips those lines."""
+    whose key is in `done` does not run again, so no record is written twice. launch/merge.py skips those lines.
+
+    Whatever fails here (another job, a full disk) is an OutputError that says what to do."""
 
     def __init__(self, path: str):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.done: set[tuple] = set()
-        if self.path.exists():
-            _cut_torn_tail(self.path)
-            self.done.update(record_key(r) for r in read_records(self.path))
-        self._f = open(self.path, "ab")
+        self._failed: OutputError | None = None
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._lock = lock_output(str(self.path))
+        except OSError as e:
+            raise cannot_write(e.filename or self.path, e) from None
+        try:
+            if self.path.exists():
+                _cut_torn_tail(self.path)
+                self.done.update(record_key(r) for r in read_records(self.path))
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        except OSError as e:
+            os.close(self._lock)
+            raise cannot_write(self.path, e) from None
 
     def write(self, records: list[dict]) -> None:
-        """Append, flush and fsync: what returns from here survives a killed job."""
-        self._f.write(b"".join(map(encode_record, records)))
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        """Append and fsync: what returns from here survives a killed job. A write that fails (a full disk) is cut
+        back off the file where the file system lets it (else resume cuts its torn line), and is the last: this
+        and every later write raise OutputError, so that a rerun resumes from whole records."""
+        if self._failed:
+            raise self._failed
+        data = memoryview(b"".join(map(encode_record, records)))
+        start = os.fstat(self._fd).st_size
+        try:
+            while data:
+                written = os.write(self._fd, data)
+                if written == 0:
+                    raise OSError(errno.EIO, "the file system took none of a write")
+                data = data[written:]
+            os.fsync(self._fd)
+        except OSError as e:
+            self._failed = cannot_write(self.path, e)
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, start)
+            raise self._failed from None
         self.done.update(record_key(r) for r in records)
 
     def close(self) -> None:
-        self._f.close()
+        """Close the output, then let go of its lock."""
+        os.close(self._fd)
+        os.close(self._lock)
+
+
+def cannot_write(path: str | Path, e: OSError, advice: str | None = None) -> OutputError:
+    """The one line a failed write of the output or a file beside it ends the job with."""
+    if advice is None:
+        advice = "free space on its file system and run again to resume" if e.errno in NO_SPACE else "fix that and run again to resume"
+    return OutputError(f"cannot write {path}: {e.strerror or e}; {advice}")
+
+
+def write_atomically(path: str | Path, text: str, advice: str | None = None) -> None:
+    """`path` holds `text` whole, or what it held before: written to a temporary file beside it, fsynced and
+    renamed over it; the temporary file is removed if anything fails (a full disk: OutputError, with `advice`)."""
+    path = Path(path)
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(fd, 0o666 & ~_UMASK)
+            f.write(text.encode())
+            f.flush()
+            os.fsync(fd)
+        os.replace(tmp, path)
+    except OSError as e:
+        if tmp:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        raise cannot_write(path, e, advice) from None
 
 
 def encode_record(record: dict) -> bytes:

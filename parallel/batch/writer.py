@@ -8,7 +8,7 @@ import time
 
 from tqdm import tqdm
 
-from parallel.batch.output import OutputFile
+from parallel.batch.output import OutputError, OutputFile
 from parallel.distributed.runtime import fatal
 
 STOP_WAIT_S = 10.0
@@ -51,8 +51,8 @@ class Writer:
         with self.lock:
             try:
                 self.out.write(records)
-            except OSError as e:
-                fatal(f"cannot write {self.out.path}: {e}; {len(self.out.done)} records are in it, a rerun resumes")
+            except OutputError as e:  # a full disk: the records before these are whole, and nothing more is written
+                fatal(f"{e} ({len(self.out.done)} records are in it)")
             self.totals.add(records)
             self.bar.update(len(records))
             self.bar.set_postfix_str(f"{self.totals.generated_tokens / (time.monotonic() - self.start):.1f} tok/s")

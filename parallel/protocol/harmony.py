@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from openai_harmony import (
@@ -23,11 +24,13 @@ from openai_harmony import (
     StreamableParser,
     StreamState,
     SystemContent,
+    TextContent,
     ToolDescription,
     load_harmony_encoding,
 )
 
 from parallel.protocol.requests import Request, message_text
+from parallel.protocol.tokenize import LONGEST_RUN, encode_text, long_runs
 
 FUNCTIONS = "functions."
 # The longest header a message may have (`<|start|>assistant<|channel|>commentary to=functions.name
@@ -35,6 +38,8 @@ FUNCTIONS = "functions."
 MAX_HEADER_TOKENS = 32
 # gpt-oss pads with <|endoftext|>; it never appears inside a rendered conversation.
 PAD_TOKEN = "<|endoftext|>"
+# Earlier reasoning is kept or dropped by conversation() (see _drop_finished_reasoning), not by harmony.
+RENDERING = RenderConversationConfig(auto_drop_analysis=False)
 
 
 # The file harmony reads o200k from: downloaded, or from the folder TIKTOKEN_ENCODINGS_BASE names.
@@ -69,9 +74,57 @@ def stop_tokens(enc: HarmonyEncoding) -> dict[int, str]:
 
 def render_prompt(enc: HarmonyEncoding, req: Request, default_effort: str, date: str | None = None) -> list[int]:
     """The request as harmony tokens, ending with `<|start|>assistant` for the model to continue. Earlier reasoning is
-    kept or dropped by conversation(), not by harmony's own rule (see _drop_finished_reasoning)."""
-    return enc.render_conversation_for_completion(conversation(req, default_effort, date), Role.ASSISTANT,
-                                                  RenderConversationConfig(auto_drop_analysis=False))
+    kept or dropped by conversation(), not by harmony's own rule (see _drop_finished_reasoning). harmony renders it
+    whole unless a text holds a run that would make its tokenizer slow (parallel/protocol/tokenize.py)."""
+    conv = conversation(req, default_effort, date)
+    if not any(long_runs(text) for m in conv.messages for _, text in strings(m.to_dict())):
+        return enc.render_conversation_for_completion(conv, Role.ASSISTANT, RENDERING)
+    return render_bounded(enc, conv)
+
+
+def render_bounded(enc: HarmonyEncoding, conv: Conversation) -> list[int]:
+    """As render_conversation_for_completion, with the text of each message after the system and developer ones
+    encoded by encode_text, between the header and end harmony renders around an empty text. harmony renders the
+    system and developer messages together (the system one mentions the developer's tools): they and the headers
+    must hold no run over LONGEST_RUN."""
+    head = [m for m in conv.messages if m.author.role in (Role.SYSTEM, Role.DEVELOPER)]
+    tokens = enc.render_conversation(Conversation.from_messages(head), RENDERING) if head else []
+    for m in conv.messages[len(head):]:
+        text = m.content[0].text if len(m.content) == 1 and isinstance(m.content[0], TextContent) else ""
+        frame = m.model_copy(update={"content": [TextContent(text="")]}) if text else m
+        _check_runs(frame)
+        framed = enc.render(frame)
+        tokens += framed[:-1] + encode_text(enc, text) + framed[-1:]
+    for m in head:
+        _check_runs(m)
+    return tokens + enc.render_conversation_for_completion(Conversation.from_messages([]), Role.ASSISTANT, RENDERING)
+
+
+def _check_runs(m: Message) -> None:
+    for where, value in strings(m.to_dict()):
+        if long_runs(value):
+            raise ValueError(f"{_field(m.author.role, where)}: a run of over {LONGEST_RUN} characters with no space or "
+                             "other break, which only the text of a message may hold")
+
+
+def _field(role: Role, where: str) -> str:
+    """A rendered message's field, in the request's words."""
+    if role == Role.DEVELOPER:
+        return "the tools" if ".tools" in where else "the instructions (system and developer messages)"
+    return {".name": "a tool message's name", ".recipient": "a tool call's function name"}.get(where, f"a {role.value} message's {where}")
+
+
+def strings(obj, path: str = "") -> Iterator[tuple[str, str]]:
+    """Every string in a JSON-like value (dict keys too), with where it is (`.content[0].instructions`)."""
+    if isinstance(obj, str):
+        yield path, obj
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            yield from strings(key, path)
+            yield from strings(value, f"{path}.{key}")
+    elif isinstance(obj, list):
+        for j, value in enumerate(obj):
+            yield from strings(value, f"{path}[{j}]")
 
 
 def conversation(req: Request, default_effort: str, date: str | None = None) -> Conversation:

@@ -8,8 +8,11 @@ from dataclasses import dataclass
 from openai_harmony import HarmonyEncoding
 
 from parallel.config import GenerationConfig
-from parallel.protocol.harmony import render_prompt
+from parallel.protocol.harmony import render_prompt, strings
 from parallel.protocol.requests import Request
+
+# The most bytes one o200k token holds.
+TOKEN_BYTES = 128
 
 
 class PromptError(ValueError):
@@ -27,7 +30,13 @@ class Prompt:
 
 
 def prepare(enc: HarmonyEncoding, req: Request, gen: GenerationConfig, context: int, budget: str = "max_new_tokens") -> Prompt:
-    """The request rendered with harmony, with its budget (see `fit`; generation.max_new_tokens by default)."""
+    """The request rendered with harmony, with its budget (see `fit`; generation.max_new_tokens by default). A
+    request whose text cannot fit the context however it tokenizes is refused before it is tokenized."""
+    size = sum(len(text) for _, text in strings([req.messages, req.tools]))
+    if size > context * TOKEN_BYTES:
+        raise PromptError(f"the prompt holds over {context * TOKEN_BYTES} characters, which cannot fit the model's "
+                          f"context of {context} tokens (a token holds at most {TOKEN_BYTES} bytes)", "messages",
+                          "context_length_exceeded")
     try:
         tokens = render_prompt(enc, req, gen.reasoning_effort, gen.conversation_date)
     except Exception as e:  # harmony rejects what it cannot render, e.g. a tool schema it cannot type

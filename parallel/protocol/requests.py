@@ -7,6 +7,7 @@ a wrong one is a RequestError naming it (`messages[2].tool_calls must be a list`
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,7 +60,20 @@ def load_json(line: str | bytes) -> Any:
     except RecursionError:
         raise RequestError("JSON nested too deeply") from None
     except ValueError as e:  # JSONDecodeError, and integers longer than Python converts
-        raise RequestError(f"not valid JSON: {e}") from None
+        raise RequestError(f"not valid JSON: {json_problem(e, one_line=True)}") from None
+
+
+def json_problem(e: ValueError, one_line: bool) -> str:
+    """What json.loads found wrong, in the writer's terms. In a line of a file, where in that line (the parser
+    counts the line's own newline as a second line); an integer too long for Python, without Python's advice
+    on raising its limit."""
+    if isinstance(e, json.JSONDecodeError):
+        if not one_line:
+            return str(e)
+        return f"{e.msg} at the end of the line" if e.pos >= len(e.doc.rstrip()) else f"{e.msg} at character {e.pos + 1}"
+    if "integer string conversion" in str(e):
+        return f"an integer of more than {sys.get_int_max_str_digits()} digits"
+    return str(e)
 
 
 def parse_line(line: str | bytes, index: int) -> Request:

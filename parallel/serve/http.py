@@ -2,10 +2,11 @@
 thread of the server's API process (api_process.py).
 
 The socket is bound before the model loads (a port in use fails at once, not after the weights), and handed to
-uvicorn once the batcher exists. h11 parses strictly (a malformed Content-Length or an oversized head is a 400
-and a closed connection); the protocol below adds a deadline for each request to arrive whole; the app's gate
-bounds bodies. A drain (SIGTERM, through rank 0) refuses new requests with 503 while those in flight get
-server.drain_timeout_s to finish; whatever is left is cut and told so; then uvicorn stops.
+uvicorn once the batcher exists. h11 parses strictly (a malformed Content-Length is a 400 and a closed
+connection); the protocol below bounds each request's head (MAX_HEAD_BYTES, however it arrives) and adds a deadline
+for each request to arrive whole; the app's gate bounds bodies. A drain (SIGTERM, through rank 0) refuses new
+requests with 503 while those in flight get server.drain_timeout_s to finish; whatever is left is cut and told so;
+then uvicorn stops.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import re
 import socket
 import threading
 import time
@@ -32,17 +34,51 @@ from parallel.serve.prepare import Settings
 API_KEY_ENV = "GPT_OSS_API_KEY"
 # After the drain, how long uvicorn waits for replies still being written (to a client that reads slowly).
 SHUTDOWN_GRACE_S = 3
+# The largest request head (request line and headers, through the blank line that ends them) served; a larger one
+# is a 400 and a closed connection. h11's default bound, which it applies only to a head still incomplete.
+MAX_HEAD_BYTES = 16 * 1024
+# Where h11 finds a head's end: its first empty line, CRLF or bare LF (h11's ReceiveBuffer).
+HEAD_END = re.compile(rb"\n\r?\n")
+
+
+class BoundedHeads(h11.Connection):
+    """h11's server connection, refusing a request head over `max_head_bytes` however it arrives. h11's own bound
+    (max_incomplete_event_size) only refuses a head still incomplete: a complete one that comes in a single read, or
+    pipelined behind another request, passes whatever its size. So before each event of a new request, the head
+    waiting in the buffer is measured: it is too long if its end is past the limit or, not there yet, the buffer
+    already is."""
+
+    def __init__(self, max_head_bytes: int):
+        super().__init__(h11.SERVER, max_incomplete_event_size=max_head_bytes)
+        self.max_head_bytes = max_head_bytes
+        self.refusal: str | None = None  # why the head was refused, for the 400's body
+
+    def next_event(self):
+        if self.their_state is h11.IDLE:  # what is buffered, if anything, starts a request's head
+            buffered = self.trailing_data[0]  # a copy: at most the head and one read's worth of body
+            end = HEAD_END.search(buffered, 0, self.max_head_bytes + 1)
+            if (end.end() if end else len(buffered)) > self.max_head_bytes:
+                self.refusal = f"the request head (request line and headers) is larger than {self.max_head_bytes} bytes"
+                raise h11.RemoteProtocolError(self.refusal)  # uvicorn answers it with a 400 and closes
+        return super().next_event()
 
 
 class DeadlineProtocol(H11Protocol):
     """uvicorn's h11 protocol, with a deadline: a request's head and body must arrive within `timeout_s` of the
     connection opening or its previous reply ending. A client that trickles them (slowloris) is disconnected
-    instead of holding a connection forever; uvicorn's own keep-alive timer only covers a silent one."""
+    instead of holding a connection forever; uvicorn's own keep-alive timer only covers a silent one. Heads are
+    bounded by BoundedHeads."""
 
     def __init__(self, *args, timeout_s: float, **kwargs):
         super().__init__(*args, **kwargs)
+        self.conn = BoundedHeads(MAX_HEAD_BYTES)  # in place of uvicorn's, before any byte arrives
         self.timeout_s = timeout_s
         self.deadline: asyncio.TimerHandle | None = None
+
+    def send_400_response(self, msg: str) -> None:
+        # uvicorn answers every RemoteProtocolError with the same "Invalid HTTP request received."; an oversized head
+        # says what was wrong with it.
+        super().send_400_response(self.conn.refusal or msg)
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)

@@ -3,7 +3,9 @@ rendered with harmony, a text encoded as o200k, or token ids as given) and its b
 
 Small bodies are prepared on the event loop. Larger ones go to worker processes: harmony renders and encodes
 while holding the GIL, a few MB of prompt for seconds, and no other request of the server's API process
-could move meanwhile; in a worker, a big prompt costs its own request only.
+could move meanwhile; in a worker, a big prompt costs its own request only. Whatever a body holds, encoding
+costs about a microsecond a byte at worst (parallel/protocol/tokenize.py), and bodies up to SMALL_BYTES have a
+worker of their own, so a small request waits for no large one.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import asyncio
 import json
 import multiprocessing
 import os
-import re
 import select
 import signal
 import threading
@@ -23,16 +24,16 @@ from dataclasses import dataclass
 from parallel.config import GenerationConfig
 from parallel.log import error
 from parallel.protocol.harmony import encoding
-from parallel.protocol.prompts import PromptError, fit, prepare as prepare_conversation
+from parallel.protocol.prompts import PromptError, fit
+from parallel.protocol.prompts import prepare as prepare_conversation
+from parallel.protocol.requests import json_problem
+from parallel.protocol.tokenize import encode_text
 from parallel.serve.openai_api import ApiError, Call, Options, chat_call, completion_call, responses_call
 
-# Bodies up to this size render in a few ms (even as one run of letters, below): not worth a trip to a worker.
+# Bodies up to this size render in a few ms, whatever they hold: not worth a trip to a worker.
 INLINE_BYTES = 4 * 2**10
-# o200k's BPE costs the square of a piece's length, and a run of letters with no space, digit or punctuation is
-# one piece (900 KB of them took 11 minutes). Longer runs are refused, which bounds a request's rendering by its
-# size: seconds for a body of max_body_bytes. Natural text, code and encoded data break far sooner.
-LONGEST_RUN = 4096
-LETTERS = re.compile(r"[^\W\d_]+")
+# Bodies up to this size (under 0.1 s to prepare at worst) go to their own worker; larger ones to WORKERS others.
+SMALL_BYTES = 64 * 2**10
 WORKERS = 2
 # OpenAI's and vLLM's default for the legacy Completions API (the others default to generation.max_new_tokens).
 COMPLETION_MAX_TOKENS = 16
@@ -60,7 +61,6 @@ class Prepared:
 def prepare(api: str, body: bytes, settings: Settings) -> Prepared:
     """The body of a request to `api`, ready to run; ApiError (400) saying what is wrong with it."""
     obj = parse_json(body)
-    _check_runs(obj)
     call = CALLS[api](obj, settings.model_name)
     try:
         prompt = _conversation(call, settings) if call.request else _raw(call, settings)
@@ -75,24 +75,10 @@ def parse_json(body: bytes) -> dict:
     except RecursionError:
         raise ApiError(400, "the request body is nested too deeply") from None
     except ValueError as e:  # also bytes that are not UTF-8, and integers of more than 4300 digits
-        raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+        raise ApiError(400, f"the request body is not valid JSON: {json_problem(e, one_line=False)}") from None
     if not isinstance(obj, dict):
         raise ApiError(400, f"the request body must be a JSON object, got {type(obj).__name__}")
     return obj
-
-
-def _check_runs(obj: dict) -> None:
-    """Every string in the body (keys too: a tool's parameter names are rendered) against LONGEST_RUN."""
-    pending: list = [obj]
-    while pending:
-        value = pending.pop()
-        if isinstance(value, dict):
-            pending += [*value.keys(), *value.values()]
-        elif isinstance(value, list):
-            pending += value
-        elif isinstance(value, str) and any(len(run) > LONGEST_RUN for run in LETTERS.findall(value)):
-            raise ApiError(400, f"the request holds a run of more than {LONGEST_RUN} letters with no space, digit or "
-                                "punctuation, which the tokenizer cannot take in reasonable time")
 
 
 def _conversation(call: Call, settings: Settings):
@@ -103,7 +89,7 @@ def _conversation(call: Call, settings: Settings):
 def _raw(call: Call, settings: Settings):
     if isinstance(call.prompt, str):
         try:  # special tokens written as text are those tokens: a harmony prompt can be written by hand
-            tokens = encoding().encode(call.prompt, allowed_special="all")
+            tokens = encode_text(encoding(), call.prompt, special=True)
         except Exception as e:  # e.g. a lone surrogate, which is no UTF-8
             raise ApiError(400, f"prompt cannot be encoded: {e}", "prompt") from None
     else:
@@ -137,25 +123,29 @@ class Preparer:
         # forkserver: the workers fork from one clean process (the API process runs threads); it imports
         # the entry script once, and every worker loads harmony's vocabulary as it starts.
         self.context = multiprocessing.get_context("forkserver")
-        self.pool = self._new_pool()
-        self.pool.submit(int)  # start the forkserver and a worker now, while the model loads
+        self.pools = {"small": self._new_pool("small"), "large": self._new_pool("large")}
+        for pool in self.pools.values():
+            pool.submit(int)  # start the forkserver and the workers now, while the model loads
 
-    def _new_pool(self) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(WORKERS, mp_context=self.context, initializer=_start_worker, initargs=(os.getpid(),))
+    def _new_pool(self, lane: str) -> ProcessPoolExecutor:
+        workers = 1 if lane == "small" else WORKERS
+        return ProcessPoolExecutor(workers, mp_context=self.context, initializer=_start_worker, initargs=(os.getpid(),))
 
     async def __call__(self, api: str, body: bytes) -> Prepared:
         if len(body) <= INLINE_BYTES:
             return prepare(api, body, self.settings)
-        pool = self.pool
+        lane = "small" if len(body) <= SMALL_BYTES else "large"
+        pool = self.pools[lane]
         try:
             return await asyncio.wrap_future(pool.submit(prepare, api, body, self.settings))
         except BrokenProcessPool:
             # A worker died (killed for memory, a crash in native code): this request fails, later ones get
             # fresh workers.
             error(f"a worker preparing a {len(body)}-byte request died; starting new workers")
-            if self.pool is pool:
-                self.pool = self._new_pool()
+            if self.pools[lane] is pool:
+                self.pools[lane] = self._new_pool(lane)
             raise ApiError(500, "the worker preparing this request died") from None
 
     def close(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        for pool in self.pools.values():
+            pool.shutdown(wait=False, cancel_futures=True)

@@ -113,7 +113,10 @@ class ChatReply(HarmonyReply):
                       "total_tokens": self.prompt_tokens + completion_tokens,
                       "completion_tokens_details": {"reasoning_tokens": parsed.reasoning_tokens}}
         self.harmony_error = parsed.error
-        yield self._chunk({}, self.finish_reason)
+        last = self._chunk({}, self.finish_reason)
+        if self.harmony_error:  # as in `result`: a streaming client learns too that the output broke, and where
+            last["choices"][0]["harmony_error"] = self.harmony_error
+        yield last
         if self.include_usage:
             yield {**self._chunk({}), "choices": [], "usage": self.usage}
 
