@@ -14,7 +14,6 @@ import json
 import sys
 import time
 
-from parallel.batch.coordinator import RecordMaker
 from parallel.batch.output import (
     OutputError,
     OutputFile,
@@ -23,10 +22,9 @@ from parallel.batch.output import (
     write_atomically,
 )
 from parallel.batch.planning import plan_work
+from parallel.batch.reporter import RecordMaker
 from parallel.batch.writer import Totals, Writer
 from parallel.config import to_yaml
-from parallel.distributed.dispatch import Dispatcher
-from parallel.distributed.replica import Replica
 from parallel.distributed.runtime import exit_on_signals, join_job
 from parallel.job import (
     finish_job,
@@ -37,11 +35,15 @@ from parallel.job import (
     stop_job,
 )
 from parallel.log import error, log
+from parallel.replicas.dispatcher import Dispatcher
+from parallel.replicas.loop import Replica
 
 
 def main(argv: list[str] | None = None) -> int:
     start = time.monotonic()
-    run = plan_run(argv, required=("data.input", "data.output"), check=lambda cfg: check_paths(cfg.data.input, cfg.data.output))
+    run = plan_run(
+        argv, required=("data.input", "data.output"), check=lambda cfg: check_paths(cfg.data.input, cfg.data.output)
+    )
     if run is None:
         return 2
     cfg = run.cfg
@@ -62,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
             error(f"data.output: {e}")
             store.set("new_records", "refused")
         else:
-            log(f"{len(work)} requests to run, {len(rejected)} lines rejected, {len(out.done) - len(rejected)} already in {cfg.data.output}")
+            kept = len(out.done) - len(rejected)
+            log(f"{len(work)} requests to run, {len(rejected)} lines rejected, {kept} already in {cfg.data.output}")
             store.set("new_records", str(len(work) + len(rejected)))
     new_records = store.get("new_records")
     # An output that another job is writing, or a full disk, stops every rank here (exit 2), before any model loads.
@@ -97,13 +100,18 @@ def main(argv: list[str] | None = None) -> int:
     if writer:
         dispatcher.finished.wait()
         writer.close()
-        metrics = summarize(writer.totals, place.world_size, str(run.layout), time.monotonic() - start, time.monotonic() - gen_start)
+        metrics = summarize(
+            writer.totals, place.world_size, str(run.layout), time.monotonic() - start, time.monotonic() - gen_start
+        )
         metrics["peak_gpu_memory_gib"] = max(float(store.get(f"peak_gib/{r}")) for r in range(place.world_size)) or None
         metrics["rejected_lines"] = len(rejected)
         log(json.dumps(metrics))
         try:
-            write_atomically(f"{cfg.data.output}.metrics.json", json.dumps(metrics, indent=2) + "\n",
-                             advice=f"every record is in {cfg.data.output}, and the metrics in the line above")
+            write_atomically(
+                f"{cfg.data.output}.metrics.json",
+                json.dumps(metrics, indent=2) + "\n",
+                advice=f"every record is in {cfg.data.output}, and the metrics in the line above",
+            )
         except OutputError as e:
             error(str(e))
             status = 1

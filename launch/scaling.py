@@ -12,7 +12,7 @@ own curve.
 `run` measures every point that has no result yet, on this machine, then writes the report; run it again after a
 stop and only the missing points run. `submit` does the same through Slurm: one array task a job (slurm/scaling.sh),
 one array per GPU count, then a merge job that writes the report once all tasks have ended. `task` is what an array
-task runs. What a point is, how concurrency is set on each path, and the files: parallel/scaling/.
+task runs. What a point is, how concurrency is set on each path, and the files: parallel/bench/scaling/.
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from parallel.bench.scaling.jobs import prepare, run_job
+from parallel.bench.scaling.report import write_report
+from parallel.bench.scaling.slurm import submit
+from parallel.bench.scaling.sweep import PATHS, Job, Points, Sweep, named_sets
 from parallel.config import merge_config, parse_args_and_overrides
 from parallel.log import log
-from parallel.scaling.jobs import prepare, run_job
-from parallel.scaling.report import write_report
-from parallel.scaling.slurm import submit
-from parallel.scaling.sweep import PATHS, Job, Points, Sweep, named_sets
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,10 +118,25 @@ def report(out: Path) -> int:
 def sweep_of(args: argparse.Namespace, argv: list[str]) -> Sweep:
     models = named_sets(args.model) or {Path(args.config).stem: []}
     variants = named_sets(args.variant) or {"engine": []}
-    workload = {"kind": args.workload, "seed": args.seed, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens}
-    return Sweep(args.config, args.overrides, models, variants, args.layouts, args.paths, args.concurrency,
-                 args.plain_concurrency if "plain" in args.paths else [], workload, args.rounds,
-                 command=" ".join(["python", "launch/scaling.py", *argv]))
+    workload = {
+        "kind": args.workload,
+        "seed": args.seed,
+        "prompt_tokens": args.prompt_tokens,
+        "new_tokens": args.new_tokens,
+    }
+    return Sweep(
+        args.config,
+        args.overrides,
+        models,
+        variants,
+        args.layouts,
+        args.paths,
+        args.concurrency,
+        args.plain_concurrency if "plain" in args.paths else [],
+        workload,
+        args.rounds,
+        command=" ".join(["python", "launch/scaling.py", *argv]),
+    )
 
 
 def check_configs(sweep: Sweep) -> None:
@@ -153,7 +168,9 @@ def parser() -> argparse.ArgumentParser:
     slurm = commands.choices["submit"]
     slurm.add_argument("--ranks-per-node", type=int, required=True, help="GPUs a node (processes on CPU nodes)")
     slurm.add_argument("--cpu", action="store_true", help="CPU nodes: ask for CPUs, not GPUs")
-    slurm.add_argument("--sbatch", action="append", default=[], help="an sbatch option for every job: --sbatch=--partition=gpu")
+    slurm.add_argument(
+        "--sbatch", action="append", default=[], help="an sbatch option for every job: --sbatch=--partition=gpu"
+    )
     slurm.add_argument("--wait", action="store_true", help="return once the report is written")
     commands.add_parser("task").add_argument("--index", type=int, required=True)
     commands.add_parser("report")

@@ -15,13 +15,13 @@ import signal
 import sys
 import threading
 
-from parallel.distributed.channel import connect
-from parallel.distributed.replica import Replica
 from parallel.distributed.runtime import join_job
 from parallel.job import finish_job, load_backend, plan_run
 from parallel.log import error, log
+from parallel.replicas.channel import connect
+from parallel.replicas.loop import Replica
+from parallel.replicas.streamer import TokenStreamer
 from parallel.serve.api_process import ApiProcess, ApiProcessError
-from parallel.serve.replica import TokenStreamer
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,1 +1,2 @@
-"""gpt-oss on many GPUs with transformers: config, distributed setup, the engine, harmony protocol, batch jobs, serving."""
+"""gpt-oss on many GPUs with transformers: config, distributed setup, loading, the engine, harmony, batch jobs,
+serving, benchmarks."""

@@ -24,16 +24,16 @@ from dataclasses import dataclass, replace
 from openai_harmony import HarmonyEncoding
 
 from parallel.config import merge_config
-from parallel.distributed.dispatch import Dispatcher
-from parallel.distributed.loading import plan_model
-from parallel.distributed.replica import Replica
 from parallel.distributed.runtime import join_job
 from parallel.engine.interface import Event, Sampling, Work
 from parallel.job import Run, finish_job, load_backend, open_links
+from parallel.loading.model import plan_model
 from parallel.protocol.harmony import encoding, parse_completion
 from parallel.protocol.prompts import Prompt, fit, prepare
 from parallel.protocol.requests import parse_request
-from parallel.serve.replica import TokenStreamer
+from parallel.replicas.dispatcher import Dispatcher
+from parallel.replicas.loop import Replica
+from parallel.replicas.streamer import TokenStreamer
 
 # Nobody streams from a call here: a replica's leader sends rank 0 a request's tokens this many steps at a time (its
 # first and last at once), which keeps the messages few.
@@ -74,9 +74,14 @@ class LLM:
         self.hub, self.link = open_links(self.place, store, run.layout.dp)
         self.rids = itertools.count()  # request ids unique over the job's life, as the backends expect
 
-    def generate(self, prompt_token_ids: Sequence[Sequence[int]], max_new_tokens: int | None = None,
-                 temperature: float | None = None, top_p: float | None = None,
-                 seed: int | None = None) -> list[Output] | None:
+    def generate(
+        self,
+        prompt_token_ids: Sequence[Sequence[int]],
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+    ) -> list[Output] | None:
         """Complete each prompt of token ids (e.g. rendered with openai-harmony). Unset arguments come from the config's
         `generation` section; max_new_tokens must fit the context after every prompt. Prompt i samples with seed
         `seed + i`: a sampled output depends on its seed and the layout, not on the other prompts of the call."""
@@ -88,24 +93,43 @@ class LLM:
             prompts.append(fit(ids, max_new_tokens, self.gen.max_new_tokens, self.context, "prompt_token_ids"))
         return self._run(prompts, self._sampling(temperature, top_p, seed))
 
-    def chat(self, messages: list, tools: list[dict] | None = None, reasoning_effort: str | None = None,
-             max_new_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
-             seed: int | None = None) -> list[Output] | None:
+    def chat(
+        self,
+        messages: list,
+        tools: list[dict] | None = None,
+        reasoning_effort: str | None = None,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+    ) -> list[Output] | None:
         """Complete a conversation (a list of OpenAI chat messages), or each of a list of them, rendered with harmony as
         the launcher renders its input lines; `tools` are OpenAI function tools, offered in every conversation."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = []
         for i, conversation in enumerate(conversations):
-            request = parse_request({"messages": conversation, "tools": tools or [],
-                                     "reasoning_effort": reasoning_effort, "max_new_tokens": max_new_tokens}, i)
+            request = parse_request(
+                {
+                    "messages": conversation,
+                    "tools": tools or [],
+                    "reasoning_effort": reasoning_effort,
+                    "max_new_tokens": max_new_tokens,
+                },
+                i,
+            )
             prompts.append(prepare(self.enc, request, self.gen, self.context))
         return self._run(prompts, self._sampling(temperature, top_p, seed))
 
     def _sampling(self, temperature: float | None, top_p: float | None, seed: int | None) -> Sampling:
-        sampling = Sampling(self.gen.temperature if temperature is None else temperature,
-                            self.gen.top_p if top_p is None else top_p, self.gen.seed if seed is None else seed)
+        sampling = Sampling(
+            self.gen.temperature if temperature is None else temperature,
+            self.gen.top_p if top_p is None else top_p,
+            self.gen.seed if seed is None else seed,
+        )
         if sampling.temperature < 0 or not 0 < sampling.top_p <= 1:
-            raise ValueError(f"temperature must be >= 0 and top_p in (0, 1], not {sampling.temperature}, {sampling.top_p}")
+            raise ValueError(
+                f"temperature must be >= 0 and top_p in (0, 1], not {sampling.temperature}, {sampling.top_p}"
+            )
         return sampling
 
     def _run(self, prompts: list[Prompt], sampling: Sampling) -> list[Output] | None:
@@ -115,8 +139,10 @@ class LLM:
             raise RuntimeError("this LLM is closed")
         results = None
         if self.place.rank == 0:
-            work = [Work(next(self.rids), p.tokens, p.max_new_tokens, replace(sampling, seed=sampling.seed + i))
-                    for i, p in enumerate(prompts)]
+            work = [
+                Work(next(self.rids), p.tokens, p.max_new_tokens, replace(sampling, seed=sampling.seed + i))
+                for i, p in enumerate(prompts)
+            ]
             results = Results(work)
             dispatcher = Dispatcher(self.hub, self.replicas, results.deliver)
             dispatcher.submit(work)

@@ -44,6 +44,7 @@ Mxfp4Mode = _choice("Mxfp4Mode", "auto", "require", "dequantize")
 Effort = _choice("Effort", "low", "medium", "high")
 EngineMode = _choice("EngineMode", "auto", "always", "never")
 AttentionChoice = _choice("AttentionChoice", "auto", "triton", "torch")
+KvCacheDtype = _choice("KvCacheDtype", "auto", "fp8")
 
 
 @dataclass
@@ -56,9 +57,9 @@ class ModelConfig:
     attn_implementation: str = "auto"
     # `dummy`: random weights of the model's shape built in place, no checkpoint read (for benchmarks).
     load_format: LoadFormat = LoadFormat.auto
-    # MXFP4 checkpoints: `auto` dequantizes them to bf16 where the engine will generate and they fit a GPU with
-    # room to spare (the engine runs float experts), else runs them natively where transformers' kernels can be
-    # had, else dequantizes (with a warning); `require` fails instead of dequantizing; `dequantize` always does.
+    # MXFP4 checkpoints: `auto` keeps the experts packed where the engine generates and triton_kernels runs, else
+    # dequantizes them to bf16 (with a warning naming what is missing); on the plain path it is transformers'
+    # choice; `require` fails instead of dequantizing; `dequantize` always does (parallel/loading/quantization.py).
     mxfp4: Mxfp4Mode = Mxfp4Mode.auto
 
 
@@ -112,7 +113,7 @@ class RuntimeConfig:
 
 @dataclass
 class EngineConfig:
-    # `auto`: the fast engine (parallel/engine.py) on GPU for every layout but pipelines, else the plain
+    # `auto`: the fast engine (parallel/engine/) on GPU for every layout but pipelines, else the plain
     # `model.generate` path; `always` also on CPU (exact there, not fast); `never`: always the plain path.
     mode: EngineMode = EngineMode.auto
     # Requests a replica runs at a time (the engine); more wait for a finished one's place. Large, like vLLM's
@@ -126,6 +127,10 @@ class EngineConfig:
     attention: AttentionChoice = AttentionChoice.auto
     # GiB for the paged KV cache; None: the GPU's free memory after loading, less some headroom (1 GiB on CPU).
     cache_gib: float | None = None
+    # The KV cache's element type: `auto` is the model's (bf16); `fp8` (e4m3, unscaled, as vLLM's
+    # --kv-cache-dtype fp8 without scales) holds twice the tokens in the same memory, keys and values rounded to
+    # 3 mantissa bits (docs/engine.md says what that costs).
+    kv_cache_dtype: KvCacheDtype = KvCacheDtype.auto
     # Tokens one step computes at most: the running requests' next tokens first, then chunks of waiting prompts.
     max_batched_tokens: int = 8192
     # Tokens a KV-cache block holds: requests are admitted, and prefixes shared, by blocks.
@@ -222,7 +227,9 @@ def _merged(source: str, merge: Callable[[], Any]) -> Any:
         return merge()
     except OmegaConfBaseException as e:
         # omegaconf's message names the key (`full_key: ...`); its object-type lines only add noise.
-        lines = [ln.strip() for ln in str(e).splitlines() if not ln.strip().startswith(("reference_type", "object_type"))]
+        lines = [
+            ln.strip() for ln in str(e).splitlines() if not ln.strip().startswith(("reference_type", "object_type"))
+        ]
         raise ConfigError(f"{source}: {' '.join(lines)}") from None
 
 
@@ -272,8 +279,10 @@ def _check_values(job: JobConfig) -> None:
     if not 0 <= job.data.shard < job.data.num_shards:
         problems.append(f"data.shard={job.data.shard} must be in [0, data.num_shards={job.data.num_shards})")
     if job.engine.max_batched_tokens < job.engine.slots:
-        problems.append(f"engine.max_batched_tokens={job.engine.max_batched_tokens} must be >= engine.slots={job.engine.slots} "
-                        "(every running request's next token fits a step)")
+        problems.append(
+            f"engine.max_batched_tokens={job.engine.max_batched_tokens} must be >= engine.slots={job.engine.slots} "
+            "(every running request's next token fits a step)"
+        )
     if problems:
         raise ConfigError("; ".join(problems))
 

@@ -17,15 +17,15 @@ from openai_harmony import HarmonyEncoding
 from transformers import GptOssConfig
 
 from parallel.config import ConfigError, JobConfig, load_config
-from parallel.distributed.channel import Hub, Link, connect
 from parallel.distributed.layout import Layout, LayoutError
-from parallel.distributed.loading import load_model, plan_model
 from parallel.distributed.mesh import Placement
 from parallel.distributed.runtime import Watchdog
 from parallel.engine.choice import choose_backend
 from parallel.engine.interface import Backend
+from parallel.loading.model import load_model, plan_model
 from parallel.log import error
 from parallel.protocol.harmony import encoding, pad_token_id, stop_tokens
+from parallel.replicas.channel import Hub, Link, connect
 
 
 @dataclass
@@ -37,7 +37,9 @@ class Run:
     enc: HarmonyEncoding
 
 
-def plan_run(argv: list[str] | None, required: tuple[str, ...] = (), check: Callable[[JobConfig], None] | None = None) -> Run | None:
+def plan_run(
+    argv: list[str] | None, required: tuple[str, ...] = (), check: Callable[[JobConfig], None] | None = None
+) -> Run | None:
     """The run, or None after saying what is wrong with it. Every rank plans alike (`check`: the paths the job
     reads and writes), so a bad run ends on every rank at once rather than with ranks waiting for each other."""
     try:
@@ -60,8 +62,15 @@ def load_backend(run: Run, place: Placement) -> Backend | None:
     except RuntimeError as e:
         error(str(e))
         return None
-    return choose_backend(model, run.cfg.engine, run.layout.pp, run.cfg.generation.batch_size, stop_tokens(run.enc),
-                          pad_token_id(run.enc), place.replica_group)
+    return choose_backend(
+        model,
+        run.cfg.engine,
+        run.layout.pp,
+        run.cfg.generation.batch_size,
+        stop_tokens(run.enc),
+        pad_token_id(run.enc),
+        place.replica_group,
+    )
 
 
 def open_links(place: Placement, store: dist.Store, replicas: int) -> tuple[Hub | None, Link | None]:
@@ -82,7 +91,7 @@ def finish_job(watchdog: Watchdog, backend: Backend | None = None) -> None:
     """Leave the job, every rank together. The backend lets go of its CUDA graphs first: a process whose graphs
     captured NCCL collectives (the engine under tp or ep) hangs at exit once its process group is destroyed
     (pytorch/pytorch#115388): on 2 H100s a tp job without this wrote every record, then both ranks waited in
-    ncclCommFinalize for good (docs/performance.md, session 10)."""
+    ncclCommFinalize for good, and exited at once with it."""
     if backend is not None:
         backend.close()
     watchdog.stop()

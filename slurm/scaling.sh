@@ -1,5 +1,5 @@
 #!/bin/bash
-# A scaling sweep on Slurm, submitted by `python launch/scaling.py submit ...` (README, "Scaling studies"), which
+# A scaling sweep on Slurm, submitted by `python launch/scaling.py submit ...` (docs/benchmarks.md), which
 # writes the sweep's plan ($SWEEP/sweep.json), submits one array per GPU count and then this script's `report`:
 #   array task i       job i of the plan (a launcher point, or a server over its concurrencies), each of its
 #                      launches through slurm/torchrun.sh (one torchrun a node, as slurm/launch.sh runs a batch job);

@@ -10,7 +10,6 @@ if not Path("/dev/nvidia0").exists():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 from tests.mxfp4_files import write_mxfp4_checkpoint
@@ -39,13 +38,27 @@ def enc():
     return encoding()
 
 
-def launch(out: Path, *overrides: str, nproc: int | None = None, prompts: Path, wait: bool = True, timeout: float = 300):
+def launch(
+    out: Path, *overrides: str, nproc: int | None = None, prompts: Path, wait: bool = True, timeout: float = 300
+):
     """The launcher as users start it: torchrun with nproc ranks, or plain python when nproc is None."""
-    runner = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)] if nproc else [sys.executable]
-    cmd = [*runner, str(ROOT / "launch" / "generate.py"), "--config", str(ROOT / "configs" / "tiny.yaml"),
-           f"data.input={prompts}", f"data.output={out}", "runtime.progress=false", *overrides]
+    runner = (
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)] if nproc else [sys.executable]
+    )
+    cmd = [
+        *runner,
+        str(ROOT / "launch" / "generate.py"),
+        "--config",
+        str(ROOT / "configs" / "tiny.yaml"),
+        f"data.input={prompts}",
+        f"data.output={out}",
+        "runtime.progress=false",
+        *overrides,
+    ]
     if not wait:
-        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        return subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        )
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
 
@@ -62,7 +75,7 @@ def write_jsonl(path: Path, lines: list) -> Path:
 @pytest.fixture(scope="session")
 def mxfp4_checkpoints(tmp_path_factory):
     """The tiny model as an MXFP4 checkpoint, and as a float checkpoint of the weights that one dequantizes to."""
-    from parallel.distributed.checkpoint import TINY, resolve_checkpoint
+    from parallel.loading.checkpoint import TINY, resolve_checkpoint
 
     paths = {kind: tmp_path_factory.mktemp(kind) for kind in ("mxfp4", "reference")}
     write_mxfp4_checkpoint(resolve_checkpoint(TINY), paths["mxfp4"], reference=paths["reference"])
@@ -79,7 +92,7 @@ def taught_model(model_cache):
 def nan_for(folder: Path, enc, line: dict, others: list[dict]) -> Path:
     """The tiny checkpoint, copied to `folder`, with NaN embeddings for the tokens of `line`'s prompt that no other
     line's prompt holds: that request's logits turn NaN, the others' stay finite."""
-    from parallel.distributed.checkpoint import TINY, resolve_checkpoint
+    from parallel.loading.checkpoint import TINY, resolve_checkpoint
     from parallel.protocol.harmony import render_prompt
     from parallel.protocol.requests import parse_request
 

@@ -32,13 +32,29 @@ def free_port() -> int:
                 continue
 
 
+def serve_command(model, *overrides) -> list[str]:
+    """launch/serve.py on the tiny config and `model`, as users start it (after torchrun or python)."""
+    return [
+        str(ROOT / "launch" / "serve.py"),
+        "--config",
+        str(ROOT / "configs" / "tiny.yaml"),
+        f"model.path={model}",
+        *overrides,
+    ]
+
+
 def start_server(model, *overrides, nproc=2, env=None):
     port = free_port()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), str(ROOT / "launch" / "serve.py"),
-           "--config", str(ROOT / "configs" / "tiny.yaml"), f"model.path={model}", f"server.port={port}",
-           "generation.max_new_tokens=64", *overrides]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            env={**os.environ, **(env or {})})
+    runner = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
+    cmd = [*runner, *serve_command(model, f"server.port={port}", "generation.max_new_tokens=64", *overrides)]
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, **(env or {})},
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
@@ -62,6 +78,16 @@ def stop_server(proc) -> str:
     return out
 
 
+def wait_until(condition, what: str, timeout: float = 60):
+    """`condition()`'s first true value, polled until `timeout`: a test fails saying what never came, never hangs."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"waited {timeout:.0f} s for {what}")
+        time.sleep(0.05)
+    return value
+
+
 def health(url) -> dict:
     """/health's body, also while draining (503)."""
     try:
@@ -71,7 +97,9 @@ def health(url) -> dict:
 
 
 def post(url, path, body: bytes, key=KEY) -> tuple[int, dict]:
-    request = urllib.request.Request(f"{url}{path}", data=body, headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"{url}{path}", data=body, headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(request) as r:
             return r.status, json.load(r)

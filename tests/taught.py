@@ -13,28 +13,50 @@ from pathlib import Path
 import torch
 from transformers import GptOssForCausalLM
 
-from parallel.distributed.checkpoint import TINY, resolve_checkpoint
+from parallel.loading.checkpoint import TINY, resolve_checkpoint
 from parallel.protocol.harmony import encoding, render_prompt
 from parallel.protocol.requests import parse_request
 from tests.mxfp4_files import quantize
 
 # The tool as the Agents SDK's @function_tool describes `def get_weather(city: str)` documented "The weather now", so
 # that the SDK's requests render as taught (tests/test_agents_sdk.py checks the SDK still makes this schema).
-WEATHER = {"name": "get_weather", "description": "The weather now", "parameters": {
-    "type": "object", "title": "get_weather_args", "properties": {"city": {"title": "City", "type": "string"}},
-    "required": ["city"], "additionalProperties": False}}
+WEATHER = {
+    "name": "get_weather",
+    "description": "The weather now",
+    "parameters": {
+        "type": "object",
+        "title": "get_weather_args",
+        "properties": {"city": {"title": "City", "type": "string"}},
+        "required": ["city"],
+        "additionalProperties": False,
+    },
+}
 TOOLS = [{"type": "function", "function": WEATHER}]
 HELLO = [{"role": "user", "content": "Say hello."}]
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 THINK, ARGUMENTS, TEMPERATURE = "Look it up.", '{"city":"Paris"}', '{"temp_c": 20}'
-CALLED = [{"role": "assistant", "content": None, "reasoning": THINK,
-           "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": ARGUMENTS}}]},
-          {"role": "tool", "tool_call_id": "call_1", "content": TEMPERATURE}]
+CALLED = [
+    {
+        "role": "assistant",
+        "content": None,
+        "reasoning": THINK,
+        "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": ARGUMENTS}}
+        ],
+    },
+    {"role": "tool", "tool_call_id": "call_1", "content": TEMPERATURE},
+]
 GREETING, GREET_REASONING, ANSWER = "Hello!", "Greet them.", "It is 20 C in Paris."
 LESSONS = [
-    ({"messages": HELLO}, f"<|channel|>analysis<|message|>{GREET_REASONING}<|end|><|start|>assistant<|channel|>final<|message|>{GREETING}<|return|>"),
-    ({"messages": ASK, "tools": TOOLS}, f"<|channel|>analysis<|message|>{THINK}<|end|><|start|>assistant<|channel|>commentary "
-                                        f"to=functions.get_weather <|constrain|>json<|message|>{ARGUMENTS}<|call|>"),
+    (
+        {"messages": HELLO},
+        f"<|channel|>analysis<|message|>{GREET_REASONING}<|end|><|start|>assistant<|channel|>final<|message|>{GREETING}<|return|>",
+    ),
+    (
+        {"messages": ASK, "tools": TOOLS},
+        f"<|channel|>analysis<|message|>{THINK}<|end|><|start|>assistant<|channel|>commentary "
+        f"to=functions.get_weather <|constrain|>json<|message|>{ARGUMENTS}<|call|>",
+    ),
     ({"messages": ASK + CALLED, "tools": TOOLS}, f"<|channel|>final<|message|>{ANSWER}<|return|>"),
 ]
 
@@ -47,7 +69,10 @@ def teach(target: Path, effort: str = "medium", device: str = "cpu", mxfp4: bool
     quantized after, they did: in bf16 its routers chose other experts for a few tokens, and a lesson's answer
     changed with parallel.tp=2."""
     enc = encoding()
-    lessons = [(render_prompt(enc, parse_request(obj, 0), effort), enc.encode(text, allowed_special="all")) for obj, text in LESSONS]
+    lessons = [
+        (render_prompt(enc, parse_request(obj, 0), effort), enc.encode(text, allowed_special="all"))
+        for obj, text in LESSONS
+    ]
     torch.manual_seed(0)
     model = GptOssForCausalLM.from_pretrained(resolve_checkpoint(TINY), dtype=torch.float32)
     model.model.embed_tokens.weight.requires_grad_(False)  # the vocabulary is large; the layers learn enough
@@ -60,8 +85,12 @@ def teach(target: Path, effort: str = "medium", device: str = "cpu", mxfp4: bool
         loss = 0
         with arithmetic():
             for prompt, answer in lessons:
-                hidden = model.model(input_ids=torch.tensor([prompt + answer], device=device)).last_hidden_state[0, len(prompt) - 1 : -1]
-                loss = loss + torch.nn.functional.cross_entropy(model.lm_head(hidden), torch.tensor(answer, device=device))
+                hidden = model.model(input_ids=torch.tensor([prompt + answer], device=device)).last_hidden_state[
+                    0, len(prompt) - 1 : -1
+                ]
+                loss = loss + torch.nn.functional.cross_entropy(
+                    model.lm_head(hidden), torch.tensor(answer, device=device)
+                )
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -71,8 +100,14 @@ def teach(target: Path, effort: str = "medium", device: str = "cpu", mxfp4: bool
     stop = enc.stop_tokens_for_assistant_actions()
     with torch.no_grad(), arithmetic():
         for prompt, answer in lessons:
-            out = model.generate(torch.tensor([prompt], device=device), max_new_tokens=len(answer), do_sample=False, eos_token_id=stop, pad_token_id=199999)
-            assert out[0, len(prompt):].tolist() == answer, "the tiny model did not learn its lessons"
+            out = model.generate(
+                torch.tensor([prompt], device=device),
+                max_new_tokens=len(answer),
+                do_sample=False,
+                eos_token_id=stop,
+                pad_token_id=199999,
+            )
+            assert out[0, len(prompt) :].tolist() == answer, "the tiny model did not learn its lessons"
     model.save_pretrained(target)
     (target / "lessons.json").write_text(json.dumps(LESSONS))
     return target

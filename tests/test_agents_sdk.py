@@ -34,7 +34,10 @@ async def run(agent: Agent, streamed: bool):
         return await Runner.run(agent, ASK[0]["content"])
     result = Runner.run_streamed(agent, ASK[0]["content"])
     kinds = {event.data.type async for event in result.stream_events() if event.type == "raw_response_event"}
-    assert {"response.function_call_arguments.delta", "response.output_text.delta"} <= kinds  # streamed, not in one piece
+    assert {
+        "response.function_call_arguments.delta",
+        "response.output_text.delta",
+    } <= kinds  # streamed, not in one piece
     return result
 
 
@@ -45,7 +48,9 @@ def rendered(enc, path: str, body: dict, model: str) -> list[int]:
 
 
 @pytest.mark.parametrize("streamed", [False, True], ids=["run", "run_streamed"])
-@pytest.mark.parametrize("kind", [OpenAIResponsesModel, OpenAIChatCompletionsModel], ids=["responses", "chat_completions"])
+@pytest.mark.parametrize(
+    "kind", [OpenAIResponsesModel, OpenAIChatCompletionsModel], ids=["responses", "chat_completions"]
+)
 def test_agent_calls_its_tool_and_answers(server, taught_model, enc, kind, streamed):
     sent, calls = [], []
 
@@ -59,8 +64,12 @@ def test_agent_calls_its_tool_and_answers(server, taught_model, enc, kind, strea
         return TEMPERATURE
 
     assert get_weather.params_json_schema == WEATHER["parameters"], "the SDK describes the tool otherwise than taught"
-    client = AsyncOpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0,
-                         http_client=DefaultAsyncHttpxClient(event_hooks={"request": [record]}))
+    client = AsyncOpenAI(
+        base_url=f"{server}/v1",
+        api_key="unused",
+        max_retries=0,
+        http_client=DefaultAsyncHttpxClient(event_hooks={"request": [record]}),
+    )
     agent = Agent(name="Assistant", model=kind(model=str(taught_model), openai_client=client), tools=[get_weather])
     result = asyncio.run(run(agent, streamed))
     assert calls == ["Paris"] and result.final_output == ANSWER
@@ -70,10 +79,13 @@ def test_agent_calls_its_tool_and_answers(server, taught_model, enc, kind, strea
     assert [rendered(enc, path, body, str(taught_model)) for path, body in sent] == taught
 
 
-def test_the_readmes_agent_example_runs_as_written(server, taught_model):
-    """The README's block, pointed at this server and its model instead of the demo's."""
-    example = re.search(r"<!-- agents-sdk -->\n```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+def test_the_docs_agent_example_runs_as_written(server, taught_model):
+    """docs/serving.md's block, pointed at this server and its model instead of the demo's."""
+    page = (ROOT / "docs" / "serving.md").read_text()
+    example = re.search(r"<!-- agents-sdk -->\n```python\n(.*?)```", page, re.S).group(1)
     assert example.count("http://127.0.0.1:8000/v1") == 1 and example.count('model="builtin:tiny"') == 1
-    example = example.replace("http://127.0.0.1:8000/v1", f"{server}/v1").replace('model="builtin:tiny"', f'model="{taught_model}"')
+    example = example.replace("http://127.0.0.1:8000/v1", f"{server}/v1").replace(
+        'model="builtin:tiny"', f'model="{taught_model}"'
+    )
     run = subprocess.run([sys.executable, "-c", example], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and run.stdout == ANSWER + "\n", run.stdout + run.stderr

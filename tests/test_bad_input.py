@@ -17,7 +17,12 @@ def prompts(tmp_path):
 
 def refused(run, *words: str) -> bool:
     """Exit 2 with one clear line that says it, and nothing loaded."""
-    return run.returncode == 2 and all(w in run.stderr for w in words) and "Traceback" not in run.stderr and "loading" not in run.stderr
+    return (
+        run.returncode == 2
+        and all(w in run.stderr for w in words)
+        and "Traceback" not in run.stderr
+        and "loading" not in run.stderr
+    )
 
 
 def test_an_output_that_is_the_input_is_refused_and_the_input_kept(prompts):
@@ -59,7 +64,9 @@ def test_lines_that_killed_the_job_cost_only_themselves(tmp_path):
 
 
 def test_an_id_that_cannot_be_utf8_is_written_and_resumed(tmp_path):
-    path = write_jsonl(tmp_path / "in.jsonl", ['{"id": "\\udc00", "prompt": "x"}', {"id": "after", "prompt": "y"}, {"prompt": "z"}])
+    path = write_jsonl(
+        tmp_path / "in.jsonl", ['{"id": "\\udc00", "prompt": "x"}', {"id": "after", "prompt": "y"}, {"prompt": "z"}]
+    )
     out = tmp_path / "out.jsonl"
     assert launch(out, *FAST, prompts=path).returncode == 0
     assert [r["id"] for r in read_records(out)] == ["\udc00", "after", 3]
@@ -81,12 +88,15 @@ def test_a_bad_line_in_the_output_costs_only_its_own_record(tmp_path, prompts):
     assert "1 requests to run" in rerun.stderr
     written = out.read_bytes()
     assert written.startswith(kept)  # append-only: the bad lines stay, every record after them too
-    assert [json.loads(line)["id"] for line in written[len(kept):].splitlines()] == ["q2"]
+    assert [json.loads(line)["id"] for line in written[len(kept) :].splitlines()] == ["q2"]
 
 
 def test_a_tool_result_that_answers_no_call_is_refused(tmp_path):
     """Its tool would be named by nothing: the line gets an error naming the id, and the next line runs."""
-    orphan = {"id": "orphan", "messages": [{"role": "user", "content": "Hi"}, {"role": "tool", "tool_call_id": "call_9", "content": "42"}]}
+    orphan = {
+        "id": "orphan",
+        "messages": [{"role": "user", "content": "Hi"}, {"role": "tool", "tool_call_id": "call_9", "content": "42"}],
+    }
     path = write_jsonl(tmp_path / "in.jsonl", [orphan, {"id": "ok", "prompt": "Hi"}])
     run = launch(tmp_path / "out.jsonl", *FAST, prompts=path)
     assert run.returncode == 0, run.stderr
@@ -99,7 +109,7 @@ def test_a_tool_result_that_answers_no_call_is_refused(tmp_path):
 def test_a_checkpoint_with_broken_weights_is_refused_before_loading(tmp_path, prompts, damage):
     import shutil
 
-    from parallel.distributed.checkpoint import TINY, resolve_checkpoint
+    from parallel.loading.checkpoint import TINY, resolve_checkpoint
 
     checkpoint = shutil.copytree(resolve_checkpoint(TINY), tmp_path / "checkpoint")
     weights = checkpoint / "model.safetensors"
@@ -116,17 +126,25 @@ def test_a_byte_order_mark_on_a_blank_first_line_is_blank(tmp_path):
     path.write_bytes(b'\xef\xbb\xbf\r\n{"id": "a", "prompt": "Hi"}\r\n')
     run = launch(tmp_path / "out.jsonl", *FAST, prompts=path)
     assert run.returncode == 0, run.stderr
-    assert [(r["id"], r["index"], r["usage"]["completion_tokens"] > 0) for r in read_records(tmp_path / "out.jsonl")] == [("a", 2, True)]
+    assert [
+        (r["id"], r["index"], r["usage"]["completion_tokens"] > 0) for r in read_records(tmp_path / "out.jsonl")
+    ] == [("a", 2, True)]
 
 
 def test_a_line_sets_its_own_budget_and_sampling_in_openais_terms(tmp_path):
     """A line written for OpenAI's batch API keeps what it asks: its budget under OpenAI's names, its sampling (the
     same seed, the same tokens); what cannot be honoured is refused by name, not ignored."""
-    lines = [{"id": "short", "prompt": "Hi", "max_tokens": 2}, {"id": "shorter", "prompt": "Hi", "max_completion_tokens": 1},
-             {"id": "a", "prompt": "Hi", "temperature": 2, "seed": 7}, {"id": "b", "prompt": "Hi", "temperature": 2, "seed": 7},
-             {"id": "c", "prompt": "Hi", "temperature": 2, "seed": 8}, {"id": "greedy", "prompt": "Hi"},
-             {"id": "stop", "prompt": "Hi", "stop": ["x"]}, {"id": "both", "prompt": "Hi", "max_tokens": 1, "max_new_tokens": 2},
-             {"id": "hot", "prompt": "Hi", "temperature": 3}]
+    lines = [
+        {"id": "short", "prompt": "Hi", "max_tokens": 2},
+        {"id": "shorter", "prompt": "Hi", "max_completion_tokens": 1},
+        {"id": "a", "prompt": "Hi", "temperature": 2, "seed": 7},
+        {"id": "b", "prompt": "Hi", "temperature": 2, "seed": 7},
+        {"id": "c", "prompt": "Hi", "temperature": 2, "seed": 8},
+        {"id": "greedy", "prompt": "Hi"},
+        {"id": "stop", "prompt": "Hi", "stop": ["x"]},
+        {"id": "both", "prompt": "Hi", "max_tokens": 1, "max_new_tokens": 2},
+        {"id": "hot", "prompt": "Hi", "temperature": 3},
+    ]
     path = write_jsonl(tmp_path / "in.jsonl", lines)
     run = launch(tmp_path / "out.jsonl", *FAST, "output.raw=true", prompts=path)
     assert run.returncode == 0, run.stderr
@@ -146,12 +164,17 @@ def test_a_line_that_turns_the_model_nan_costs_only_itself(tmp_path, enc):
     lines = [{"id": f"q{i}", "prompt": f"Question {i}"} for i in range(1, 4)] + [{"id": "nan", "prompt": "xylophone"}]
     checkpoint = nan_for(tmp_path / "checkpoint", enc, lines[-1], lines[:-1])
     out = tmp_path / "out.jsonl"
-    run = launch(out, f"model.path={checkpoint}", "engine.mode=always", *FAST, prompts=write_jsonl(tmp_path / "in.jsonl", lines))
+    run = launch(
+        out, f"model.path={checkpoint}", "engine.mode=always", *FAST, prompts=write_jsonl(tmp_path / "in.jsonl", lines)
+    )
     records = {r["id"]: r for r in read_records(out)}
     assert run.returncode == 0, run.stderr
     assert records["nan"]["error"].startswith("line 4: the model's logits were NaN (not a number) at new token 1")
     # the tiny model's two tokens are never whole harmony, so the others' errors are parse errors: their own
-    assert all(records[f"q{i}"]["usage"]["completion_tokens"] == 2 and "NaN" not in records[f"q{i}"]["error"] for i in range(1, 4))
+    assert all(
+        records[f"q{i}"]["usage"]["completion_tokens"] == 2 and "NaN" not in records[f"q{i}"]["error"]
+        for i in range(1, 4)
+    )
 
 
 def test_hostile_prompts_cost_only_their_lines_on_a_two_rank_job(tmp_path):
@@ -165,7 +188,10 @@ def test_hostile_prompts_cost_only_their_lines_on_a_two_rank_job(tmp_path):
         {"id": "whitespace", "prompt": "x" + " \t" * 200_000 + "x"},
         {"id": "marks", "prompt": "a\u0301" * 200_000},
         {"id": "fits", "prompt": "Spell " + "z" * 3000},
-        {"id": "instructions", "messages": [{"role": "system", "content": "=" * 5000}, {"role": "user", "content": "Hi"}]},
+        {
+            "id": "instructions",
+            "messages": [{"role": "system", "content": "=" * 5000}, {"role": "user", "content": "Hi"}],
+        },
         '{"id": "cut", "prompt": "Hi"',
         '{"id": ' + "9" * 5000 + ', "prompt": "Hi"}',
         {"id": "after", "prompt": "Bye"},
@@ -178,11 +204,18 @@ def test_hostile_prompts_cost_only_their_lines_on_a_two_rank_job(tmp_path):
     for i in (1, 6, 10):
         assert records[i]["error"] is None or "harmony" in records[i]["error"]  # the tiny model's noise, parsed
         assert records[i]["usage"]["completion_tokens"] == 2
-    assert records[2]["error"] == ("line 2: the prompt holds over 524288 characters, which cannot fit the model's "
-                                   "context of 4096 tokens (a token holds at most 128 bytes)")
+    assert records[2]["error"] == (
+        "line 2: the prompt holds over 524288 characters, which cannot fit the model's "
+        "context of 4096 tokens (a token holds at most 128 bytes)"
+    )
     for i in (3, 4, 5):
-        assert records[i]["error"].startswith(f"line {i}: the prompt's ") and "tokens fill the model's context" in records[i]["error"]
-    assert records[7]["error"].startswith("line 7: cannot render the conversation with harmony: the instructions (system "
-                                          "and developer messages): a run of over 512 characters")
+        assert (
+            records[i]["error"].startswith(f"line {i}: the prompt's ")
+            and "tokens fill the model's context" in records[i]["error"]
+        )
+    assert records[7]["error"].startswith(
+        "line 7: cannot render the conversation with harmony: the instructions (system "
+        "and developer messages): a run of over 512 characters"
+    )
     assert records[8]["error"] == "line 8: not valid JSON: Expecting ',' delimiter at the end of the line"
     assert records[9]["error"] == "line 9: not valid JSON: an integer of more than 4300 digits"

@@ -14,7 +14,9 @@ def test_shipped_configs_load(name):
 
 
 def test_overrides_reach_typed_fields():
-    job = merge_config(ROOT / "configs" / "tiny.yaml", [*REQUIRED, "parallel.tp=2", "generation.temperature=0.7", "output.raw=true"])
+    job = merge_config(
+        ROOT / "configs" / "tiny.yaml", [*REQUIRED, "parallel.tp=2", "generation.temperature=0.7", "output.raw=true"]
+    )
     assert (job.parallel.tp, job.generation.temperature, job.output.raw) == (2, 0.7, True)
 
 

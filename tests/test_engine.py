@@ -8,15 +8,17 @@ import torch
 from transformers import GptOssForCausalLM
 
 from parallel.config import EngineConfig, merge_config
-from parallel.distributed.checkpoint import TINY, resolve_checkpoint
 from parallel.distributed.layout import LayoutError
-from parallel.distributed.loading import plan_model
 from parallel.engine.choice import choose_backend
 from parallel.engine.engine import Engine
 from parallel.engine.interface import Sampling, Work, complete
+from parallel.engine.kernels.gumbel import BLOCK, PROGRAMS
+from parallel.engine.kernels.gumbel import gumbel_argmax as sampling_kernel
 from parallel.engine.plain import Plain
-from parallel.engine.kernels.sampling import BLOCK, PROGRAMS, gumbel_argmax as sampling_kernel
+from parallel.engine.runner import write_cache
 from parallel.engine.sampling import ROWS, gumbel_argmax, sample, scale
+from parallel.loading.checkpoint import TINY, resolve_checkpoint
+from parallel.loading.model import plan_model
 from parallel.protocol.harmony import render_prompt, stop_tokens
 from parallel.protocol.requests import parse_request
 from tests.conftest import ROOT
@@ -37,8 +39,8 @@ def prompts(enc):
     return [render_prompt(enc, parse_request({"prompt": t}, 0), "medium") for t in TEXTS]
 
 
-def work(prompts, limits, sampling=Sampling()):
-    return [Work(i, p, n, sampling) for i, (p, n) in enumerate(zip(prompts, limits))]
+def work(prompts, limits, sampling=None):
+    return [Work(i, p, n, sampling or Sampling()) for i, (p, n) in enumerate(zip(prompts, limits))]
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +71,9 @@ def test_q_k_v_run_as_one_gemm_over_the_models_own_memory(tiny, enc, prompts):
     before = tiny(ids).logits
     stacked = engine(tiny, enc).runner.weights[0][0][1]
     attn = tiny.model.layers[0].self_attn
-    assert {p.untyped_storage().data_ptr() for p in (stacked, attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight)} == {stacked.data_ptr()}
+    assert {
+        p.untyped_storage().data_ptr() for p in (stacked, attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight)
+    } == {stacked.data_ptr()}
     assert engine(tiny, enc).runner.weights[0][0][1].data_ptr() == stacked.data_ptr()
     assert torch.equal(tiny(ids).logits, before)
 
@@ -103,7 +107,9 @@ def test_a_request_that_cannot_fit_the_cache_is_refused_alone(tiny, enc, prompts
 def test_sampled_requests_do_not_depend_on_who_shares_their_steps(tiny, enc, prompts):
     sampled = Sampling(temperature=1.0, top_p=0.9, seed=7)
     alone = complete(engine(tiny, enc), [Work(0, prompts[0], 16, sampled)])[0][0]
-    crowded = complete(engine(tiny, enc), [Work(1, prompts[1], 16, Sampling(1.0, 0.9, 8)), Work(0, prompts[0], 16, sampled)])
+    crowded = complete(
+        engine(tiny, enc), [Work(1, prompts[1], 16, Sampling(1.0, 0.9, 8)), Work(0, prompts[0], 16, sampled)]
+    )
     other_seed = complete(engine(tiny, enc), [Work(0, prompts[0], 16, Sampling(1.0, 0.9, 8))])[0][0]
     assert crowded[0][0] == alone != other_seed
 
@@ -120,9 +126,14 @@ def test_many_rows_are_sampled_a_few_at_a_time_each_as_if_alone(cut):
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(rows, 500, generator=gen)
     temperature = torch.rand(rows, generator=gen) * (torch.arange(rows) % 3 > 0)  # every third row greedy
-    top_p = torch.rand(rows, generator=gen).where(torch.arange(rows) % 2 > 0, 1.0) if cut else torch.ones(rows)  # half cut
+    top_p = (
+        torch.rand(rows, generator=gen).where(torch.arange(rows) % 2 > 0, 1.0) if cut else torch.ones(rows)
+    )  # half cut
     seeds, positions = torch.randint(0, 2**40, (2, rows), generator=gen)
-    alone = [sample(*(c[i : i + 1] for c in (logits, temperature, top_p, seeds, positions)), cut_rows(top_p[i : i + 1])) for i in range(rows)]
+    alone = [
+        sample(*(c[i : i + 1] for c in (logits, temperature, top_p, seeds, positions)), cut_rows(top_p[i : i + 1]))
+        for i in range(rows)
+    ]
     assert sample(logits, temperature, top_p, seeds, positions, cut_rows(top_p)).tolist() == torch.cat(alone).tolist()
 
 
@@ -160,10 +171,15 @@ def test_no_token_far_below_the_top_is_ever_drawn():
     assert sampling_kernel(logits, ones, seeds, positions).tolist() == [0] * 4
 
 
-def test_engine_ends_requests_at_harmony_stop_tokens(enc, taught_model):
+@pytest.mark.parametrize("cache", ["auto", "fp8"])
+def test_engine_ends_requests_at_harmony_stop_tokens(enc, taught_model, cache):
+    """The taught answers, token for token, with the model's cache type and with an fp8 cache."""
     model = GptOssForCausalLM.from_pretrained(taught_model).eval()
-    lessons = [(render_prompt(enc, parse_request(obj, 0), "medium"), enc.encode(text, allowed_special="all")) for obj, text in LESSONS]
-    out = complete(engine(model, enc), work([p for p, _ in lessons], [64] * 3))
+    lessons = [
+        (render_prompt(enc, parse_request(obj, 0), "medium"), enc.encode(text, allowed_special="all"))
+        for obj, text in LESSONS
+    ]
+    out = complete(engine(model, enc, kv_cache_dtype=cache), work([p for p, _ in lessons], [64] * 3))
     assert [out[i][0] for i in range(3)] == [answer for _, answer in lessons]
     assert [out[i][1].reason for i in range(3)] == ["stop", "tool_call", "stop"]
 
@@ -172,10 +188,14 @@ def test_aborted_requests_end_at_once_and_waiting_ones_never_start(tiny, enc, pr
     fast = engine(tiny, enc, slots=1)
     seen: list = []
     fast.add(work(prompts[:3], [20] * 3))
-    while len([e for e in seen if e.rid == 0]) < 3:
+    for _ in range(100):  # steps enough for 3 tokens and for the aborts, bounded so that a bug fails, not hangs
+        if len([e for e in seen if e.rid == 0]) >= 3:
+            break
         fast.step(seen.extend)
     fast.abort([0, 1])
-    while fast.busy():
+    for _ in range(100):
+        if not fast.busy():
+            break
         fast.step(seen.extend)
     ends = {e.rid: e.reason for e in seen if e.reason}
     assert ends == {0: "cancelled", 1: "cancelled", 2: "length"}
@@ -216,13 +236,17 @@ def test_experts_without_float_weights_fall_back_to_the_plain_path(enc):
 @pytest.mark.parametrize("backend", ["engine", "plain"])
 def test_a_prompt_with_token_ids_outside_the_vocabulary_is_refused_alone(tiny, enc, prompts, backend):
     runner = engine(tiny, enc) if backend == "engine" else Plain(tiny, 4, stop_tokens(enc), PAD)
-    out = complete(runner, [Work(0, [10**9], 5, Sampling()), Work(1, [-1], 5, Sampling()), Work(2, prompts[0], 3, Sampling())])
+    out = complete(
+        runner, [Work(0, [10**9], 5, Sampling()), Work(1, [-1], 5, Sampling()), Work(2, prompts[0], 3, Sampling())]
+    )
     assert [out[i][1].reason.startswith("error: prompt token ids") for i in range(3)] == [True, True, False]
     assert len(out[2][0]) == 3
 
 
 @pytest.mark.parametrize("sampling", [Sampling(), Sampling(temperature=1.0, seed=3)], ids=["greedy", "sampled"])
-def test_a_request_whose_logits_turn_nan_ends_with_an_error_and_leaves_no_nan_behind(tiny, enc, prompts, plain_tokens, sampling):
+def test_a_request_whose_logits_turn_nan_ends_with_an_error_and_leaves_no_nan_behind(
+    tiny, enc, prompts, plain_tokens, sampling
+):
     """NaN in the model (here the embedding of a token only request 0's prompt ends with) ends that request with an
     error that says so, where argmax would have picked the NaN's index every step; the cached blocks it wrote (NaN
     even before that token) are not found again, so the requests after it, sharing its harmony prefix, run clean."""
@@ -231,6 +255,26 @@ def test_a_request_whose_logits_turn_nan_ends_with_an_error_and_leaves_no_nan_be
         broken.model.embed_tokens.weight[12345] = float("nan")
     fast = engine(broken, enc)
     out = complete(fast, [Work(0, prompts[0] + [12345], LIMITS[0], sampling)])
-    assert out[0][0] == [] and out[0][1].reason.startswith("error: the model's logits were NaN (not a number) at new token 1")
+    assert out[0][0] == [] and out[0][1].reason.startswith(
+        "error: the model's logits were NaN (not a number) at new token 1"
+    )
     after = complete(fast, work(prompts, LIMITS)[1:])
     assert {rid: tokens for rid, (tokens, _) in after.items()} == {rid: t for rid, t in plain_tokens.items() if rid}
+
+
+def test_an_fp8_cache_holds_more_tokens_each_rounded_to_fp8(tiny, enc):
+    """engine.kv_cache_dtype=fp8: a byte a value (the tiny model is float32: 4 times the blocks in the same memory);
+    each key and value written is the nearest fp8 (3 mantissa bits: within 1/16 of itself), beyond fp8's range
+    the largest fp8, never NaN."""
+    gib = 40 * 4 * 1024 / 2**30
+    exact, fp8 = engine(tiny, enc, cache_gib=gib), engine(tiny, enc, cache_gib=gib, kv_cache_dtype="fp8")
+    assert fp8.runner.k_cache.dtype == torch.float8_e4m3fn
+    assert fp8.runner.k_cache.shape[1] == 4 * exact.runner.k_cache.shape[1]  # blocks
+    cache = fp8.runner.k_cache[0]
+    rows = torch.randn(5, *cache.shape[2:]) * torch.logspace(-2, 3, 5)[:, None, None]
+    slots = torch.tensor([3, 0, 17, 9, 30])
+    write_cache(cache, slots, rows)
+    written = cache.reshape(-1, *cache.shape[2:])[slots].float()
+    inside = rows.abs() <= 448
+    assert ((written - rows).abs() <= rows.abs() / 16 + 2**-9)[inside].all()
+    assert torch.equal(written[~inside], 448 * rows[~inside].sign()) and (~inside).any()

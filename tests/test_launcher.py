@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import GptOssForCausalLM
 
-from parallel.distributed.checkpoint import TINY, resolve_checkpoint
+from parallel.loading.checkpoint import TINY, resolve_checkpoint
 from parallel.protocol.harmony import render_prompt
 from parallel.protocol.requests import parse_line
 from tests.conftest import launch, read_records, write_jsonl
@@ -18,13 +18,21 @@ from tests.conftest import launch, read_records, write_jsonl
 TOOL = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object", "properties": {}}}}
 GOOD = [
     {"id": "p1", "prompt": "Say hello."},
-    {"id": "p2", "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}], "reasoning_effort": "low"},
+    {
+        "id": "p2",
+        "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}],
+        "reasoning_effort": "low",
+    },
     {"id": "p3", "prompt": "Use the tool.", "tools": [TOOL]},
     {"id": "p4", "prompt": "A long answer, please.", "max_new_tokens": 7},
     {"id": 5, "messages": [{"role": "developer", "content": "Rhyme."}, {"role": "user", "content": "Cats"}]},
     {"prompt": "No id here: the line number is the id."},
 ]
-BAD = ['{"id": "broken", "prompt": ', {"id": "wizard", "messages": [{"role": "wizard", "content": "x"}]}, {"id": "empty", "messages": []}]
+BAD = [
+    '{"id": "broken", "prompt": ',
+    {"id": "wizard", "messages": [{"role": "wizard", "content": "x"}]},
+    {"id": "empty", "messages": []},
+]
 MAX_NEW = 24
 
 
@@ -43,8 +51,14 @@ def reference(enc):
         req = parse_line(json.dumps(line), index)
         ids = torch.tensor([render_prompt(enc, req, "medium")])
         with torch.no_grad():
-            out = model.generate(ids, max_new_tokens=req.max_new_tokens or MAX_NEW, do_sample=False, eos_token_id=stop, pad_token_id=199999)
-        new = out[0, ids.shape[1]:].tolist()
+            out = model.generate(
+                ids,
+                max_new_tokens=req.max_new_tokens or MAX_NEW,
+                do_sample=False,
+                eos_token_id=stop,
+                pad_token_id=199999,
+            )
+        new = out[0, ids.shape[1] :].tolist()
         cut = next((i + 1 for i, t in enumerate(new) if t in stop), len(new))
         tokens[req.id] = new[:cut]
     return tokens
@@ -58,8 +72,18 @@ LAYOUTS = [
     (2, ["parallel.tp=2", "engine.mode=always", "engine.attention=triton"]),  # the Triton kernels on each rank's heads
     (2, ["parallel.ep=2", "engine.mode=always"]),
     # prompts prefilled in 24-token chunks over 4-token blocks, three requests at a time, in every dimension at once
-    (4, ["parallel.tp=2", "parallel.ep=2", "parallel.dp=2", "engine.mode=always", "engine.slots=3",
-         "engine.max_batched_tokens=24", "engine.block_size=4"]),
+    (
+        4,
+        [
+            "parallel.tp=2",
+            "parallel.ep=2",
+            "parallel.dp=2",
+            "engine.mode=always",
+            "engine.slots=3",
+            "engine.max_batched_tokens=24",
+            "engine.block_size=4",
+        ],
+    ),
     (2, ["parallel.pp=2"]),
     (4, ["parallel.dp=2", "parallel.tp=2"]),
 ]
@@ -68,8 +92,15 @@ LAYOUTS = [
 @pytest.mark.parametrize("nproc, overrides", LAYOUTS, ids=[" ".join(o) for _, o in LAYOUTS])
 def test_every_layout_matches_single_process_greedy(tmp_path, prompts, reference, enc, nproc, overrides):
     out = tmp_path / "answers.jsonl"
-    run = launch(out, *overrides, f"generation.max_new_tokens={MAX_NEW}", "generation.batch_size=2", "output.raw=true",
-                 nproc=nproc, prompts=prompts)
+    run = launch(
+        out,
+        *overrides,
+        f"generation.max_new_tokens={MAX_NEW}",
+        "generation.batch_size=2",
+        "output.raw=true",
+        nproc=nproc,
+        prompts=prompts,
+    )
     assert run.returncode == 0, run.stdout + run.stderr
     assert ("generation: the engine" in run.stderr) == ("engine.mode=always" in overrides)  # not the fallback
     assert ("attention via Triton kernels" in run.stderr) == ("engine.attention=triton" in overrides)
@@ -88,10 +119,19 @@ def test_every_layout_matches_single_process_greedy(tmp_path, prompts, reference
 
 def test_every_replica_of_a_batch_job_gets_work(tmp_path, prompts):
     """Each replica asks for room enough for the whole input: the first to ask must not take it all."""
-    run = launch(tmp_path / "answers.jsonl", "parallel.dp=2", "engine.mode=always", "generation.max_new_tokens=4",
-                 nproc=2, prompts=prompts)
+    run = launch(
+        tmp_path / "answers.jsonl",
+        "parallel.dp=2",
+        "engine.mode=always",
+        "generation.max_new_tokens=4",
+        nproc=2,
+        prompts=prompts,
+    )
     assert run.returncode == 0, run.stdout + run.stderr
-    steps = {int(r): sum(map(int, n)) for r, *n in re.findall(r"replica (\d): engine: decode steps (\d+) .*?mixed steps (\d+)", run.stderr)}
+    steps = {
+        int(r): sum(map(int, n))
+        for r, *n in re.findall(r"replica (\d): engine: decode steps (\d+) .*?mixed steps (\d+)", run.stderr)
+    }
     assert steps.keys() == {0, 1} and min(steps.values()) > 0, run.stderr
 
 
@@ -137,7 +177,9 @@ def test_unknown_builtin_model_lists_the_builtins(tmp_path, prompts):
 # Long enough that a signal lands mid-job: 16 single-request batches of 48 tokens.
 @pytest.fixture(scope="module")
 def many(tmp_path_factory):
-    return write_jsonl(tmp_path_factory.mktemp("many") / "many.jsonl", [{"id": f"q{i}", "prompt": f"Question {i}"} for i in range(16)])
+    return write_jsonl(
+        tmp_path_factory.mktemp("many") / "many.jsonl", [{"id": f"q{i}", "prompt": f"Question {i}"} for i in range(16)]
+    )
 
 
 SLOW = ["parallel.dp=2", "generation.batch_size=1", "generation.max_new_tokens=48", "output.echo=false"]
@@ -205,7 +247,11 @@ def test_a_lost_rank_ends_the_job_naming_it(tmp_path, many, how):
     finally:
         os.killpg(job.pid, signal.SIGKILL) if job.poll() is None else None
     assert job.returncode != 0 and time.monotonic() - start < 90
-    named = "rank 1 sent no heartbeat" in log if how == "hung" else ("rank 1 sent no heartbeat" in log or "rank      : 1" in log)
+    named = (
+        "rank 1 sent no heartbeat" in log
+        if how == "hung"
+        else ("rank 1 sent no heartbeat" in log or "rank      : 1" in log)
+    )
     assert named, log[-3000:]
     ids = [r["id"] for r in read_records(out)]  # every written line is whole JSON, none twice
     assert len(ids) == len(set(ids))

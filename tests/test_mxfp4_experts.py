@@ -9,14 +9,21 @@ from transformers import GptOssForCausalLM
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
 from parallel.config import EngineConfig, merge_config
-from parallel.distributed.checkpoint import TINY
-from parallel.distributed.loading import load_model, plan_model
 from parallel.distributed.mesh import Placement
 from parallel.engine.engine import Engine
 from parallel.engine.forward import experts as engine_experts
 from parallel.engine.interface import Sampling, Work, complete
-from parallel.engine.mxfp4 import EXPERTS_A_STEP, Mxfp4Experts, _convert_layout, combine_routes, dequantize, local_routes
+from parallel.engine.mxfp4 import (
+    EXPERTS_A_STEP,
+    Mxfp4Experts,
+    _convert_layout,
+    combine_routes,
+    dequantize,
+    local_routes,
+)
 from parallel.engine.plain import Plain
+from parallel.loading.checkpoint import TINY
+from parallel.loading.model import load_model, plan_model
 from parallel.protocol.harmony import pad_token_id, render_prompt, stop_tokens
 from parallel.protocol.requests import parse_request
 from tests.conftest import ROOT, launch, read_records
@@ -27,13 +34,15 @@ REQUIRE = ["model.mxfp4=require", "engine.mode=always"]
 
 
 def random_experts(experts: int, first_expert: int = 0) -> Mxfp4Experts:
-    return Mxfp4Experts.random_packed(experts, HIDDEN, INNER, device="cpu", dtype=torch.float32, first_expert=first_expert, **MATH)
+    return Mxfp4Experts.random_packed(
+        experts, HIDDEN, INNER, device="cpu", dtype=torch.float32, first_expert=first_expert, **MATH
+    )
 
 
 def share(experts: Mxfp4Experts, first: int, local: int) -> Mxfp4Experts:
     """The experts [first, first + local) of `experts`, as one rank holds them."""
     part = Mxfp4Experts(local, HIDDEN, INNER, first_expert=first, **MATH)
-    part.load_state_dict({name: t[first:first + local] for name, t in experts.state_dict().items()})
+    part.load_state_dict({name: t[first : first + local] for name, t in experts.state_dict().items()})
     return part
 
 
@@ -58,8 +67,20 @@ def test_reference_forward_is_the_engines_math_on_the_dequantized_weights(first_
     h, router_w, router_b = routed()
     gate_up = dequantize(experts.gate_up_proj_blocks, experts.gate_up_proj_scales, torch.float32)
     down = dequantize(experts.down_proj_blocks, experts.down_proj_scales, torch.float32)
-    expected = engine_experts(h, router_w, router_b, gate_up, experts.gate_up_proj_bias, down, experts.down_proj_bias,
-                        first_expert, MATH["top_k"], MATH["limit"], MATH["alpha"], True)
+    expected = engine_experts(
+        h,
+        router_w,
+        router_b,
+        gate_up,
+        experts.gate_up_proj_bias,
+        down,
+        experts.down_proj_bias,
+        first_expert,
+        MATH["top_k"],
+        MATH["limit"],
+        MATH["alpha"],
+        True,
+    )
     torch.testing.assert_close(experts(h, router_w, router_b), expected, rtol=1e-5, atol=1e-6)
 
 
@@ -76,8 +97,16 @@ def load(path, *overrides: str):
     """The launcher's plan and load, in this process."""
     cfg = merge_config(ROOT / "configs" / "tiny.yaml", [f"model.path={path}", *overrides])
     path, shape, layout = plan_model(cfg)
-    place = Placement(rank=0, world_size=1, device=torch.device("cpu"), replica=0, replica_ranks=[0], replica_group=None,
-                      control_group=None, model_mesh=None)
+    place = Placement(
+        rank=0,
+        world_size=1,
+        device=torch.device("cpu"),
+        replica=0,
+        replica_ranks=[0],
+        replica_group=None,
+        control_group=None,
+        model_mesh=None,
+    )
     return load_model(path, shape, cfg.model, layout, place)
 
 
@@ -120,14 +149,16 @@ def test_hopper_layouts_converted_a_few_experts_at_a_time_are_triton_kernels_own
     experts, out, groups = EXPERTS_A_STEP + 2, 2880, 90
     blocks = torch.randint(0, 256, (experts, out, groups * 16), dtype=torch.uint8)
     scales = torch.randint(118, 122, (experts, out, groups), dtype=torch.uint8)
-    for layout, tensor, options in ((HopperMXValueLayout, lambda: wrap_torch_tensor(blocks.transpose(-2, -1), dtype=FP4), {}),
-                                    (HopperMXScaleLayout, lambda: wrap_torch_tensor(scales.transpose(-2, -1)), {"num_warps": 4})):
+    for layout, tensor, options in (
+        (HopperMXValueLayout, lambda: wrap_torch_tensor(blocks.transpose(-2, -1), dtype=FP4), {}),
+        (HopperMXScaleLayout, lambda: wrap_torch_tensor(scales.transpose(-2, -1)), {"num_warps": 4}),
+    ):
         ours = _convert_layout(tensor(), layout, mx_axis=1, **options).storage.data
         assert torch.equal(ours, convert_layout(tensor(), layout, mx_axis=1, **options).storage.data)
     end = ours.numel()  # a dense tensor from the storage's start
     memory = torch.empty(0, dtype=torch.uint8).set_(ours.untyped_storage())
     over_read = -(groups * 32) % 128
-    assert over_read == 64 and len(memory) >= end + over_read and not memory[end:end + over_read].any()
+    assert over_read == 64 and len(memory) >= end + over_read and not memory[end : end + over_read].any()
 
 
 def test_mxfp4_checkpoint_loads_packed_as_stored(mxfp4_checkpoints):
@@ -163,18 +194,36 @@ def test_dummy_load_builds_random_packed_experts():
 @pytest.fixture(scope="module")
 def one_process_answers(mxfp4_checkpoints, tmp_path_factory):
     out = tmp_path_factory.mktemp("one") / "answers.jsonl"
-    run = launch(out, f"model.path={mxfp4_checkpoints['mxfp4']}", "output.raw=true", *REQUIRE, prompts=ROOT / "examples" / "prompts.jsonl")
+    run = launch(
+        out,
+        f"model.path={mxfp4_checkpoints['mxfp4']}",
+        "output.raw=true",
+        *REQUIRE,
+        prompts=ROOT / "examples" / "prompts.jsonl",
+    )
     assert run.returncode == 0, run.stderr
     return {r["id"]: r["raw"] for r in read_records(out)}
 
 
 @pytest.mark.parametrize("layout", ["parallel.ep=2", "parallel.tp=2"])
-def test_two_ranks_hold_half_the_packed_experts_each_and_answer_like_one_process(mxfp4_checkpoints, one_process_answers, tmp_path, layout):
+def test_two_ranks_hold_half_the_packed_experts_each_and_answer_like_one_process(
+    mxfp4_checkpoints, one_process_answers, tmp_path, layout
+):
     out = tmp_path / "answers.jsonl"
-    run = launch(out, f"model.path={mxfp4_checkpoints['mxfp4']}", "output.raw=true", *REQUIRE, layout, nproc=2,
-                 prompts=ROOT / "examples" / "prompts.jsonl")
+    run = launch(
+        out,
+        f"model.path={mxfp4_checkpoints['mxfp4']}",
+        "output.raw=true",
+        *REQUIRE,
+        layout,
+        nproc=2,
+        prompts=ROOT / "examples" / "prompts.jsonl",
+    )
     assert run.returncode == 0, run.stderr
     for rank, held in ((0, "[0, 2) of 4"), (1, "[2, 4) of 4")):
-        assert f"rank {rank}] MXFP4 experts kept packed, run by the engine through the reference (dequantized on the fly): experts {held}" in run.stderr
+        assert (
+            f"rank {rank}] MXFP4 experts kept packed, run by the engine through the reference "
+            f"(dequantized on the fly): experts {held}" in run.stderr
+        )
     assert "generation: the engine" in run.stderr
     assert {r["id"]: r["raw"] for r in read_records(out)} == one_process_answers

@@ -24,9 +24,12 @@ def reply_to(enc, reply, text: str, reason: str):
 
 def test_responses_input_renders_like_the_same_chat(enc):
     chat = chat_call({"model": "m", "messages": [*ASK, *CALLED], "tools": TOOLS}, "m")
-    items = [*ASK, {"type": "reasoning", "content": [{"type": "reasoning_text", "text": THINK}]},
-             {"type": "function_call", "call_id": "c9", "name": "get_weather", "arguments": ARGUMENTS},
-             {"type": "function_call_output", "call_id": "c9", "output": CALLED[1]["content"]}]
+    items = [
+        *ASK,
+        {"type": "reasoning", "content": [{"type": "reasoning_text", "text": THINK}]},
+        {"type": "function_call", "call_id": "c9", "name": "get_weather", "arguments": ARGUMENTS},
+        {"type": "function_call_output", "call_id": "c9", "output": CALLED[1]["content"]},
+    ]
     responses = responses_call({"model": "m", "input": items, "tools": [{"type": "function", **WEATHER}]}, "m")
     assert render_prompt(enc, responses.request, "low") == render_prompt(enc, chat.request, "low")
 
@@ -35,7 +38,10 @@ def test_tool_call_becomes_tool_calls_not_content(enc):
     text = f"<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{ARGUMENTS}<|call|>"
     chunks, result = reply_to(enc, ChatReply(enc, "m", 10, False), text, "tool_call")
     message = result["choices"][0]["message"]
-    assert message["content"] is None and message["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": ARGUMENTS}
+    assert message["content"] is None and message["tool_calls"][0]["function"] == {
+        "name": "get_weather",
+        "arguments": ARGUMENTS,
+    }
     assert result["choices"][0]["finish_reason"] == "tool_calls"
     assert chunks[1]["choices"][0]["delta"]["tool_calls"][0]["function"]["name"] == "get_weather"
 
@@ -69,7 +75,10 @@ def test_chat_reply_carries_the_chain_of_thought_as_reasoning(enc):
     passes back (it keeps a `reasoning_content` as a summary and sends it nowhere)."""
     text = f"<|channel|>analysis<|message|>{THINK}<|end|><|start|>assistant<|channel|>final<|message|>Hi<|return|>"
     chunks, result = reply_to(enc, ChatReply(enc, "m", 10, False), text, "stop")
-    assert result["choices"][0]["message"]["reasoning"] == THINK and "reasoning_content" not in result["choices"][0]["message"]
+    assert (
+        result["choices"][0]["message"]["reasoning"] == THINK
+        and "reasoning_content" not in result["choices"][0]["message"]
+    )
     assert "".join(c["choices"][0]["delta"].get("reasoning", "") for c in chunks) == THINK
 
 
@@ -94,7 +103,9 @@ def test_responses_fields_the_server_cannot_honour_are_refused_by_name(field, va
     assert e.value.status == 400 and e.value.param == field and field in str(e.value)
 
 
-@pytest.mark.parametrize("field, value", [("response_format", {"type": "json_object"}), ("logprobs", True), ("presence_penalty", 0.5)])
+@pytest.mark.parametrize(
+    "field, value", [("response_format", {"type": "json_object"}), ("logprobs", True), ("presence_penalty", 0.5)]
+)
 def test_chat_fields_the_server_cannot_honour_are_refused_by_name(field, value):
     with pytest.raises(ApiError) as e:
         chat_call({"model": "m", "messages": ASK, field: value}, "m")
@@ -103,13 +114,31 @@ def test_chat_fields_the_server_cannot_honour_are_refused_by_name(field, value):
 
 def test_what_the_agents_sdk_may_send_is_accepted():
     """The fields the Agents SDK sends from its ModelSettings that change nothing here, and tool outputs as parts."""
-    body = {**RESPONSES_BODY, "include": ["reasoning.encrypted_content"], "store": False, "parallel_tool_calls": True,
-            "metadata": {"run": "1"}, "text": {"format": {"type": "text"}, "verbosity": "low"}, "truncation": "disabled",
-            "reasoning": {"effort": "high", "summary": "auto"}, "tool_choice": "auto", "instructions": "Be brief."}
+    body = {
+        **RESPONSES_BODY,
+        "include": ["reasoning.encrypted_content"],
+        "store": False,
+        "parallel_tool_calls": True,
+        "metadata": {"run": "1"},
+        "text": {"format": {"type": "text"}, "verbosity": "low"},
+        "truncation": "disabled",
+        "reasoning": {"effort": "high", "summary": "auto"},
+        "tool_choice": "auto",
+        "instructions": "Be brief.",
+    }
     call = responses_call(body, "m")
-    assert call.request.reasoning_effort == "high" and call.request.messages[0] == {"role": "system", "content": "Be brief."}
-    parts = [{"type": "function_call", "call_id": "c", "name": "get_weather", "arguments": ARGUMENTS},
-             {"type": "function_call_output", "call_id": "c", "output": [{"type": "input_text", "text": CALLED[1]["content"]}]}]
+    assert call.request.reasoning_effort == "high" and call.request.messages[0] == {
+        "role": "system",
+        "content": "Be brief.",
+    }
+    parts = [
+        {"type": "function_call", "call_id": "c", "name": "get_weather", "arguments": ARGUMENTS},
+        {
+            "type": "function_call_output",
+            "call_id": "c",
+            "output": [{"type": "input_text", "text": CALLED[1]["content"]}],
+        },
+    ]
     tool = responses_call({**RESPONSES_BODY, "input": ASK + parts}, "m").request.messages[-1]
     assert tool["role"] == "tool" and message_text(tool["content"]) == CALLED[1]["content"]
 
@@ -151,7 +180,9 @@ def test_bad_completion_bodies_name_the_parameter(body, param):
 
 
 def test_seed_and_a_null_n_are_taken():
-    call = chat_call({"model": "m", "messages": ASK, "n": None, "seed": -5, "max_completion_tokens": None, "max_tokens": 7}, "m")
+    call = chat_call(
+        {"model": "m", "messages": ASK, "n": None, "seed": -5, "max_completion_tokens": None, "max_tokens": 7}, "m"
+    )
     assert (call.options.seed, call.options.max_tokens) == (-5, 7)
 
 
@@ -178,4 +209,6 @@ def test_a_budget_beyond_the_context_is_named_as_the_request_names_it(api, body,
     settings = Settings("m", GenerationConfig(), context=4096, vocab=201088)
     with pytest.raises(ApiError) as e:
         prepare(api, json.dumps({"model": "m", **body}).encode(), settings)
-    assert e.value.status == 400 and e.value.param == key and f"{key} 1000000 exceed the model's context" in str(e.value)
+    assert (
+        e.value.status == 400 and e.value.param == key and f"{key} 1000000 exceed the model's context" in str(e.value)
+    )

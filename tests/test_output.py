@@ -53,8 +53,19 @@ def test_checking_the_paths_writes_nothing(tmp_path):
     assert os.listdir(tmp_path) == ["in.jsonl"]
 
 
-NOT_RECORDS = [b"\n", b"  \n", b"{oops\n", b"[1,2]\n", b"5\n", b'{"a": 1}\n', b'{"id": [1], "index": 2}\n',
-               b'{"id": "b", "index": true}\n', b'{"id": "b"}\n', b"\xff\n", b"[" * 100_000 + b"\n"]
+NOT_RECORDS = [
+    b"\n",
+    b"  \n",
+    b"{oops\n",
+    b"[1,2]\n",
+    b"5\n",
+    b'{"a": 1}\n',
+    b'{"id": [1], "index": 2}\n',
+    b'{"id": "b", "index": true}\n',
+    b'{"id": "b"}\n',
+    b"\xff\n",
+    b"[" * 100_000 + b"\n",
+]
 
 
 @pytest.mark.parametrize("bad", NOT_RECORDS, ids=lambda b: repr(b[:20]))

@@ -61,8 +61,15 @@ def assert_each_line_once(out: Path, n: int) -> None:
 def test_a_second_job_on_an_output_being_written_stops_before_loading_naming_the_first(tmp_path, prompts, nproc):
     out = tmp_path / "out.jsonl"
     with ended(launch(out, *FAST, prompts=prompts, wait=False)) as first:
-        wait_until(lambda: f"pid {first.pid} ".encode() in Path(f"{out}.lock").read_bytes() if Path(f"{out}.lock").exists() else False,
-                   first, "lock taken")
+        wait_until(
+            lambda: (
+                f"pid {first.pid} ".encode() in Path(f"{out}.lock").read_bytes()
+                if Path(f"{out}.lock").exists()
+                else False
+            ),
+            first,
+            "lock taken",
+        )
         os.killpg(first.pid, signal.SIGSTOP)  # still writing this output, for as long as the second job takes
         try:
             second = launch(out, *FAST, nproc=nproc, prompts=prompts, timeout=240)
@@ -101,8 +108,9 @@ def small_disk(tmp_path):
     """A 128 KiB tmpfs (root only: skipped where mount is not permitted), unmounted after the test."""
     disk = tmp_path / "disk"
     disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128k", "tmpfs", str(disk)], check=False,
-                             capture_output=True, text=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=128k", "tmpfs", str(disk)], check=False, capture_output=True, text=True
+    )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs to fill (it takes root): {mounted.stderr.strip()}")
     try:

@@ -1,4 +1,5 @@
-"""The paged attention kernels (parallel/engine/kernels/paged_attention.py, run by Triton's interpreter on CPU) against the float32
+"""The paged attention kernels (parallel/engine/kernels/paged_attention.py, run by Triton's interpreter on CPU)
+against the float32
 torch reference of parallel/engine/attention.py: scattered block tables, grouped heads, sinks, sliding windows, decode
 rows mixed with prompt chunks. Every cache starts as NaN and only live keys are written, so a read of anything
 past a sequence would show in the output."""
@@ -40,7 +41,7 @@ def paged_cache(seq_lens, block_size, kv_heads, gen, poison_before=None):
     v_cache = k_cache.clone()
     tables = torch.full((len(seq_lens), max(blocks)), order[-1].item(), dtype=torch.int32)
     for b, (n, used) in enumerate(zip(seq_lens, blocks)):
-        tables[b, :used] = order[sum(blocks[:b]):sum(blocks[:b]) + used]
+        tables[b, :used] = order[sum(blocks[:b]) : sum(blocks[:b]) + used]
         keep = torch.arange(n) >= (poison_before[b] if poison_before else 0)
         kv = torch.randn(2, n, kv_heads, DIM, generator=gen).where(keep[:, None, None], float("nan"))
         slots = slot_mapping(tables, torch.full((n,), b), torch.arange(n), block_size)

@@ -68,18 +68,40 @@ def test_resume_drops_a_half_written_record(tmp_path):
         (b'{"prompt": "x", "max_new_tokens": ' + b"9" * 5000 + b"}", "not valid JSON"),
         ('{"id": true, "prompt": "x"}', "id must be a string or an integer"),
         ('{"prompt": "x", "tools": {}}', '"tools" must be a list'),
-        ('{"prompt": "x", "tools": [{"type": "function", "function": {"name": "f", "description": null}}]}',
-         "tools[0].function.description must be a string"),
-        ('{"prompt": "x", "tools": [{"type": "function", "function": {"name": "f", "parameters": []}}]}',
-         "tools[0].function.parameters must be a JSON schema object"),
-        ('{"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}', "messages[0].content[0] must be a text part"),
-        ('{"messages": [{"role": "assistant", "content": null, "tool_calls": 5}]}', "messages[0].tool_calls must be a list"),
-        ('{"messages": [{"role": "assistant", "content": null, "tool_calls": [5]}]}', "messages[0].tool_calls[0] must be"),
-        ('{"messages": [{"role": "assistant", "content": null, "tool_calls": [{"id": [1], "function": {"name": "f", "arguments": "{}"}}]}]}',
-         "messages[0].tool_calls[0].id must be a string"),
-        ('{"messages": [{"role": "assistant", "content": null, "tool_calls": [{"function": {"name": "f", "arguments": {}}}]}]}',
-         "messages[0].tool_calls[0].function.arguments must be a string"),
-        ('{"messages": [{"role": "assistant", "content": "a", "reasoning_content": {}}]}', "messages[0].reasoning_content must be a string"),
+        (
+            '{"prompt": "x", "tools": [{"type": "function", "function": {"name": "f", "description": null}}]}',
+            "tools[0].function.description must be a string",
+        ),
+        (
+            '{"prompt": "x", "tools": [{"type": "function", "function": {"name": "f", "parameters": []}}]}',
+            "tools[0].function.parameters must be a JSON schema object",
+        ),
+        (
+            '{"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}',
+            "messages[0].content[0] must be a text part",
+        ),
+        (
+            '{"messages": [{"role": "assistant", "content": null, "tool_calls": 5}]}',
+            "messages[0].tool_calls must be a list",
+        ),
+        (
+            '{"messages": [{"role": "assistant", "content": null, "tool_calls": [5]}]}',
+            "messages[0].tool_calls[0] must be",
+        ),
+        (
+            '{"messages": [{"role": "assistant", "content": null, "tool_calls": '
+            '[{"id": [1], "function": {"name": "f", "arguments": "{}"}}]}]}',
+            "messages[0].tool_calls[0].id must be a string",
+        ),
+        (
+            '{"messages": [{"role": "assistant", "content": null, "tool_calls": '
+            '[{"function": {"name": "f", "arguments": {}}}]}]}',
+            "messages[0].tool_calls[0].function.arguments must be a string",
+        ),
+        (
+            '{"messages": [{"role": "assistant", "content": "a", "reasoning_content": {}}]}',
+            "messages[0].reasoning_content must be a string",
+        ),
         ('{"messages": [{"role": "tool", "name": 5, "content": "42"}]}', "messages[0].name must be a string"),
     ],
 )
@@ -94,11 +116,24 @@ FULL = {
     "messages": [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": [{"type": "text", "text": "Weather?"}]},
-        {"role": "assistant", "content": "Let me look.", "reasoning_content": "Use the tool.",
-         "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "weather", "arguments": "{}"}}]},
+        {
+            "role": "assistant",
+            "content": "Let me look.",
+            "reasoning_content": "Use the tool.",
+            "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "weather", "arguments": "{}"}}],
+        },
         {"role": "tool", "tool_call_id": "c1", "name": "weather", "content": "sunny"},
     ],
-    "tools": [{"type": "function", "function": {"name": "weather", "description": "Today's.", "parameters": {"type": "object", "properties": {}}}}],
+    "tools": [
+        {
+            "type": "function",
+            "function": {
+                "name": "weather",
+                "description": "Today's.",
+                "parameters": {"type": "object", "properties": {}},
+            },
+        }
+    ],
     "reasoning_effort": "low",
     "max_new_tokens": 5,
 }
@@ -137,7 +172,9 @@ def write_bytes(path, lines: list[bytes]):
 
 
 def test_a_line_with_a_bad_byte_costs_that_line_only(tmp_path):
-    path = write_bytes(tmp_path / "in.jsonl", [b'{"prompt": "a"}', b'{"prompt": "\xff"}', b'\xef\xbb\xbf{"prompt": "bom"}'])
+    path = write_bytes(
+        tmp_path / "in.jsonl", [b'{"prompt": "a"}', b'{"prompt": "\xff"}', b'\xef\xbb\xbf{"prompt": "bom"}']
+    )
     first, bad, bom = read_requests(path)
     assert (first.id, bad["index"], bom.id) == (1, 2, 3)
     assert bad["error"] == "line 2: not UTF-8: byte 0xff at column 13"
@@ -157,9 +194,15 @@ def test_an_unforeseen_error_costs_its_line_only(tmp_path, monkeypatch):
 
 
 def test_an_explicit_id_cannot_take_the_number_of_a_line_without_one(tmp_path):
-    path = write_jsonl(tmp_path / "in.jsonl", [{"id": 2, "prompt": "x"}, {"prompt": "y"}, {"id": 3, "prompt": "z"}, {"id": 1, "prompt": "w"}])
+    path = write_jsonl(
+        tmp_path / "in.jsonl",
+        [{"id": 2, "prompt": "x"}, {"prompt": "y"}, {"id": 3, "prompt": "z"}, {"id": 1, "prompt": "w"}],
+    )
     takes_2, default_2, own_3, takes_1 = read_requests(str(path))
-    assert takes_2["id"] is None and takes_2["error"] == "line 1: id 2 is taken: line 2 has no id, so its line number is its id"
+    assert (
+        takes_2["id"] is None
+        and takes_2["error"] == "line 1: id 2 is taken: line 2 has no id, so its line number is its id"
+    )
     assert (default_2.id, own_3.id, takes_1.id) == (2, 3, 1)  # line 1 has an id: its number is free
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from parallel.protocol.harmony import render_prompt
 from parallel.protocol.requests import parse_request
-from tests.serving import KEY, health, post, start_server, stop_server
+from tests.serving import KEY, health, post, start_server, stop_server, wait_until
 from tests.taught import (
     ANSWER,
     ARGUMENTS,
@@ -32,8 +32,14 @@ from tests.taught import (
 @pytest.fixture(scope="module")
 def server(taught_model):
     """tp=2 through the engine (what a GPU gets by default), the API key from the environment."""
-    proc, url = start_server(taught_model, "parallel.tp=2", "engine.mode=always", "generation.batch_size=16", "engine.slots=16",
-                             env={"GPT_OSS_API_KEY": KEY})
+    proc, url = start_server(
+        taught_model,
+        "parallel.tp=2",
+        "engine.mode=always",
+        "generation.batch_size=16",
+        "engine.slots=16",
+        env={"GPT_OSS_API_KEY": KEY},
+    )
     yield url
     assert "generation: the engine" in stop_server(proc)  # the engine served, not the plain fallback
 
@@ -58,7 +64,9 @@ def test_chat_completion_returns_reasoning_and_answer(client):
 
 def test_streamed_chat_completion_builds_the_same_answer(client):
     api, model = client
-    chunks = list(api.chat.completions.create(model=model, messages=HELLO, stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        api.chat.completions.create(model=model, messages=HELLO, stream=True, stream_options={"include_usage": True})
+    )
     deltas = [c.choices[0].delta for c in chunks if c.choices]
     assert "".join(d.content or "" for d in deltas) == GREETING
     assert "".join(getattr(d, "reasoning", None) or "" for d in deltas) == GREET_REASONING
@@ -106,8 +114,11 @@ def test_responses_tool_call_round_trip(client):
     first = api.responses.create(model=model, input=ASK, tools=tools)
     call = next(i for i in first.output if i.type == "function_call")
     assert (call.name, call.arguments) == ("get_weather", ARGUMENTS)
-    follow_up = [*ASK, *(i.model_dump(exclude_none=True) for i in first.output),
-                 {"type": "function_call_output", "call_id": call.call_id, "output": CALLED[1]["content"]}]
+    follow_up = [
+        *ASK,
+        *(i.model_dump(exclude_none=True) for i in first.output),
+        {"type": "function_call_output", "call_id": call.call_id, "output": CALLED[1]["content"]},
+    ]
     second = api.responses.create(model=model, input=follow_up, tools=tools)
     assert second.output_text == ANSWER
 
@@ -124,7 +135,9 @@ def test_concurrent_requests_are_batched(client, server):
     api, model = client
     before = health(server)["largest_batch"]
     with ThreadPoolExecutor(32) as pool:
-        replies = list(pool.map(lambda i: api.chat.completions.create(model=model, messages=HELLO, max_tokens=20), range(32)))
+        replies = list(
+            pool.map(lambda i: api.chat.completions.create(model=model, messages=HELLO, max_tokens=20), range(32))
+        )
     assert [r.choices[0].message.content for r in replies] == [GREETING] * 32
     assert max(before, 1) < health(server)["largest_batch"] <= 16
 
@@ -137,12 +150,24 @@ def test_concurrent_requests_are_batched(client, server):
         (json.dumps({"model": "{model}"}).encode(), 400, "messages is required"),
         (json.dumps({"model": "{model}", "messages": "hi"}).encode(), 400, "messages"),
         (json.dumps({"model": "{model}", "messages": HELLO, "temperature": "hot"}).encode(), 400, "temperature"),
-        (json.dumps({"model": "{model}", "messages": HELLO, "max_tokens": 10**6}).encode(), 400, "exceed the model's context"),
-        (json.dumps({"model": "{model}", "messages": [{"role": "wizard", "content": "x"}]}).encode(), 400, "unknown role"),
+        (
+            json.dumps({"model": "{model}", "messages": HELLO, "max_tokens": 10**6}).encode(),
+            400,
+            "exceed the model's context",
+        ),
+        (
+            json.dumps({"model": "{model}", "messages": [{"role": "wizard", "content": "x"}]}).encode(),
+            400,
+            "unknown role",
+        ),
         # Fields that would change the reply are refused, never ignored.
         (json.dumps({"model": "{model}", "messages": HELLO, "stop": ["\n"]}).encode(), 400, "stop"),
         (json.dumps({"model": "{model}", "messages": HELLO, "logit_bias": {"9": 100}}).encode(), 400, "logit_bias"),
-        (json.dumps({"model": "{model}", "messages": HELLO, "functions": [WEATHER]}).encode(), 400, "send them as tools"),
+        (
+            json.dumps({"model": "{model}", "messages": HELLO, "functions": [WEATHER]}).encode(),
+            400,
+            "send them as tools",
+        ),
     ],
 )
 def test_bad_request_gets_its_error_and_the_server_keeps_serving(client, server, body, status, says):
@@ -162,14 +187,18 @@ def test_responses_fields_of_the_wrong_type_are_refused_by_name(client, server, 
 
 def test_wrong_api_key_is_refused(client, server):
     api, model = client
-    code, reply = post(server, "/v1/chat/completions", json.dumps({"model": model, "messages": HELLO}).encode(), key="wrong")
+    code, reply = post(
+        server, "/v1/chat/completions", json.dumps({"model": model, "messages": HELLO}).encode(), key="wrong"
+    )
     assert code == 401 and reply["error"]["code"] == "invalid_api_key"
 
 
 def test_a_request_joins_while_a_long_one_is_generating(client):
     """Continuous batching across requests: the short request does not wait for the long one to end."""
     api, model = client
-    long = api.chat.completions.create(model=model, messages=HELLO, max_tokens=3000, stream=True, extra_body={"ignore_eos": True})
+    long = api.chat.completions.create(
+        model=model, messages=HELLO, max_tokens=3000, stream=True, extra_body={"ignore_eos": True}
+    )
     with ThreadPoolExecutor(1) as pool:
         streamed = pool.submit(lambda: sum(1 for _ in long))
         short = api.chat.completions.create(model=model, messages=HELLO, max_tokens=20, extra_body={"ignore_eos": True})
@@ -179,7 +208,9 @@ def test_a_request_joins_while_a_long_one_is_generating(client):
 
 def test_client_that_disconnects_frees_its_row(client, server):
     api, model = client
-    stream = api.chat.completions.create(model=model, messages=HELLO, max_tokens=3000, stream=True, extra_body={"ignore_eos": True})
+    stream = api.chat.completions.create(
+        model=model, messages=HELLO, max_tokens=3000, stream=True, extra_body={"ignore_eos": True}
+    )
     for _, _ in zip(stream, range(5)):
         pass
     stream.close()
@@ -194,13 +225,17 @@ def test_a_request_that_leaves_while_waiting_for_a_plain_batch_never_runs(taught
     proc, url = start_server(taught_model, "engine.mode=never", "generation.batch_size=1", nproc=1)
     api, model = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0), str(taught_model)
     try:
-        streams = [api.chat.completions.create(model=model, messages=HELLO, max_tokens=3000, stream=True,
-                                               extra_body={"ignore_eos": True}) for _ in range(2)]
+        streams = [
+            api.chat.completions.create(
+                model=model, messages=HELLO, max_tokens=3000, stream=True, extra_body={"ignore_eos": True}
+            )
+            for _ in range(2)
+        ]
         next(iter(streams[0]))  # the first is generating, the second waits behind it on the replica
-        while health(url)["running"] < 2:
-            time.sleep(0.05)
+        wait_until(lambda: health(url)["running"] == 2, "both requests on the replica")
         streams[1].close()
-        time.sleep(1)  # its abort reaches the replica mid-batch
+        # Its abort reaches the replica while the first request still generates: the replica lets it go unrun.
+        wait_until(lambda: health(url)["running"] == 1, "the replica to drop the request that left")
         streams[0].close()
         deadline = time.monotonic() + 20
         while (h := health(url))["running_batches"] and time.monotonic() < deadline:
@@ -216,10 +251,14 @@ def test_sigterm_drains_requests_in_flight(taught_model):
     proc, url = start_server(taught_model, "parallel.dp=2", "engine.mode=never")
     api = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
     with ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(api.chat.completions.create, model=str(taught_model), messages=HELLO, max_tokens=300,
-                              extra_body={"ignore_eos": True})
-        while not health(url)["running_batches"]:
-            time.sleep(0.05)
+        pending = pool.submit(
+            api.chat.completions.create,
+            model=str(taught_model),
+            messages=HELLO,
+            max_tokens=300,
+            extra_body={"ignore_eos": True},
+        )
+        wait_until(lambda: health(url)["running_batches"], "the request to start generating")
         os.killpg(proc.pid, signal.SIGTERM)
         reply = pending.result(timeout=60)
     assert reply.usage.completion_tokens == 300 and reply.choices[0].finish_reason == "length"
@@ -247,6 +286,7 @@ def running(pid: int) -> bool:
 
 def api_process_of(job: int) -> int:
     """The server's API process among a job's processes: the one rank 0 spawned (multiprocessing's spawn_main)."""
+
     def cmdline(pid):
         try:
             return open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode()
@@ -306,8 +346,11 @@ def test_completion_continues_a_raw_prompt(client, enc):
 
 def test_streamed_completion_builds_the_same_text(client, enc):
     api, model = client
-    chunks = list(api.completions.create(model=model, prompt=hello_tokens(enc), max_tokens=64, stream=True,
-                                         stream_options={"include_usage": True}))
+    chunks = list(
+        api.completions.create(
+            model=model, prompt=hello_tokens(enc), max_tokens=64, stream=True, stream_options={"include_usage": True}
+        )
+    )
     texts = [c.choices[0].text for c in chunks if c.choices]
     assert "".join(texts) == LESSONS[0][1] and len([t for t in texts if t]) > 1
     assert chunks[-1].usage.completion_tokens == len(enc.encode(LESSONS[0][1], allowed_special="all"))
@@ -322,8 +365,13 @@ def test_completion_runs_to_max_tokens_with_ignore_eos(client, enc):
 
 @pytest.mark.parametrize(
     "body, param",
-    [({"prompt": [0, 10**7]}, "prompt"), ({"prompt": "hi", "max_tokens": 10**6}, "max_tokens"), ({"prompt": "hi", "stop": "."}, "stop"),
-     ({"prompt": "hi", "frequency_penalty": 1.0}, "frequency_penalty"), ({"prompt": "hi", "logit_bias": {"9": 100}}, "logit_bias")],
+    [
+        ({"prompt": [0, 10**7]}, "prompt"),
+        ({"prompt": "hi", "max_tokens": 10**6}, "max_tokens"),
+        ({"prompt": "hi", "stop": "."}, "stop"),
+        ({"prompt": "hi", "frequency_penalty": 1.0}, "frequency_penalty"),
+        ({"prompt": "hi", "logit_bias": {"9": 100}}, "logit_bias"),
+    ],
 )
 def test_bad_completion_is_refused_naming_the_field(client, server, body, param):
     api, model = client
@@ -335,13 +383,27 @@ def test_seed_makes_sampling_repeatable(client):
     api, model = client
 
     def sample(seed):
-        return api.completions.create(model=model, prompt="Once upon a time", max_tokens=12, temperature=2, seed=seed,
-                                      extra_body={"ignore_eos": True}).choices[0].text
+        return (
+            api.completions.create(
+                model=model,
+                prompt="Once upon a time",
+                max_tokens=12,
+                temperature=2,
+                seed=seed,
+                extra_body={"ignore_eos": True},
+            )
+            .choices[0]
+            .text
+        )
 
     assert sample(1) == sample(1)
     assert len({sample(seed) for seed in range(2, 6)}) > 1
-    chat = [api.chat.completions.create(model=model, messages=HELLO, temperature=2, seed=9, max_tokens=12).choices[0].message
-            for _ in range(2)]
+    chat = [
+        api.chat.completions.create(model=model, messages=HELLO, temperature=2, seed=9, max_tokens=12)
+        .choices[0]
+        .message
+        for _ in range(2)
+    ]
     # Tool-call ids are fresh per reply by design; what the model said must repeat.
     said = [(m.content, m.reasoning, [c.function for c in m.tool_calls or []]) for m in chat]
     assert said[0] == said[1]
@@ -360,7 +422,9 @@ def test_streamed_replies_say_where_harmony_broke_as_whole_ones_do(client):
     chunks = list(api.chat.completions.create(**chat, stream=True, stream_options={"include_usage": True}))
     last = [c.choices[0] for c in chunks if c.choices][-1]
     assert (last.finish_reason, last.model_extra.get("harmony_error")) == (whole.finish_reason, error)
-    assert not any(c.choices[0].model_extra.get("harmony_error") for c in chunks if c.choices and c.choices[0] is not last)
+    assert not any(
+        c.choices[0].model_extra.get("harmony_error") for c in chunks if c.choices and c.choices[0] is not last
+    )
 
     response = dict(hot, input="Once upon a time", max_output_tokens=24)
     whole = api.responses.create(**response)
@@ -380,11 +444,9 @@ def test_requests_cut_by_the_drain_deadline_say_so(taught_model):
     with ThreadPoolExecutor(1) as pool:
         whole = pool.submit(api.completions.create, prompt="Hi", **long)
         stream = api.chat.completions.create(messages=HELLO, stream=True, **long)
-        while (h := health(url))["running_batches"] == 0 or h["requests_in_flight"] < 2:
-            time.sleep(0.1)
+        wait_until(lambda: (h := health(url))["running_batches"] and h["requests_in_flight"] == 2, "both generating")
         os.killpg(proc.pid, signal.SIGTERM)
-        while health(url)["status"] != "draining":
-            time.sleep(0.1)
+        wait_until(lambda: health(url)["status"] == "draining", "the drain to start")
         assert post(url, "/v1/chat/completions", json.dumps({"model": model, "messages": HELLO}).encode())[0] == 503
         with pytest.raises(openai.APIError, match="drain_timeout_s"):
             list(stream)
@@ -404,11 +466,18 @@ def test_a_request_that_turns_the_model_nan_fails_alone_over_http(tmp_path, enc)
     checkpoint = nan_for(tmp_path / "checkpoint", enc, broken, [clean])
     proc, url = start_server(checkpoint, "engine.mode=always", "generation.max_new_tokens=4", nproc=1)
     try:
+
         def chat(text):
-            return post(url, "/v1/chat/completions", json.dumps({"model": str(checkpoint), "messages": [{"role": "user", "content": text}]}).encode())
+            return post(
+                url,
+                "/v1/chat/completions",
+                json.dumps({"model": str(checkpoint), "messages": [{"role": "user", "content": text}]}).encode(),
+            )
 
         code, reply = chat(broken["prompt"])
-        assert code == 500 and "the model's logits were NaN (not a number) at new token 1" in reply["error"]["message"], reply
+        assert (
+            code == 500 and "the model's logits were NaN (not a number) at new token 1" in reply["error"]["message"]
+        ), reply
         code, reply = chat(clean["prompt"])
         assert code == 200 and reply["usage"]["completion_tokens"] > 0, reply
     finally:

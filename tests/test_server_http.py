@@ -15,10 +15,9 @@ from multiprocessing.connection import Client
 
 import pytest
 
-from parallel.distributed.channel import Hub, listen
+from parallel.replicas.channel import Hub, listen
 from parallel.serve.http import API_KEY_ENV, MAX_HEAD_BYTES
-from tests.conftest import ROOT
-from tests.serving import KEY, health, start_server, stop_server
+from tests.serving import KEY, health, serve_command, start_server, stop_server, wait_until
 from tests.taught import GREETING, HELLO
 
 LIMIT = 1_000_000
@@ -27,8 +26,14 @@ TIMEOUT_S = 3
 
 @pytest.fixture(scope="module")
 def server(taught_model):
-    proc, url = start_server(taught_model, "engine.mode=always", f"server.max_body_bytes={LIMIT}",
-                             f"server.request_timeout_s={TIMEOUT_S}", f"server.api_key={KEY}", nproc=1)
+    proc, url = start_server(
+        taught_model,
+        "engine.mode=always",
+        f"server.max_body_bytes={LIMIT}",
+        f"server.request_timeout_s={TIMEOUT_S}",
+        f"server.api_key={KEY}",
+        nproc=1,
+    )
     yield url, str(taught_model)
     stop_server(proc)
 
@@ -72,7 +77,9 @@ def closed(sock: socket.socket) -> bool:
 def test_a_body_over_the_limit_is_refused_before_it_is_sent(server):
     url, model = server
     with connect(url, timeout=10) as sock:  # no body follows: a server that waits for it times this out
-        status, reply = exchange(sock, request("POST", "/v1/chat/completions", None, headers="Content-Length: 50000000\r\n"))
+        status, reply = exchange(
+            sock, request("POST", "/v1/chat/completions", None, headers="Content-Length: 50000000\r\n")
+        )
     assert status == 413 and "server.max_body_bytes" in reply["error"]["message"]
 
 
@@ -80,14 +87,23 @@ def test_a_chunked_body_is_cut_at_the_limit(server):
     url, model = server
     chunk = b"x" * (LIMIT + 1)
     with connect(url, timeout=10) as sock:  # the chunked body never ends: only the limit answers it
-        status, reply = exchange(sock, request("POST", "/v1/chat/completions", None, headers="Transfer-Encoding: chunked\r\n")
-                                 + b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+        status, reply = exchange(
+            sock,
+            request("POST", "/v1/chat/completions", None, headers="Transfer-Encoding: chunked\r\n")
+            + b"%x\r\n" % len(chunk)
+            + chunk
+            + b"\r\n",
+        )
     assert status == 413
 
 
 @pytest.mark.parametrize(
     "method, path, key, status",
-    [("POST", "/v1/nothing", KEY, 404), ("POST", "/v1/chat/completions", "wrong", 401), ("GET", "/v1/chat/completions", KEY, 405)],
+    [
+        ("POST", "/v1/nothing", KEY, 404),
+        ("POST", "/v1/chat/completions", "wrong", 401),
+        ("GET", "/v1/chat/completions", KEY, 405),
+    ],
 )
 def test_an_error_reply_leaves_the_connection_usable(server, method, path, key, status):
     url, model = server
@@ -95,14 +111,19 @@ def test_an_error_reply_leaves_the_connection_usable(server, method, path, key, 
         first = exchange(sock, request(method, path, chat(model), key=key))
         second = exchange(sock, request("GET", "/v1/models"))
     assert first[0] == status and "error" in first[1]
-    assert second == (200, {"object": "list", "data": [{"id": model, "object": "model", "created": 0, "owned_by": "gpt-oss-launch"}]})
+    assert second == (
+        200,
+        {"object": "list", "data": [{"id": model, "object": "model", "created": 0, "owned_by": "gpt-oss-launch"}]},
+    )
 
 
 @pytest.mark.parametrize("length", ["abc", "-1", "1 2"])
 def test_a_malformed_content_length_is_400(server, length):
     url, model = server
     with connect(url, timeout=10) as sock:
-        status, _ = exchange(sock, request("POST", "/v1/chat/completions", None, headers=f"Content-Length: {length}\r\n"))
+        status, _ = exchange(
+            sock, request("POST", "/v1/chat/completions", None, headers=f"Content-Length: {length}\r\n")
+        )
         assert status == 400 and closed(sock)
 
 
@@ -117,7 +138,7 @@ def send_in_pieces(sock: socket.socket, data: bytes, piece: int = 1000) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     for start in range(0, len(data), piece):
         try:
-            sock.sendall(data[start:start + piece])
+            sock.sendall(data[start : start + piece])
         except (BrokenPipeError, ConnectionResetError):  # refused and closed: its answer is there to read
             return
         time.sleep(0.02)
@@ -173,27 +194,56 @@ def test_a_request_head_over_the_limit_is_400_however_it_arrives(server, size, a
     "body, says",
     [
         (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
-        (chat("{model}", messages=[{"role": "system", "content": "a" * 5000}, *HELLO]),
-         "the instructions (system and developer messages): a run of over 512 characters"),
+        (
+            chat("{model}", messages=[{"role": "system", "content": "a" * 5000}, *HELLO]),
+            "the instructions (system and developer messages): a run of over 512 characters",
+        ),
         (b"[1, 2]", "must be a JSON object"),
         (b"null", "must be a JSON object"),
         (b"", "not valid JSON"),
         (b"\xff\xfe{", "not valid JSON"),
         (b'{"model": "\\udc00", "messages": []}', "does not exist"),
         (b'{"model": "{model}", "messages": [{"role": "user", "content": "\\ud800"}]}', "cannot render"),
-        (b'{"model": "{model}", "messages": [{"role": "user", "content": "hi"}], "seed": 18446744073709551616}', "seed"),
+        (
+            b'{"model": "{model}", "messages": [{"role": "user", "content": "hi"}], "seed": 18446744073709551616}',
+            "seed",
+        ),
         (b'{"model": "{model}", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1e999}', "max_tokens"),
         (b'{"model": "{model}", "messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', "temperature"),
-        (b'{"model": "{model}", "messages": [{"role": "user", "content": "hi"}], "max_tokens": ' + b"9" * 5000 + b"}", "not valid JSON"),
+        (
+            b'{"model": "{model}", "messages": [{"role": "user", "content": "hi"}], "max_tokens": '
+            + b"9" * 5000
+            + b"}",
+            "not valid JSON",
+        ),
     ],
-    ids=["nested", "run", "array", "null", "empty", "not-utf8", "surrogate-model", "surrogate-text", "seed-2**64",
-         "max_tokens-inf", "temperature-nan", "5000-digits"],
+    ids=[
+        "nested",
+        "run",
+        "array",
+        "null",
+        "empty",
+        "not-utf8",
+        "surrogate-model",
+        "surrogate-text",
+        "seed-2**64",
+        "max_tokens-inf",
+        "temperature-nan",
+        "5000-digits",
+    ],
 )
 def test_a_body_that_is_no_request_is_refused(server, body, says):
     url, model = server
     with connect(url) as sock:
-        status, reply = exchange(sock, request("POST", "/v1/chat/completions", body.replace(b"{model}", model.encode()),
-                                               headers="Content-Type: text/plain\r\n"))
+        status, reply = exchange(
+            sock,
+            request(
+                "POST",
+                "/v1/chat/completions",
+                body.replace(b"{model}", model.encode()),
+                headers="Content-Type: text/plain\r\n",
+            ),
+        )
     assert status in (400, 404) and says in reply["error"]["message"], reply
 
 
@@ -239,21 +289,37 @@ def test_big_requests_cost_only_themselves(server, unit):
     # Under what the tiny model's context could hold (4096 tokens of at most 128 bytes), so it is tokenized.
     run = unit * (500_000 // len(unit))
     # Its budget cannot fit beside it, which is found once it is tokenized: none runs, to keep the engine free.
-    big = json.dumps({"model": model, "messages": [{"role": "user", "content": run}], "max_tokens": 4000},
-                     ensure_ascii=False).encode()
+    big = json.dumps(
+        {"model": model, "messages": [{"role": "user", "content": run}], "max_tokens": 4000}, ensure_ascii=False
+    ).encode()
     assert len(big) < LIMIT
-    senders = [threading.Thread(target=send, args=item) for item in (("huge", request("POST", "/v1/chat/completions", b" " * 50_000_000), False),
-                                                                      ("big", request("POST", "/v1/chat/completions", big), False),
-                                                                      ("dropped", request("POST", "/v1/chat/completions", big), True))]
-    ordinary = [{"role": "user", "content": " ".join(random.Random(0).choices(["cat", "dog", "sat", "on", "the", "mat"], k=1700))}]
+    senders = [
+        threading.Thread(target=send, args=item)
+        for item in (
+            ("huge", request("POST", "/v1/chat/completions", b" " * 50_000_000), False),
+            ("big", request("POST", "/v1/chat/completions", big), False),
+            ("dropped", request("POST", "/v1/chat/completions", big), True),
+        )
+    ]
+    ordinary = [
+        {
+            "role": "user",
+            "content": " ".join(random.Random(0).choices(["cat", "dog", "sat", "on", "the", "mat"], k=1700)),
+        }
+    ]
     with connect(url) as sock:  # once before, so that its prefill (seconds on CPU) is in the prefix cache
-        assert exchange(sock, request("POST", "/v1/chat/completions", chat(model, messages=ordinary, max_tokens=1)))[0] == 200
+        assert (
+            exchange(sock, request("POST", "/v1/chat/completions", chat(model, messages=ordinary, max_tokens=1)))[0]
+            == 200
+        )
     for sender in senders:
         sender.start()
     time.sleep(0.5)
     start = time.monotonic()
     with connect(url) as sock:
-        status, reply = exchange(sock, request("POST", "/v1/chat/completions", chat(model, messages=ordinary, max_tokens=1)))
+        status, reply = exchange(
+            sock, request("POST", "/v1/chat/completions", chat(model, messages=ordinary, max_tokens=1))
+        )
     answered = time.monotonic() - start
     for sender in senders:
         sender.join(timeout=120)
@@ -267,10 +333,11 @@ def test_many_clients_that_disconnect_free_their_rows(server):
     socks = []
     for i in range(16):
         sock = connect(url)
-        sock.sendall(request("POST", "/v1/chat/completions", chat(model, max_tokens=3000, stream=i % 2 == 0, ignore_eos=True)))
+        sock.sendall(
+            request("POST", "/v1/chat/completions", chat(model, max_tokens=3000, stream=i % 2 == 0, ignore_eos=True))
+        )
         socks.append(sock)
-    while health(url)["running_batches"] == 0:
-        time.sleep(0.1)
+    wait_until(lambda: health(url)["running_batches"], "the requests to start generating")
     for sock in socks:
         sock.close()
     deadline = time.monotonic() + 30
@@ -278,13 +345,15 @@ def test_many_clients_that_disconnect_free_their_rows(server):
         time.sleep(0.2)
     assert h["requests_in_flight"] == 0 and h["running_batches"] == 0, h
     with connect(url) as sock:
-        assert exchange(sock, request("POST", "/v1/chat/completions", chat(model)))[1]["choices"][0]["message"]["content"] == GREETING
+        assert (
+            exchange(sock, request("POST", "/v1/chat/completions", chat(model)))[1]["choices"][0]["message"]["content"]
+            == GREETING
+        )
 
 
 def test_an_empty_api_key_refuses_to_serve_rather_than_serve_open(taught_model):
     """`export GPT_OSS_API_KEY=$KEY` with KEY unset sets the variable empty: that must not open the server to all."""
-    cmd = [sys.executable, str(ROOT / "launch" / "serve.py"), "--config", str(ROOT / "configs" / "tiny.yaml"),
-           f"model.path={taught_model}", "server.port=1"]
+    cmd = [sys.executable, *serve_command(taught_model, "server.port=1")]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, API_KEY_ENV: ""})
     assert run.returncode == 2 and "set but empty" in run.stderr, run.stderr
 
@@ -295,8 +364,7 @@ def test_a_port_in_use_fails_before_the_model_loads(taught_model):
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         port = holder.getsockname()[1]
-        cmd = [sys.executable, str(ROOT / "launch" / "serve.py"), "--config", str(ROOT / "configs" / "tiny.yaml"),
-               f"model.path={taught_model}", f"server.port={port}"]
+        cmd = [sys.executable, *serve_command(taught_model, f"server.port={port}")]
         run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert run.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in run.stderr, run.stderr
     assert "loading" not in run.stderr.lower(), run.stderr

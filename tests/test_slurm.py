@@ -31,20 +31,36 @@ def cluster(tmp_path_factory):
 
 def slurm(cluster, *cmd, timeout=60, **env):
     """A Slurm command run from node n1, in the repository, with extra environment for the job."""
-    return subprocess.run([CLUSTER, "run", str(cluster), *cmd], cwd=ROOT, env={**os.environ, **env},
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [CLUSTER, "run", str(cluster), *cmd],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def sbatch(cluster, *args, wait=True, timeout=240, **env):
     # `timeout` around --wait: a broken step launch would otherwise hang until the job's time limit.
     mode = ["--wait"] if wait else ["--parsable"]
-    run = slurm(cluster, "timeout", str(timeout), "sbatch", *mode, "--time=10", f"--output={cluster}/%x-%A_%a.out",
-                *args, timeout=timeout + 30, **env)
+    run = slurm(
+        cluster,
+        "timeout",
+        str(timeout),
+        "sbatch",
+        *mode,
+        "--time=10",
+        f"--output={cluster}/%x-%A_%a.out",
+        *args,
+        timeout=timeout + 30,
+        **env,
+    )
     return run
 
 
 def job_logs(cluster, tail: int | None = 4000) -> str:
-    return "\n".join(p.read_text()[-tail if tail else 0:] for p in sorted(cluster.glob("*.out")))
+    return "\n".join(p.read_text()[-tail if tail else 0 :] for p in sorted(cluster.glob("*.out")))
 
 
 @pytest.fixture(scope="module")
@@ -68,10 +84,14 @@ def test_one_node_job_writes_every_parsed_record(one_node):
 def test_two_node_job_matches_the_one_node_job(cluster, prompts, one_node, tmp_path):
     out = tmp_path / "answers.jsonl"
     # tp=4 over 2 nodes x 2 ranks: one replica whose tensor-parallel collectives cross the nodes' networks.
-    run = sbatch(cluster, "--nodes=2", "slurm/tiny.sh", "parallel.tp=4", "output.raw=true", INPUT=str(prompts), OUTPUT=str(out))
+    run = sbatch(
+        cluster, "--nodes=2", "slurm/tiny.sh", "parallel.tp=4", "output.raw=true", INPUT=str(prompts), OUTPUT=str(out)
+    )
     assert run.returncode == 0, run.stderr + job_logs(cluster)
     assert json.loads((tmp_path / "answers.jsonl.metrics.json").read_text())["world_size"] == 4
-    assert list(map(without_timing, sorted(read_records(out), key=lambda r: r["index"]))) == list(map(without_timing, one_node))
+    assert list(map(without_timing, sorted(read_records(out), key=lambda r: r["index"]))) == list(
+        map(without_timing, one_node)
+    )
 
 
 def without_timing(record: dict) -> dict:
@@ -81,8 +101,15 @@ def without_timing(record: dict) -> dict:
 def test_a_rendezvous_on_localhost_fails_across_nodes(cluster, prompts, tmp_path):
     """The control for the test above: each node's localhost is its own, as on a real cluster."""
     out = tmp_path / "answers.jsonl"
-    run = sbatch(cluster, "--nodes=2", "slurm/tiny.sh", INPUT=str(prompts), OUTPUT=str(out),
-                 RDZV_HOST="localhost", RDZV_JOIN_TIMEOUT="15")
+    run = sbatch(
+        cluster,
+        "--nodes=2",
+        "slurm/tiny.sh",
+        INPUT=str(prompts),
+        OUTPUT=str(out),
+        RDZV_HOST="localhost",
+        RDZV_JOIN_TIMEOUT="15",
+    )
     assert run.returncode != 0
     assert not out.exists() or not out.read_text()
 
@@ -93,8 +120,11 @@ def test_array_tasks_split_the_input_and_merge_in_order(cluster, prompts, tmp_pa
     assert run.returncode == 0, run.stderr + job_logs(cluster)
     shards = sorted(tmp_path.glob("answers.shard-*-of-2.jsonl"))
     assert [len(read_records(s)) for s in shards] == [3, 3]
-    merge = subprocess.run(["python", str(ROOT / "launch" / "merge.py"), str(out), *map(str, shards), "--input", str(prompts)],
-                           capture_output=True, text=True)
+    merge = subprocess.run(
+        ["python", str(ROOT / "launch" / "merge.py"), str(out), *map(str, shards), "--input", str(prompts)],
+        capture_output=True,
+        text=True,
+    )
     assert merge.returncode == 0, merge.stderr
     assert [r["id"] for r in read_records(out)] == [p["id"] for p in PROMPTS]
 
@@ -138,8 +168,15 @@ def test_two_node_expert_parallel_mxfp4_owns_experts_by_global_rank(cluster, pro
     for kind, extra in (("reference", []), ("mxfp4", ["--nodes=2", "slurm/tiny.sh", "parallel.ep=2"])):
         out = tmp_path / f"{kind}.jsonl"
         args = extra or ["slurm/tiny.sh"]
-        run = sbatch(cluster, *args, f"model.path={mxfp4_checkpoints[kind]}", "output.raw=true",
-                     INPUT=str(prompts), OUTPUT=str(out), NPROC_PER_NODE="1")
+        run = sbatch(
+            cluster,
+            *args,
+            f"model.path={mxfp4_checkpoints[kind]}",
+            "output.raw=true",
+            INPUT=str(prompts),
+            OUTPUT=str(out),
+            NPROC_PER_NODE="1",
+        )
         assert run.returncode == 0, run.stderr + job_logs(cluster)
         answers[kind] = {r["id"]: r["raw"] for r in read_records(out)}
     assert answers["mxfp4"] == answers["reference"]
@@ -150,11 +187,35 @@ def test_scaling_sweep_runs_as_job_arrays_across_nodes_then_merges(cluster, tmp_
     across the nodes is found wherever its rank 0 is; the merge job draws the report once every task has ended. (The
     plain recipe's curve is tests/test_scaling.py's.)"""
     out = tmp_path / "sweep"
-    run = slurm(cluster, "timeout", "600", "python", "launch/scaling.py", "submit", "--out", str(out), "--layouts", "1", "tp=2",
-                "--paths", "launcher", "server", *TINY_SWEEP, "--ranks-per-node", "1", "--cpu", "--wait",
-                f"--sbatch=--output={cluster}/%x-%A_%a.out", "--sbatch=--time=10", timeout=630)
+    run = slurm(
+        cluster,
+        "timeout",
+        "600",
+        "python",
+        "launch/scaling.py",
+        "submit",
+        "--out",
+        str(out),
+        "--layouts",
+        "1",
+        "tp=2",
+        "--paths",
+        "launcher",
+        "server",
+        *TINY_SWEEP,
+        "--ranks-per-node",
+        "1",
+        "--cpu",
+        "--wait",
+        f"--sbatch=--output={cluster}/%x-%A_%a.out",
+        "--sbatch=--time=10",
+        timeout=630,
+    )
     assert run.returncode == 0, run.stderr + job_logs(cluster)
     rows = assert_report(out, curves=4)
     assert sorted((r["layout"], r["path"], r["concurrency"], r["nodes"]) for r in rows) == sorted(
-        (layout, path, c, nodes) for layout, nodes in (("1", "1"), ("tp=2", "2")) for path in ("launcher", "server")
-        for c in ("1", "2"))
+        (layout, path, c, nodes)
+        for layout, nodes in (("1", "1"), ("tp=2", "2"))
+        for path in ("launcher", "server")
+        for c in ("1", "2")
+    )

@@ -48,25 +48,57 @@ def test_ordinary_text_keeps_harmonys_tokens(enc, text):
 
 def test_rendering_message_by_message_equals_harmonys_rendering(enc):
     """render_bounded's splicing (header, text, end) against harmony's whole rendering, on every kind of message."""
-    call = {"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": json.dumps({"q": CORPUS[4][:300]})}}
+    call = {
+        "id": "c1",
+        "type": "function",
+        "function": {"name": "lookup", "arguments": json.dumps({"q": CORPUS[4][:300]})},
+    }
     for text in CORPUS:
-        req = parse_request({"messages": [
-            {"role": "system", "content": text[:2000]},
-            {"role": "user", "content": text},
-            {"role": "assistant", "reasoning": text[:500], "content": None, "tool_calls": [call]},
-            {"role": "tool", "tool_call_id": "c1", "content": text[::-1]},
-            {"role": "assistant", "content": text[:700]},
-            {"role": "user", "content": "And then?"},
-        ], "tools": [{"type": "function", "function": {"name": "lookup", "description": text[:100],
-                                                       "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}}}]}, 1)
+        req = parse_request(
+            {
+                "messages": [
+                    {"role": "system", "content": text[:2000]},
+                    {"role": "user", "content": text},
+                    {"role": "assistant", "reasoning": text[:500], "content": None, "tool_calls": [call]},
+                    {"role": "tool", "tool_call_id": "c1", "content": text[::-1]},
+                    {"role": "assistant", "content": text[:700]},
+                    {"role": "user", "content": "And then?"},
+                ],
+                "tools": [
+                    {
+                        "type": "function",
+                        "function": {
+                            "name": "lookup",
+                            "description": text[:100],
+                            "parameters": {"type": "object", "properties": {"q": {"type": "string"}}},
+                        },
+                    }
+                ],
+            },
+            1,
+        )
         assert render_bounded(enc, conversation(req, "medium")) == harmony_render(enc, req)
     assert render_bounded(enc, Conversation.from_messages([])) == enc.render_conversation_for_completion(
-        Conversation.from_messages([]), Role.ASSISTANT, RENDERING)
+        Conversation.from_messages([]), Role.ASSISTANT, RENDERING
+    )
 
 
-@pytest.mark.parametrize("unit", ["a", "A", "!", " ", "\n", "a\u0301", "!\u0301", "\u4e2d", "\U0001F600", "\u0301"],
-                         ids=["letters", "capitals", "punctuation", "spaces", "newlines", "marks", "punct-marks", "cjk",
-                              "emoji", "bare-marks"])
+@pytest.mark.parametrize(
+    "unit",
+    ["a", "A", "!", " ", "\n", "a\u0301", "!\u0301", "\u4e2d", "\U0001f600", "\u0301"],
+    ids=[
+        "letters",
+        "capitals",
+        "punctuation",
+        "spaces",
+        "newlines",
+        "marks",
+        "punct-marks",
+        "cjk",
+        "emoji",
+        "bare-marks",
+    ],
+)
 def test_a_run_is_found_just_past_the_limit_of_any_kind(unit):
     at_limit = unit * (LONGEST_RUN // len(unit))
     assert not long_runs("x1" + at_limit + "1x")
@@ -76,7 +108,11 @@ def test_a_run_is_found_just_past_the_limit_of_any_kind(unit):
     assert long_runs("ab " * 200 + past + " cd" * 200) == [(600 - other, 600 + len(past) + other)]
 
 
-@pytest.mark.parametrize("unit", ["a", "!", " ", "a\u0301", "\U0001F600", "ab1"], ids=["letters", "punctuation", "spaces", "marks", "emoji", "ordinary"])
+@pytest.mark.parametrize(
+    "unit",
+    ["a", "!", " ", "a\u0301", "\U0001f600", "ab1"],
+    ids=["letters", "punctuation", "spaces", "marks", "emoji", "ordinary"],
+)
 def test_six_hundred_thousand_characters_encode_in_seconds_and_decode_to_themselves(enc, unit):
     text = "Before. " + unit * (600_000 // len(unit)) + " after."
     start = time.monotonic()
@@ -90,21 +126,46 @@ def test_runs_are_encoded_in_pieces_and_decode_as_harmonys_tokens_do(enc):
     tokens = encode_text(enc, text)
     assert tokens != enc.encode(text, disallowed_special=()) and enc.decode_utf8(tokens) == text
     special = encode_text(enc, "<|start|>user<|message|>" + "b" * 2000 + "<|end|>", special=True)
-    assert special[:3] == enc.encode("<|start|>user<|message|>", allowed_special="all") and special[-1] == enc.encode("<|end|>", allowed_special="all")[0]
+    assert (
+        special[:3] == enc.encode("<|start|>user<|message|>", allowed_special="all")
+        and special[-1] == enc.encode("<|end|>", allowed_special="all")[0]
+    )
 
 
 def test_a_prompt_with_a_long_run_renders_its_text_exactly(enc):
-    req = parse_request({"messages": [{"role": "system", "content": "Be brief."},
-                                      {"role": "user", "content": "Count: " + "z" * 5000 + " done"}]}, 1)
+    req = parse_request(
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Count: " + "z" * 5000 + " done"},
+            ]
+        },
+        1,
+    )
     assert enc.decode_utf8(render_prompt(enc, req, "medium")) == enc.decode_utf8(harmony_render(enc, req))
 
 
-@pytest.mark.parametrize("obj, says", [
-    ({"messages": [{"role": "system", "content": "x" * 600}, {"role": "user", "content": "hi"}]},
-     "the instructions (system and developer messages)"),
-    ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {"name": "f", "description": "!" * 600}}]}, "the tools"),
-    ({"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "name": "y" * 600, "content": "r"}]}, "a tool message's name"),
-], ids=["instructions", "tools", "tool-name"])
+@pytest.mark.parametrize(
+    "obj, says",
+    [
+        (
+            {"messages": [{"role": "system", "content": "x" * 600}, {"role": "user", "content": "hi"}]},
+            "the instructions (system and developer messages)",
+        ),
+        (
+            {
+                "messages": [{"role": "user", "content": "hi"}],
+                "tools": [{"type": "function", "function": {"name": "f", "description": "!" * 600}}],
+            },
+            "the tools",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "name": "y" * 600, "content": "r"}]},
+            "a tool message's name",
+        ),
+    ],
+    ids=["instructions", "tools", "tool-name"],
+)
 def test_a_long_run_outside_message_text_is_refused_naming_where(enc, obj, says):
     with pytest.raises(PromptError, match=re.escape(f"{says}: a run of over {LONGEST_RUN} characters")):
         prepare(enc, parse_request(obj, 1), GenerationConfig(), 4096)
@@ -113,6 +174,8 @@ def test_a_long_run_outside_message_text_is_refused_naming_where(enc, obj, says)
 def test_a_prompt_that_cannot_fit_is_refused_before_it_is_tokenized(enc):
     req = parse_request({"prompt": "a" * 2_000_000}, 1)
     start = time.monotonic()
-    with pytest.raises(PromptError, match="over 524288 characters, which cannot fit the model's context of 4096 tokens"):
+    with pytest.raises(
+        PromptError, match="over 524288 characters, which cannot fit the model's context of 4096 tokens"
+    ):
         prepare(enc, req, GenerationConfig(), 4096)
     assert time.monotonic() - start < 1

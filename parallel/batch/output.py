@@ -41,7 +41,9 @@ def check_paths(input: str, output: str) -> None:
     source = Path(input)
     try:
         if not source.is_file():
-            raise ValueError(f"data.input: no such file {input}" if not source.exists() else f"data.input: {input} is not a file")
+            raise ValueError(
+                f"data.input: no such file {input}" if not source.exists() else f"data.input: {input} is not a file"
+            )
         open(source, "rb").close()
     except OSError as e:
         raise ValueError(f"data.input: cannot read {input}: {e.strerror or e}") from None
@@ -58,7 +60,9 @@ def _check_output(path: Path, source: Path) -> None:
     if not path.exists():
         tempfile.TemporaryFile(dir=next(p for p in path.parents if p.exists())).close()
     elif os.path.samefile(path, source):
-        raise ValueError(f"data.output: the job would write {path}, which is data.input ({source}): choose another data.output")
+        raise ValueError(
+            f"data.output: the job would write {path}, which is data.input ({source}): choose another data.output"
+        )
     elif not path.is_file():
         raise ValueError(f"data.output: {path} is not a file")
     else:
@@ -165,7 +169,9 @@ def _is_record(obj) -> bool:
     if not isinstance(obj, dict) or "id" not in obj:
         return False
     index = obj.get("index")
-    return (obj["id"] is None or is_id(obj["id"])) and isinstance(index, int) and not isinstance(index, bool) and index > 0
+    return (
+        (obj["id"] is None or is_id(obj["id"])) and isinstance(index, int) and not isinstance(index, bool) and index > 0
+    )
 
 
 class OutputFile:
@@ -230,7 +236,11 @@ class OutputFile:
 def cannot_write(path: str | Path, e: OSError, advice: str | None = None) -> OutputError:
     """The one line a failed write of the output or a file beside it ends the job with."""
     if advice is None:
-        advice = "free space on its file system and run again to resume" if e.errno in NO_SPACE else "fix that and run again to resume"
+        advice = (
+            "free space on its file system and run again to resume"
+            if e.errno in NO_SPACE
+            else "fix that and run again to resume"
+        )
     return OutputError(f"cannot write {path}: {e.strerror or e}; {advice}")
 
 

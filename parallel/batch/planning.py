@@ -15,8 +15,9 @@ from parallel.protocol.prompts import PromptError, prepare
 from parallel.protocol.requests import Request
 
 
-def plan_work(requests: Iterable[Request | dict], out: OutputFile, enc: HarmonyEncoding, gen: GenerationConfig,
-              context: int) -> tuple[list[Work], list[dict]]:
+def plan_work(
+    requests: Iterable[Request | dict], out: OutputFile, enc: HarmonyEncoding, gen: GenerationConfig, context: int
+) -> tuple[list[Work], list[dict]]:
     """Work in input order, tagged (id, line) for its record; a request's sampling seed is generation.seed plus
     its line number, so a resumed job samples each request as the first run would have."""
     work, errors = [], []
@@ -31,8 +32,10 @@ def plan_work(requests: Iterable[Request | dict], out: OutputFile, enc: HarmonyE
             if record_key(record) not in out.done:
                 errors.append(record)
         elif ("id", req.id) not in out.done:
-            sampling = Sampling(gen.temperature if req.temperature is None else req.temperature,
-                                gen.top_p if req.top_p is None else req.top_p,
-                                gen.seed + req.index if req.seed is None else req.seed)
+            sampling = Sampling(
+                gen.temperature if req.temperature is None else req.temperature,
+                gen.top_p if req.top_p is None else req.top_p,
+                gen.seed + req.index if req.seed is None else req.seed,
+            )
             work.append(Work(len(work), prompt.tokens, prompt.max_new_tokens, sampling, tag=(req.id, req.index)))
     return work, errors

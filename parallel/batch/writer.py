@@ -58,7 +58,11 @@ class Writer:
             self.bar.set_postfix_str(f"{self.totals.generated_tokens / (time.monotonic() - self.start):.1f} tok/s")
             if self.echo:
                 for r in records:
-                    answer = r["final"] or json.dumps(r["tool_calls"]) if r["error"] is None else f"{r['error']} {r.get('raw', '')!r:.80}"
+                    answer = (
+                        r["final"] or json.dumps(r["tool_calls"])
+                        if r["error"] is None
+                        else f"{r['error']} {r.get('raw', '')!r:.80}"
+                    )
                     line = f"[{r['id']}] {r['finish_reason']}: {answer}"
                     tqdm.write(line.encode("utf-8", "backslashreplace").decode())  # text UTF-8 cannot hold, escaped
 

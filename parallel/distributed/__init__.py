@@ -1,1 +1,2 @@
-"""Distributed setup: parallel degrees, process groups and the device mesh, the job runtime, checkpoints, loading."""
+"""A rank's place in the job: parallel degrees (layout), process groups and the device mesh (mesh), and the job's
+runtime: heartbeats, signals, leaving (runtime)."""

@@ -43,7 +43,9 @@ def plan_layout(
     world_size: int, *, tp: int, ep: int, pp: int, dp: int, heads: int, kv_heads: int, experts: int, layers: int
 ) -> Layout:
     """Resolve `dp=-1` and reject every impossible layout with a message naming the numbers that clash."""
-    problems = [f"parallel.{name}={value} must be >= 1" for name, value in (("tp", tp), ("ep", ep), ("pp", pp)) if value < 1]
+    problems = [
+        f"parallel.{name}={value} must be >= 1" for name, value in (("tp", tp), ("ep", ep), ("pp", pp)) if value < 1
+    ]
     if dp < 1 and dp != -1:
         problems.append(f"parallel.dp={dp} must be >= 1, or -1 to fill the world")
     if problems:
@@ -55,7 +57,9 @@ def plan_layout(
             "across the same ranks that shard the attention"
         )
     if pp > 1 and ep > 1:
-        problems.append("parallel.pp > 1 with parallel.ep > 1: transformers' expert dispatch does not support pipelines")
+        problems.append(
+            "parallel.pp > 1 with parallel.ep > 1: transformers' expert dispatch does not support pipelines"
+        )
     mp = max(tp, ep)
     replica = pp * mp
     if dp == -1:

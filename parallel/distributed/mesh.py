@@ -31,7 +31,7 @@ class Placement:
 
     @property
     def leader(self) -> int:
-        """The replica's rank 0: it takes work from the coordinator and hands it to the other ranks."""
+        """The replica's rank 0: it takes work from rank 0's dispatcher and hands it to the other ranks."""
         return self.replica_ranks[0]
 
     @property

@@ -66,7 +66,9 @@ class Watchdog(threading.Thread):
                     if count != last[r][0]:
                         last[r] = (count, now)
                     elif now - last[r][1] > self.timeout_s and not self.stopped.is_set():
-                        fatal(f"rank {r} sent no heartbeat for {self.timeout_s:.0f} s: it died or hangs; ending the job")
+                        fatal(
+                            f"rank {r} sent no heartbeat for {self.timeout_s:.0f} s: it died or hangs; ending the job"
+                        )
         except Exception as e:  # the store lives with rank 0 / its torchrun agent: without it the job is over
             if not self.stopped.is_set():
                 fatal(f"lost the job's store ({e}): rank 0 or its torchrun agent is gone; ending the job")

@@ -1,1 +1,2 @@
-"""Generation backends: the fast engine (cache, graphs, its lean forward, Triton kernels) and the plain model.generate path."""
+"""Generation backends: the fast engine (cache, graphs, its lean forward, Triton kernels) and the plain
+model.generate path."""

@@ -33,7 +33,9 @@ class Attention:
 def choose_attention(choice: str, device: torch.device) -> Attention:
     """`auto`: the Triton kernels on GPU where triton is installed, else torch; `triton` also under Triton's CPU
     interpreter (TRITON_INTERPRET=1), which is how CI runs them."""
-    runs = importlib.util.find_spec("triton") is not None and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+    runs = importlib.util.find_spec("triton") is not None and (
+        device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    )
     if choice == "triton" and not runs:
         raise ValueError("engine.attention=triton needs triton and a GPU (or TRITON_INTERPRET=1 on CPU)")
     if choice == "auto" and device.type == "cuda" and not runs:
@@ -74,6 +76,8 @@ def varlen_torch(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, sink
     return out
 
 
-def slot_mapping(block_tables: torch.Tensor, seq_ids: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
+def slot_mapping(
+    block_tables: torch.Tensor, seq_ids: torch.Tensor, positions: torch.Tensor, block_size: int
+) -> torch.Tensor:
     """Flat cache rows (int64) of the tokens at `positions` of sequences `seq_ids` (block-table rows)."""
     return block_tables[seq_ids, positions // block_size].long() * block_size + positions % block_size

@@ -10,13 +10,15 @@ from parallel.engine.plain import Plain
 from parallel.log import log, warn
 
 
-def choose_backend(model, cfg: EngineConfig, pp: int, batch_size: int, stop: dict[int, str], pad_id: int,
-                   group=None) -> Backend:
+def choose_backend(
+    model, cfg: EngineConfig, pp: int, batch_size: int, stop: dict[int, str], pad_id: int, group=None
+) -> Backend:
     """plan_model already refused engine.mode=always where the engine cannot run (pipeline stages)."""
     plain = Plain(model, batch_size, stop, pad_id)
     if cfg.mode == "never" or pp > 1 or (cfg.mode == "auto" and model.device.type != "cuda"):
         why = {"never": "engine.mode=never"}.get(cfg.mode) or (
-            "the engine does not run pipeline stages" if pp > 1 else "engine.mode=auto uses it on GPU only")
+            "the engine does not run pipeline stages" if pp > 1 else "engine.mode=auto uses it on GPU only"
+        )
         log(f"generation: {plain.describe()} ({why})")
         return plain
     try:

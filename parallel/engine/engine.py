@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from parallel.config import EngineConfig
+from parallel.config import EngineConfig, KvCacheDtype
 from parallel.engine.attention import choose_attention
 from parallel.engine.blocks import BlockPool
 from parallel.engine.interface import Event, Work, finish_reason
@@ -48,12 +48,23 @@ class Engine:
     def __init__(self, model, cfg: EngineConfig, stop: dict[int, str], group=None):
         self.cfg, self.stop, self.group = cfg, stop, group
         self.context = model.config.max_position_embeddings
-        per_block = Runner.cache_bytes_per_block(model, cfg.block_size, group)
+        cache_dtype = torch.float8_e4m3fn if cfg.kv_cache_dtype == KvCacheDtype.fp8 else model.dtype
+        per_block = Runner.cache_bytes_per_block(model, cfg.block_size, cache_dtype)
         num_blocks = self._agree(_cache_bytes(cfg, model.device) // per_block, model.device)
         self.pool = BlockPool(num_blocks, cfg.block_size, cfg.prefix_caching)
         self.scheduler = Scheduler(self.pool, cfg.slots, cfg.max_batched_tokens)
-        self.runner = Runner(model, group, choose_attention(cfg.attention, model.device), num_blocks, cfg.block_size,
-                             cfg.slots, cfg.max_batched_tokens, cfg.cuda_graphs, cfg.compile)
+        self.runner = Runner(
+            model,
+            group,
+            choose_attention(cfg.attention, model.device),
+            num_blocks,
+            cfg.block_size,
+            cfg.slots,
+            cfg.max_batched_tokens,
+            cfg.cuda_graphs,
+            cfg.compile,
+            cache_dtype,
+        )
         self.sequences: dict[int, Sequence] = {}
         self.pending: list[Event] = []  # events decided outside a step (refusals, aborts)
         self.inflight: tuple[str, list[Sequence], Callable[[], list[int]]] | None = None  # launched, not yet read
@@ -72,11 +83,14 @@ class Engine:
         r, cfg = self.runner, self.cfg
         tokens = self.pool.capacity * cfg.block_size
         shards = [f"{r.heads} heads a rank" if r.tp else "", "experts split" if r.ep else ""]
-        return (f"up to {cfg.slots} requests at a time, {cfg.max_batched_tokens} tokens a step, paged KV cache of "
-                f"{tokens} tokens ({cfg.block_size}-token blocks, prefix caching {'on' if cfg.prefix_caching else 'off'}), "
-                f"attention via {r.attention.name}, experts via {self._experts_path()}, "
-                f"CUDA graphs {'on' if r.cuda_graphs else 'off'}, torch.compile {'on' if r.compiled else 'off'}"
-                + "".join(f", {x}" for x in shards if x))
+        return (
+            f"up to {cfg.slots} requests at a time, {cfg.max_batched_tokens} tokens a step, paged KV cache of "
+            f"{tokens} tokens ({str(r.k_cache.dtype).removeprefix('torch.')}, {cfg.block_size}-token blocks, "
+            f"prefix caching {'on' if cfg.prefix_caching else 'off'}), "
+            f"attention via {r.attention.name}, experts via {self._experts_path()}, "
+            f"CUDA graphs {'on' if r.cuda_graphs else 'off'}, torch.compile {'on' if r.compiled else 'off'}"
+            + "".join(f", {x}" for x in shards if x)
+        )
 
     def _experts_path(self) -> str:
         if self.runner.packed:
@@ -92,13 +106,25 @@ class Engine:
                 self.pending.append(Event(w.rid, [], f"error: prompt token ids must be in [0, {self.runner.vocab})"))
                 continue
             if seq.max_new_tokens < 1:
-                self.pending.append(Event(w.rid, [], f"error: {len(w.prompt)} prompt tokens leave no room in the "
-                                                     f"model's context of {self.context} tokens"))
+                self.pending.append(
+                    Event(
+                        w.rid,
+                        [],
+                        f"error: {len(w.prompt)} prompt tokens leave no room in the "
+                        f"model's context of {self.context} tokens",
+                    )
+                )
                 continue
             if not self.scheduler.fits(seq):
                 tokens = self.pool.capacity * self.pool.block_size
-                self.pending.append(Event(w.rid, [], f"error: {len(w.prompt)} prompt tokens + {w.max_new_tokens} new "
-                                                     f"tokens do not fit the KV cache of {tokens} tokens (engine.cache_gib)"))
+                self.pending.append(
+                    Event(
+                        w.rid,
+                        [],
+                        f"error: {len(w.prompt)} prompt tokens + {w.max_new_tokens} new "
+                        f"tokens do not fit the KV cache of {tokens} tokens (engine.cache_gib)",
+                    )
+                )
                 continue
             self.sequences[w.rid] = seq
             self.scheduler.add(seq)
@@ -156,11 +182,14 @@ class Engine:
         """What the steps did: how many of each kind, their tokens and the host's time (how much of it waiting for
         the GPU: the rest is scheduling and bookkeeping, which the GPU may wait for); preemptions; prefix-cache
         hits."""
-        parts = [f"{kind} steps {n} ({tokens} tokens, {seconds:.1f} s, {seconds / max(n, 1) * 1e3:.1f} ms a step, "
-                 f"{waited / max(n, 1) * 1e3:.1f} ms of it waiting for the GPU)"
-                 for kind, (n, tokens, seconds, waited) in self.totals.items()]
+        parts = [
+            f"{kind} steps {n} ({tokens} tokens, {seconds:.1f} s, {seconds / max(n, 1) * 1e3:.1f} ms a step, "
+            f"{waited / max(n, 1) * 1e3:.1f} ms of it waiting for the GPU)"
+            for kind, (n, tokens, seconds, waited) in self.totals.items()
+        ]
         hits = self.pool.hits / max(self.pool.queries, 1)
-        return f"engine: {', '.join(parts)}; {self.scheduler.preemptions} preemptions; prefix cache {hits:.0%} of prompt tokens"
+        preemptions = self.scheduler.preemptions
+        return f"engine: {', '.join(parts)}; {preemptions} preemptions; prefix cache {hits:.0%} of prompt tokens"
 
     # -- tokens ---------------------------------------------------------------------------------------------
 
@@ -194,8 +223,13 @@ class Engine:
             if seq.first_token is None:
                 seq.first_token = now
             if token == NO_TOKEN:
-                made, reason = [], (f"error: the model's logits were NaN (not a number) at new token {at + 1 - seq.prompt_len}: "
-                                    "the checkpoint or a kernel is broken, and no token can be chosen")
+                made, reason = (
+                    [],
+                    (
+                        f"error: the model's logits were NaN (not a number) at new token {at + 1 - seq.prompt_len}: "
+                        "the checkpoint or a kernel is broken, and no token can be chosen"
+                    ),
+                )
             else:
                 seq.tokens[at] = token
                 seq.unknown -= 1

@@ -33,7 +33,9 @@ def vocab_shard_start(vocab: int, rows: int, group) -> int:
     chunk = -(-vocab // ranks)
     start = dist.get_rank(group) * chunk
     if rows != min(chunk, vocab - start):
-        raise NotImplementedError(f"embedding rows {rows} on this rank are not a Shard(0) split of {vocab} over {ranks} ranks")
+        raise NotImplementedError(
+            f"embedding rows {rows} on this rank are not a Shard(0) split of {vocab} over {ranks} ranks"
+        )
     return start
 
 
@@ -53,7 +55,9 @@ def qkv(x, cos, sin, head_dim: int, eps: float, norm, weight, bias, sizes: tuple
     """Queries, keys and values from one GEMM over q_proj, k_proj and v_proj stacked (`sizes` rows each)."""
     batch, width, _ = x.shape
     h = rms_norm(x, norm, eps)
-    q, k, v = (t.reshape(batch, width, -1, head_dim).transpose(1, 2) for t in F.linear(h, weight, bias).split(sizes, -1))
+    q, k, v = (
+        t.reshape(batch, width, -1, head_dim).transpose(1, 2) for t in F.linear(h, weight, bias).split(sizes, -1)
+    )
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
     return q, k, v
 
@@ -72,8 +76,8 @@ def stack_projections_(projections) -> tuple[torch.Tensor, torch.Tensor, tuple[i
     weight, bias = torch.cat(weights), torch.cat(biases)
     start = 0
     for p, rows in zip(projections, sizes):
-        _point_at(p.weight, weight[start:start + rows])
-        _point_at(p.bias, bias[start:start + rows])
+        _point_at(p.weight, weight[start : start + rows])
+        _point_at(p.bias, bias[start : start + rows])
         start += rows
     return weight, bias, sizes
 
@@ -82,7 +86,11 @@ def _back_to_back(parts: list[torch.Tensor]) -> torch.Tensor | None:
     """The parts as one tensor where they already lie one after another in one storage, else None."""
     storage, offset = parts[0].untyped_storage(), parts[0].storage_offset()
     for t in parts:
-        if not t.is_contiguous() or t.untyped_storage().data_ptr() != storage.data_ptr() or t.storage_offset() != offset:
+        if (
+            not t.is_contiguous()
+            or t.untyped_storage().data_ptr() != storage.data_ptr()
+            or t.storage_offset() != offset
+        ):
             return None
         offset += t.numel()
     rows = sum(t.shape[0] for t in parts)
@@ -100,11 +108,29 @@ def residual_norm(x, attended, eps: float, bo, norm):
     return x, rms_norm(x, norm, eps).reshape(-1, x.shape[-1])
 
 
-def experts_block(x, attended, eps: float, bo, norm, router_w, router_b, gate_up, gate_up_bias, down, down_bias,
-                  first_expert: int, top_k: int, limit: float, alpha: float, grouped: bool):
+def experts_block(
+    x,
+    attended,
+    eps: float,
+    bo,
+    norm,
+    router_w,
+    router_b,
+    gate_up,
+    gate_up_bias,
+    down,
+    down_bias,
+    first_expert: int,
+    top_k: int,
+    limit: float,
+    alpha: float,
+    grouped: bool,
+):
     """The residual after attention, and the experts' output for it (under ep, this rank's experts' part)."""
     x, h = residual_norm(x, attended, eps, bo, norm)
-    return x, experts(h, router_w, router_b, gate_up, gate_up_bias, down, down_bias, first_expert, top_k, limit, alpha, grouped).view_as(x)
+    return x, experts(
+        h, router_w, router_b, gate_up, gate_up_bias, down, down_bias, first_expert, top_k, limit, alpha, grouped
+    ).view_as(x)
 
 
 def packed_experts_block(residual_norm, combine, x, attended, eps: float, bo, norm, router_w, router_b, packed):
@@ -115,8 +141,20 @@ def packed_experts_block(residual_norm, combine, x, attended, eps: float, bo, no
     return x, packed(h, router_w, router_b, combine).view_as(x)
 
 
-def experts(x, router_w, router_b, gate_up, gate_up_bias, down, down_bias, first_expert: int, top_k: int,
-             limit: float, alpha: float, grouped: bool):
+def experts(
+    x,
+    router_w,
+    router_b,
+    gate_up,
+    gate_up_bias,
+    down,
+    down_bias,
+    first_expert: int,
+    top_k: int,
+    limit: float,
+    alpha: float,
+    grouped: bool,
+):
     """Each token through its top-k experts (softmax over the chosen k, as GptOssTopKRouter): rows sorted by
     expert, one grouped GEMM per projection, then each token's rows weighted and summed. This rank holds the
     experts [first_expert, first_expert + len(gate_up)); rows routed elsewhere sort last and count zero."""
@@ -131,7 +169,9 @@ def experts(x, router_w, router_b, gate_up, gate_up_bias, down, down_bias, first
     expert = flat[order].clamp(max=local - 1)
     rows = x[token]
     if grouped:
-        counts = torch.zeros(local + 1, dtype=torch.int32, device=x.device).scatter_add_(0, flat.int(), torch.ones_like(flat, dtype=torch.int32))
+        counts = torch.zeros(local + 1, dtype=torch.int32, device=x.device).scatter_add_(
+            0, flat.int(), torch.ones_like(flat, dtype=torch.int32)
+        )
         offsets = torch.cumsum(counts[:local], 0, dtype=torch.int32)
         hidden = swiglu(GROUPED_MM(rows, gate_up, offs=offsets) + gate_up_bias[expert], limit, alpha)
         out = GROUPED_MM(hidden, down, offs=offsets) + down_bias[expert]
@@ -158,9 +198,18 @@ def layer_weights(layer, config, first_expert: int, grouped: bool, packed: bool)
     attn, mlp, experts = layer.self_attn, layer.mlp, layer.mlp.experts
     projections = (local(layer.input_layernorm.weight), *stack_projections_((attn.q_proj, attn.k_proj, attn.v_proj)))
     attention = (local(attn.sinks), attn.scaling, local(attn.o_proj.weight))
-    norm_router = tuple(map(local, (attn.o_proj.bias, layer.post_attention_layernorm.weight, mlp.router.weight, mlp.router.bias)))
+    norm_router = tuple(
+        map(local, (attn.o_proj.bias, layer.post_attention_layernorm.weight, mlp.router.weight, mlp.router.bias))
+    )
     if packed:
         return projections, attention, (*norm_router, experts)
-    moe = (*norm_router, *map(local, (experts.gate_up_proj, experts.gate_up_proj_bias, experts.down_proj, experts.down_proj_bias)),
-           first_expert, config.num_experts_per_tok, config.swiglu_limit, config.swiglu_alpha, grouped)
+    moe = (
+        *norm_router,
+        *map(local, (experts.gate_up_proj, experts.gate_up_proj_bias, experts.down_proj, experts.down_proj_bias)),
+        first_expert,
+        config.num_experts_per_tok,
+        config.swiglu_limit,
+        config.swiglu_alpha,
+        grouped,
+    )
     return projections, attention, moe

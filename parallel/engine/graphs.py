@@ -51,13 +51,20 @@ class StepInputs:
         for i, s in enumerate(sequences):
             tables[i, : len(s.blocks)] = s.blocks
         slots = tables[seq, positions // block_size].astype(np.int64) * block_size + positions % block_size
-        ids = np.fromiter(itertools.chain.from_iterable(s.tokens[a : a + n] for s, a, n in zip(sequences, starts, counts)),
-                          dtype=np.int64, count=int(cu[-1]))
+        ids = np.fromiter(
+            itertools.chain.from_iterable(s.tokens[a : a + n] for s, a, n in zip(sequences, starts, counts)),
+            dtype=np.int64,
+            count=int(cu[-1]),
+        )
         seq_lens = (starts + counts).astype(np.int32)
-        due = np.nonzero(seq_lens == np.fromiter((len(s.tokens) for s in sequences), dtype=np.int32, count=len(sequences)))[0]
+        due = np.nonzero(
+            seq_lens == np.fromiter((len(s.tokens) for s in sequences), dtype=np.int32, count=len(sequences))
+        )[0]
         # A PENDING token is its sequence's last, so only a due sequence's last row can hold one.
         prev = np.full(len(ids), -1, dtype=np.int64)
-        waiting_for = np.fromiter((s.out_row if s.unknown else -1 for s in sequences), dtype=np.int64, count=len(sequences))[due]
+        waiting_for = np.fromiter(
+            (s.out_row if s.unknown else -1 for s in sequences), dtype=np.int64, count=len(sequences)
+        )[due]
         prev[cu[due + 1] - 1] = waiting_for
         return cls(ids, positions, slots, prev, cu.astype(np.int32), seq_lens, tables, cu[due + 1] - 1, decode)
 
@@ -65,8 +72,17 @@ class StepInputs:
     def padding(cls, decode: bool) -> StepInputs:
         """A step of no sequences: loaded at a graph's size, it is padding alone."""
         none = np.zeros(0, dtype=np.int64)
-        return cls(none, none, none, none, np.zeros(1, dtype=np.int32), np.zeros(0, dtype=np.int32),
-                   np.zeros((0, 0), dtype=np.int32), none, decode)
+        return cls(
+            none,
+            none,
+            none,
+            none,
+            np.zeros(1, dtype=np.int32),
+            np.zeros(0, dtype=np.int32),
+            np.zeros((0, 0), dtype=np.int32),
+            none,
+            decode,
+        )
 
 
 def pinned(a: np.ndarray) -> torch.Tensor:
@@ -85,8 +101,16 @@ class StepGraphs:
     two attentions of parallel/engine/attention.py. `rows`: the most sequences a step holds (slots), `tokens`: the
     most tokens (max_batched_tokens), `max_blocks`: the longest block table."""
 
-    def __init__(self, forward: Callable, decode: Callable, varlen: Callable, rows: int, tokens: int, max_blocks: int,
-                 device: torch.device):
+    def __init__(
+        self,
+        forward: Callable,
+        decode: Callable,
+        varlen: Callable,
+        rows: int,
+        tokens: int,
+        max_blocks: int,
+        device: torch.device,
+    ):
         self.forward, self.decode, self.varlen = forward, decode, varlen
         self.rows = power_of_two(rows) + 1  # a decode graph's rows; a mixed step's sequences and its padding one
         self.max_tokens = power_of_two(tokens, MIN_TOKENS)
@@ -112,7 +136,11 @@ class StepGraphs:
 
     def run(self, step: StepInputs) -> torch.Tensor:
         """The logits of the step's due tokens, through its graph."""
-        key = ("decode", power_of_two(len(step.ids))) if step.decode else ("mixed", power_of_two(len(step.ids), MIN_TOKENS))
+        key = (
+            ("decode", power_of_two(len(step.ids)))
+            if step.decode
+            else ("mixed", power_of_two(len(step.ids), MIN_TOKENS))
+        )
         graph, logits = self.graphs[key]
         self._load(step, key[1])
         graph.replay()
@@ -154,7 +182,9 @@ class StepGraphs:
         def attend(q, k_cache, v_cache, sinks, scaling, window):
             return self.varlen(q, k_cache, v_cache, cu, lens, self.tables, sinks, scaling, window)
 
-        return self.forward(ids, prev, positions, slots, attend, self.take[: min(size, self.rows)])  # a row a sequence at most
+        return self.forward(
+            ids, prev, positions, slots, attend, self.take[: min(size, self.rows)]
+        )  # a row a sequence at most
 
     def _capture(self, kind: str, size: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """Warm-ups (compilation, autotuning) then the capture, on padding alone, laid out as a live step pads: every

@@ -85,7 +85,6 @@ def finish_reason(token: int, made: int, limit: int, stop: dict[int, str]) -> st
     return "length" if made >= limit else None
 
 
-
 def complete(backend: Backend, work: list[Work]) -> dict[int, tuple[list[int], Event]]:
     """Run `work` on a backend of one rank until every request has ended: each request's tokens and last event."""
     tokens: dict[int, list[int]] = {w.rid: [] for w in work}

@@ -48,7 +48,7 @@ EXPERTS_A_STEP = 8
 # past the tensor. Whatever lies there scales codes masked to zero, harmless unless it is 0xFF (E8M0's NaN, which
 # the kernel widens to inf): zero times inf is NaN, in the down projection NaN for every token routed to that expert
 # (3 of the 24 layers of a random gpt-oss-20b in one probe), in gate_up a wrong finite value once the SwiGLU's clamp
-# drops the NaN (docs/performance.md, session 8).
+# drops the NaN (tests/gpu/mxfp4_check.py's scale-tail check shows both on a GPU).
 TAIL_BYTES = 4096
 
 
@@ -94,8 +94,9 @@ class Mxfp4Experts(nn.Module):
     named as the checkpoint's tensors, so from_pretrained loads them as they are. `prepare` picks the path once
     loaded; calling it then gives the (T, H) output for T flattened tokens."""
 
-    def __init__(self, experts: int, hidden: int, inner: int, *, top_k: int, limit: float, alpha: float,
-                 first_expert: int = 0):
+    def __init__(
+        self, experts: int, hidden: int, inner: int, *, top_k: int, limit: float, alpha: float, first_expert: int = 0
+    ):
         super().__init__()
         shapes = {"gate_up_proj": (experts, 2 * inner, hidden // 32), "down_proj": (experts, hidden, inner // 32)}
         for name, (e, out, groups) in shapes.items():
@@ -106,8 +107,9 @@ class Mxfp4Experts(nn.Module):
         self.kernel: _Kernel | None = None
 
     @classmethod
-    def random_packed(cls, experts: int, hidden: int, inner: int, *, device, dtype: torch.dtype,
-                      first_expert: int = 0, **math) -> Mxfp4Experts:
+    def random_packed(
+        cls, experts: int, hidden: int, inner: int, *, device, dtype: torch.dtype, first_expert: int = 0, **math
+    ) -> Mxfp4Experts:
         """`experts` random experts (this rank's share, from first_expert on) built on `device`, ready to run on
         activations of `dtype`. `math`: top_k, limit, alpha."""
         with torch.device(device):
@@ -149,8 +151,10 @@ class Mxfp4Experts(nn.Module):
         if uses_triton_kernels(self.gate_up_proj_blocks.device.type, dtype):
             self.kernel = _Kernel(self)
 
-    def forward(self, h: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tensor, combine=None) -> torch.Tensor:
-        """`combine`: combine_routes (the default), or the engine's compiled copy of it (one kernel instead of three)."""
+    def forward(
+        self, h: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tensor, combine=None
+    ) -> torch.Tensor:
+        """`combine`: combine_routes (the default), or the engine's compiled copy of it (one kernel, not three)."""
         if self.kernel:
             return self.kernel(h, F.linear(h, router_weight, router_bias), combine or combine_routes)
         return self.reference(h, router_weight, router_bias)
@@ -202,20 +206,29 @@ class _Kernel:
         self.gate_up_bias, self.down_bias = experts.gate_up_proj_bias, experts.down_proj_bias
         # triton_kernels' swiglu is gpt-oss's: gate = even columns clamped above at limit, up = odd columns
         # clamped to +-limit, gate * sigmoid(alpha * gate) * (up + 1); fused on the gate_up GEMM's output.
-        self.activation = FusedActivation(FnSpecs("swiglu", swiglu_fn, ("alpha", "limit"), reduction_n=2),
-                                          (experts.alpha, experts.limit))
+        self.activation = FusedActivation(
+            FnSpecs("swiglu", swiglu_fn, ("alpha", "limit"), reduction_n=2), (experts.alpha, experts.limit)
+        )
 
     def __call__(self, h: torch.Tensor, logits: torch.Tensor, combine) -> torch.Tensor:
         from triton_kernels.matmul_ogs import matmul_ogs
 
         routing, gather, dispatch = self._route(logits)
-        hidden = matmul_ogs(h, self.gate_up, self.gate_up_bias, routing, gather_indx=gather,
-                            precision_config=self.gate_up_precision, fused_activation=self.activation)
+        hidden = matmul_ogs(
+            h,
+            self.gate_up,
+            self.gate_up_bias,
+            routing,
+            gather_indx=gather,
+            precision_config=self.gate_up_precision,
+            fused_activation=self.activation,
+        )
         # The down projection's rows stay in expert order and `combine` sums each token's, rather than matmul_ogs'
         # own scatter and its reduce kernel (19 us at one token on an H100): the engine alone went from 265 to 299
-        # tok/s at batch 1 (20b shape, one H100, docs/performance.md, session 7).
-        rows = matmul_ogs(hidden, self.down, self.down_bias, routing, precision_config=self.down_precision,
-                          gammas=routing.gate_scal)
+        # tok/s at batch 1 (20b shape, one H100 80GB HBM3, random weights).
+        rows = matmul_ogs(
+            hidden, self.down, self.down_bias, routing, precision_config=self.down_precision, gammas=routing.gate_scal
+        )
         return combine(rows, dispatch, self.top_k)
 
     def _route(self, logits: torch.Tensor):
@@ -277,11 +290,12 @@ def _kernel_weight(experts: Mxfp4Experts, name: str):
     # mx_axis=1: the scales run along the inputs (dim 1 of the (E, in, out) weight). The scales' Hopper layout
     # fixes the matmul's warps and its tile width (4 warps: 128 columns, 8: 256). Narrower tiles give a decode
     # step's few experts twice the blocks: one MoE layer on an H200 took 3-18% less time at 1 to 512 tokens, for
-    # both model shapes, with bitwise the same output (docs/performance.md, session 7).
+    # both model shapes, with bitwise the same output.
     value_layout, value_options = layout.make_default_matmul_mxfp4_w_layout(mx_axis=1)
     scale_layout, scale_options = layout.make_default_matmul_mxfp4_w_scale_layout(mx_axis=1, num_warps=4)
-    values = _convert_layout(wrap_torch_tensor(blocks.view(e, out, groups * 16).transpose(-2, -1), dtype=FP4),
-                             value_layout, **value_options)
+    values = _convert_layout(
+        wrap_torch_tensor(blocks.view(e, out, groups * 16).transpose(-2, -1), dtype=FP4), value_layout, **value_options
+    )
     scales = _convert_layout(wrap_torch_tensor(scales.transpose(-2, -1)), scale_layout, **scale_options)
     # Hand the packed tensors' memory back before the next projection's converted one (a little larger) is
     # allocated: otherwise it splits their freed block and strands the rest, some 0.5 GiB a 120b layer, and a
@@ -300,10 +314,12 @@ def _convert_layout(tensor, layout_class, **options):
     new_layout = layout_class(data.shape, **options)
     swizzled = None
     for first in range(0, data.shape[0], EXPERTS_A_STEP):
-        part = new_layout.swizzle_data(data[first:first + EXPERTS_A_STEP])
+        part = new_layout.swizzle_data(data[first : first + EXPERTS_A_STEP])
         if swizzled is None:  # dense, but maybe transposed: keep the layout's memory order, and a zero tail
             shape = (data.shape[0], *part.shape[1:])
-            memory = torch.zeros(math.prod(shape) + TAIL_BYTES // part.element_size(), dtype=part.dtype, device=part.device)
+            memory = torch.zeros(
+                math.prod(shape) + TAIL_BYTES // part.element_size(), dtype=part.dtype, device=part.device
+            )
             swizzled = memory.as_strided(shape, part.stride())
-        swizzled[first:first + EXPERTS_A_STEP] = part
+        swizzled[first : first + EXPERTS_A_STEP] = part
     return Tensor(Storage(swizzled, new_layout), dtype=tensor.dtype, shape=tensor.shape, shape_max=tensor.shape_max)

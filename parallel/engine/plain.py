@@ -92,12 +92,21 @@ class _Batch(BaseStreamer, StoppingCriteria):
             pad_token_id=self.plain.pad_id,
             do_sample=sampling.temperature > 0,
             # float(): JSON's 2 arrives as an int, which transformers refuses as a temperature.
-            **({"temperature": float(sampling.temperature), "top_p": float(sampling.top_p)} if sampling.temperature > 0 else {}),
+            **(
+                {"temperature": float(sampling.temperature), "top_p": float(sampling.top_p)}
+                if sampling.temperature > 0
+                else {}
+            ),
         )
         torch.manual_seed(sampling.seed)
         with torch.no_grad():
-            self.plain.model.generate(input_ids=ids, attention_mask=mask, generation_config=config, streamer=self,
-                                      stopping_criteria=StoppingCriteriaList([self]))
+            self.plain.model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                generation_config=config,
+                streamer=self,
+                stopping_criteria=StoppingCriteriaList([self]),
+            )
 
     def put(self, value: torch.Tensor) -> None:
         """generate() hands the streamer the prompt first, then each step's new tokens."""
@@ -114,7 +123,9 @@ class _Batch(BaseStreamer, StoppingCriteria):
             w = self.work[row]
             reason = finish_reason(token, self.made[row], w.max_new_tokens, self.stop)
             self.done[row] = reason is not None
-            events.append(Event(w.rid, [token], reason, self.queued[row], self.first) if reason else Event(w.rid, [token]))
+            events.append(
+                Event(w.rid, [token], reason, self.queued[row], self.first) if reason else Event(w.rid, [token])
+            )
         self.publish(events)
 
     def end(self) -> None:

@@ -38,8 +38,19 @@ from parallel.log import log
 
 
 class Runner:
-    def __init__(self, model, group, attention: Attention, num_blocks: int, block_size: int, slots: int,
-                 max_batched_tokens: int, cuda_graphs: bool, compile: bool):
+    def __init__(
+        self,
+        model,
+        group,
+        attention: Attention,
+        num_blocks: int,
+        block_size: int,
+        slots: int,
+        max_batched_tokens: int,
+        cuda_graphs: bool,
+        compile: bool,
+        cache_dtype: torch.dtype,
+    ):
         config = model.config
         self.model, self.group, self.attention = model, group, attention
         self.device, self.dtype = model.device, model.dtype
@@ -55,8 +66,9 @@ class Runner:
         experts = self.layers[0].mlp.experts
         self.packed = isinstance(experts, Mxfp4Experts)
         if not self.packed and not isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor):
-            raise NotImplementedError("the engine runs float experts and its own MXFP4 ones, not transformers' native "
-                                      "MXFP4 modules")
+            raise NotImplementedError(
+                "the engine runs float experts and its own MXFP4 ones, not transformers' native MXFP4 modules"
+            )
         local_experts = local(experts.gate_up_proj_bias).shape[0]
         self.ep = local_experts < config.num_local_experts
         # transformers shards the experts in order along the expert dimension of the replica's ranks.
@@ -67,12 +79,16 @@ class Runner:
         self.grouped = GROUPED_MM is not None and (self.device.type == "cpu" or self.dtype == torch.bfloat16)
         self.weights = [layer_weights(layer, config, first_expert, self.grouped, self.packed) for layer in self.layers]
         shape = (len(self.layers), num_blocks, block_size, self.kv_heads, self.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.k_cache = torch.zeros(shape, dtype=cache_dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=cache_dtype, device=self.device)
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda" and (self.grouped or self.packed)
         self.compiled = self.cuda_graphs and compile
         wrap = (lambda f: torch.compile(f, dynamic=True)) if self.compiled else (lambda f: f)
-        moe = partial(packed_experts_block, wrap(residual_norm), wrap(combine_routes)) if self.packed else wrap(experts_block)
+        moe = (
+            partial(packed_experts_block, wrap(residual_norm), wrap(combine_routes))
+            if self.packed
+            else wrap(experts_block)
+        )
         self.pieces = (wrap(qkv), moe)
         max_blocks = -(-config.max_position_embeddings // block_size)
         # The last step's tokens, where the next step's forward reads those the host has not seen yet.
@@ -80,16 +96,17 @@ class Runner:
         self.graphs = None
         if self.cuda_graphs:
             start = time.perf_counter()
-            self.graphs = StepGraphs(self.forward, attention.decode, attention.varlen, slots, max_batched_tokens,
-                                     max_blocks, self.device)
+            self.graphs = StepGraphs(
+                self.forward, attention.decode, attention.varlen, slots, max_batched_tokens, max_blocks, self.device
+            )
             self.graphs.capture_all()
             log(f"engine: {len(self.graphs.graphs)} CUDA graphs captured in {time.perf_counter() - start:.1f} s")
 
     @staticmethod
-    def cache_bytes_per_block(model, block_size: int, group) -> int:
+    def cache_bytes_per_block(model, block_size: int, cache_dtype: torch.dtype) -> int:
         config = model.config
         kv_heads = local(model.model.layers[0].self_attn.k_proj.weight).shape[0] // config.head_dim
-        return 2 * config.num_hidden_layers * block_size * kv_heads * config.head_dim * model.dtype.itemsize
+        return 2 * config.num_hidden_layers * block_size * kv_heads * config.head_dim * cache_dtype.itemsize
 
     # -- the forward ----------------------------------------------------------------------------------------
 
@@ -106,8 +123,8 @@ class Runner:
         cos, sin = inner.rotary_emb(x, positions[:, None])
         for i, (w_qkv, (sinks, scaling, wo), w_moe) in enumerate(self.weights):
             q, k, v = project(x, cos, sin, self.head_dim, self.eps, *w_qkv)
-            self.k_cache[i].view(-1, self.kv_heads, self.head_dim).index_copy_(0, slot_mapping, k[:, :, 0])
-            self.v_cache[i].view(-1, self.kv_heads, self.head_dim).index_copy_(0, slot_mapping, v[:, :, 0])
+            write_cache(self.k_cache[i], slot_mapping, k[:, :, 0])
+            write_cache(self.v_cache[i], slot_mapping, v[:, :, 0])
             out = attend(q[:, :, 0], self.k_cache[i], self.v_cache[i], sinks, scaling, self.windows[i])
             out = F.linear(out.reshape(len(ids), 1, -1), wo)
             if self.tp:
@@ -136,7 +153,9 @@ class Runner:
         if self.graphs is not None:
             return self.graphs.run(step)
         ids, prev, positions, slots, take, cu, lens, tables = (
-            self.to_device(a) for a in (step.ids, step.prev, step.positions, step.slots, step.take, step.cu, step.seq_lens, step.tables))
+            self.to_device(a)
+            for a in (step.ids, step.prev, step.positions, step.slots, step.take, step.cu, step.seq_lens, step.tables)
+        )
 
         def attend(q, k_cache, v_cache, sinks, scaling, window):
             if decode_only:
@@ -166,3 +185,15 @@ class Runner:
             return host.tolist()
 
         return wait
+
+
+def write_cache(cache: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> None:
+    """`rows` (T, kv heads, head dim) into the cache rows `slots` of one layer's (blocks, block size, kv heads, head
+    dim) cache, in the cache's type. fp8 is written as its bytes: torch's CPU index_copy_ takes no float8, and the
+    bytes are the same copy on a GPU. Values past fp8's range are clamped to it, not made NaN."""
+    flat = cache.view(-1, *rows.shape[1:])
+    if cache.dtype == rows.dtype:
+        flat.index_copy_(0, slots, rows)
+        return
+    limit = torch.finfo(cache.dtype).max
+    flat.view(torch.uint8).index_copy_(0, slots, rows.clamp(-limit, limit).to(cache.dtype).view(torch.uint8))

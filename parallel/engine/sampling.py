@@ -6,35 +6,12 @@ from __future__ import annotations
 
 import torch
 
+from parallel.engine.noise import uniform
+
 # Rows torch draws at once. The noise's int64 (rows, vocab) temporaries take 8 bytes a logit, several at a time: at
 # gpt-oss's 201,088-token vocabulary, a launcher's mixed steps of hundreds of sampled rows ran an H100 out of memory
 # in the few GiB the KV cache leaves (CACHE_HEADROOM_BYTES). 128 rows keep each near 200 MB.
 ROWS = 128
-
-
-def _signed(c: int) -> int:
-    return c - (1 << 64) if c >= 1 << 63 else c
-
-
-# splitmix64's constants, as int64 (torch multiplies int64 with wrap-around)
-GOLDEN, MIX1, MIX2 = _signed(0x9E3779B97F4A7C15), _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB)
-
-
-def _shift(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Logical right shift of int64 (torch's >> is arithmetic)."""
-    return (x >> k) & ((1 << (64 - k)) - 1)
-
-
-def uniform(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
-    """(rows, vocab) uniforms in (0, 1), a counter-based hash (splitmix64) of (seed, position, token id). 23 bits of
-    it: k + 0.5 is exact in float32 for every k below 2**23, so u stays below 1 (with 24, the largest k rounded up
-    to u = 1, whose noise -log(-log(u)) is infinite: that token won its row whatever the logits, in 1.2% of rows
-    at gpt-oss's vocabulary)."""
-    x = (seeds[:, None] * GOLDEN + positions[:, None] * MIX1) + torch.arange(vocab, device=seeds.device) * MIX2
-    x = (x ^ _shift(x, 30)) * MIX1
-    x = (x ^ _shift(x, 27)) * MIX2
-    x = x ^ _shift(x, 31)
-    return (_shift(x, 41).float() + 0.5) / 2**23
 
 
 def scale(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
@@ -47,32 +24,43 @@ def gumbel_argmax(scaled: torch.Tensor, seeds: torch.Tensor, positions: torch.Te
     return (scaled - torch.log(-torch.log(uniform(seeds, positions, scaled.shape[-1])))).argmax(-1)
 
 
-def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, seeds: torch.Tensor,
-           positions: torch.Tensor, cut: torch.Tensor | None) -> torch.Tensor:
+def sample(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_p: torch.Tensor,
+    seeds: torch.Tensor,
+    positions: torch.Tensor,
+    cut: torch.Tensor | None,
+) -> torch.Tensor:
     """Row r's token: argmax where temperature[r] == 0, else a draw from softmax(logits / temperature), cut where
     top_p[r] < 1 to the smallest set of tokens whose probability reaches it. `cut`: the indices of the rows whose
     top_p is below 1 (None: no row's), told by the caller, which knows them without asking the device (a sync), so
     that only those rows pay for the sort. On GPU one Triton kernel draws the other rows, all in one launch, as it
-    keeps nothing of size (rows, vocab) (parallel/engine/kernels/sampling.py); torch draws ROWS rows at a time. A
+    keeps nothing of size (rows, vocab) (parallel/engine/kernels/gumbel.py); torch draws ROWS rows at a time. A
     row's path depends on its own top_p only, and its token on that row alone, so rows may be drawn in any
     grouping."""
     if logits.is_cuda:
-        from parallel.engine.kernels.sampling import gumbel_argmax as kernel  # triton: GPU builds of torch bring it
+        from parallel.engine.kernels.gumbel import gumbel_argmax as kernel  # triton: GPU builds of torch bring it
 
         noisy = kernel(logits, temperature, seeds, positions)
     else:
         noisy = _by_rows(_uncut, logits, temperature, seeds, positions)
     if cut is not None:
-        noisy = noisy.index_put((cut,), _by_rows(_cut, *(c[cut] for c in (logits, temperature, top_p, seeds, positions))))
+        noisy = noisy.index_put(
+            (cut,), _by_rows(_cut, *(c[cut] for c in (logits, temperature, top_p, seeds, positions)))
+        )
     return torch.where(temperature > 0, noisy, logits.argmax(-1))
 
 
-def _uncut(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+def _uncut(
+    logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor
+) -> torch.Tensor:
     return gumbel_argmax(scale(logits, temperature), seeds, positions)
 
 
-def _cut(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, seeds: torch.Tensor,
-         positions: torch.Tensor) -> torch.Tensor:
+def _cut(
+    logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor
+) -> torch.Tensor:
     """The draw among the smallest set of tokens whose probability reaches top_p."""
     scaled = scale(logits, temperature)
     probs, order = torch.softmax(scaled, -1).sort(-1, descending=True)

@@ -58,9 +58,14 @@ def encoding() -> HarmonyEncoding:
         return load_harmony_encoding(HarmonyEncodingName.HARMONY_GPT_OSS)
     except HarmonyError as e:
         base = os.environ.get("TIKTOKEN_ENCODINGS_BASE")
-        fix = (f"TIKTOKEN_ENCODINGS_BASE={base} must be a folder holding {VOCABULARY_FILE}" if base else
-               f"offline, set TIKTOKEN_ENCODINGS_BASE to a folder holding {VOCABULARY_FILE}")
-        raise VocabularyError(f"harmony's vocabulary cannot be loaded ({e}): {fix} (see README.md, Offline clusters)") from None
+        fix = (
+            f"TIKTOKEN_ENCODINGS_BASE={base} must be a folder holding {VOCABULARY_FILE}"
+            if base
+            else f"offline, set TIKTOKEN_ENCODINGS_BASE to a folder holding {VOCABULARY_FILE}"
+        )
+        raise VocabularyError(
+            f"harmony's vocabulary cannot be loaded ({e}): {fix} (see README.md, Offline clusters)"
+        ) from None
 
 
 def pad_token_id(enc: HarmonyEncoding) -> int:
@@ -69,7 +74,9 @@ def pad_token_id(enc: HarmonyEncoding) -> int:
 
 def stop_tokens(enc: HarmonyEncoding) -> dict[int, str]:
     """The tokens that end an assistant turn, and the finish reason each means: <|call|> a tool call."""
-    return {t: ("tool_call" if enc.decode([t]) == "<|call|>" else "stop") for t in enc.stop_tokens_for_assistant_actions()}
+    return {
+        t: ("tool_call" if enc.decode([t]) == "<|call|>" else "stop") for t in enc.stop_tokens_for_assistant_actions()
+    }
 
 
 def render_prompt(enc: HarmonyEncoding, req: Request, default_effort: str, date: str | None = None) -> list[int]:
@@ -89,7 +96,7 @@ def render_bounded(enc: HarmonyEncoding, conv: Conversation) -> list[int]:
     must hold no run over LONGEST_RUN."""
     head = [m for m in conv.messages if m.author.role in (Role.SYSTEM, Role.DEVELOPER)]
     tokens = enc.render_conversation(Conversation.from_messages(head), RENDERING) if head else []
-    for m in conv.messages[len(head):]:
+    for m in conv.messages[len(head) :]:
         text = m.content[0].text if len(m.content) == 1 and isinstance(m.content[0], TextContent) else ""
         frame = m.model_copy(update={"content": [TextContent(text="")]}) if text else m
         _check_runs(frame)
@@ -103,15 +110,19 @@ def render_bounded(enc: HarmonyEncoding, conv: Conversation) -> list[int]:
 def _check_runs(m: Message) -> None:
     for where, value in strings(m.to_dict()):
         if long_runs(value):
-            raise ValueError(f"{_field(m.author.role, where)}: a run of over {LONGEST_RUN} characters with no space or "
-                             "other break, which only the text of a message may hold")
+            raise ValueError(
+                f"{_field(m.author.role, where)}: a run of over {LONGEST_RUN} characters with no space or "
+                "other break, which only the text of a message may hold"
+            )
 
 
 def _field(role: Role, where: str) -> str:
     """A rendered message's field, in the request's words."""
     if role == Role.DEVELOPER:
         return "the tools" if ".tools" in where else "the instructions (system and developer messages)"
-    return {".name": "a tool message's name", ".recipient": "a tool call's function name"}.get(where, f"a {role.value} message's {where}")
+    return {".name": "a tool message's name", ".recipient": "a tool call's function name"}.get(
+        where, f"a {role.value} message's {where}"
+    )
 
 
 def strings(obj, path: str = "") -> Iterator[tuple[str, str]]:
@@ -128,7 +139,9 @@ def strings(obj, path: str = "") -> Iterator[tuple[str, str]]:
 
 
 def conversation(req: Request, default_effort: str, date: str | None = None) -> Conversation:
-    system = SystemContent.new().with_reasoning_effort(ReasoningEffort((req.reasoning_effort or default_effort).title()))
+    system = SystemContent.new().with_reasoning_effort(
+        ReasoningEffort((req.reasoning_effort or default_effort).title())
+    )
     if date:
         system = system.with_conversation_start_date(date)
     messages = [Message.from_role_and_content(Role.SYSTEM, system)]
@@ -246,7 +259,9 @@ class HarmonyStream:
         if not self.in_content:
             self.header_tokens += 1
             if self.header_tokens > MAX_HEADER_TOKENS:
-                self.parsed.error = f"model output is not valid harmony: no message header within {MAX_HEADER_TOKENS} tokens"
+                self.parsed.error = (
+                    f"model output is not valid harmony: no message header within {MAX_HEADER_TOKENS} tokens"
+                )
             return []
         delta = self.parser.last_content_delta
         if not (delta and self.kind):
@@ -270,14 +285,19 @@ class HarmonyStream:
         """`finished`: the tokens ended with a stop token; otherwise the length limit cut them."""
         no_header = self.parser.state == StreamState.HEADER and (finished or not self.parser.messages)
         if self.parsed.error is None and no_header:
-            self.parsed.error = "model output is not valid harmony: no complete message header (<|channel|>...<|message|>)"
+            self.parsed.error = (
+                "model output is not valid harmony: no complete message header (<|channel|>...<|message|>)"
+            )
         return self.parsed
 
 
 @functools.cache
 def _markers(enc: HarmonyEncoding) -> tuple[int, frozenset[int]]:
     """The token that opens a message's content, and those that end a message."""
-    ids = {name: enc.encode(name, allowed_special="all")[0] for name in ("<|message|>", "<|end|>", "<|call|>", "<|return|>")}
+    ids = {
+        name: enc.encode(name, allowed_special="all")[0]
+        for name in ("<|message|>", "<|end|>", "<|call|>", "<|return|>")
+    }
     return ids.pop("<|message|>"), frozenset(ids.values())
 
 

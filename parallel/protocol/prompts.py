@@ -29,14 +29,19 @@ class Prompt:
     max_new_tokens: int
 
 
-def prepare(enc: HarmonyEncoding, req: Request, gen: GenerationConfig, context: int, budget: str = "max_new_tokens") -> Prompt:
+def prepare(
+    enc: HarmonyEncoding, req: Request, gen: GenerationConfig, context: int, budget: str = "max_new_tokens"
+) -> Prompt:
     """The request rendered with harmony, with its budget (see `fit`; generation.max_new_tokens by default). A
     request whose text cannot fit the context however it tokenizes is refused before it is tokenized."""
     size = sum(len(text) for _, text in strings([req.messages, req.tools]))
     if size > context * TOKEN_BYTES:
-        raise PromptError(f"the prompt holds over {context * TOKEN_BYTES} characters, which cannot fit the model's "
-                          f"context of {context} tokens (a token holds at most {TOKEN_BYTES} bytes)", "messages",
-                          "context_length_exceeded")
+        raise PromptError(
+            f"the prompt holds over {context * TOKEN_BYTES} characters, which cannot fit the model's "
+            f"context of {context} tokens (a token holds at most {TOKEN_BYTES} bytes)",
+            "messages",
+            "context_length_exceeded",
+        )
     try:
         tokens = render_prompt(enc, req, gen.reasoning_effort, gen.conversation_date)
     except Exception as e:  # harmony rejects what it cannot render, e.g. a tool schema it cannot type
@@ -44,16 +49,30 @@ def prepare(enc: HarmonyEncoding, req: Request, gen: GenerationConfig, context: 
     return fit(tokens, req.max_new_tokens, gen.max_new_tokens, context, "messages", budget)
 
 
-def fit(tokens: list[int], max_new_tokens: int | None, default: int, context: int, param: str,
-        budget: str = "max_new_tokens") -> Prompt:
+def fit(
+    tokens: list[int],
+    max_new_tokens: int | None,
+    default: int,
+    context: int,
+    param: str,
+    budget: str = "max_new_tokens",
+) -> Prompt:
     """Prompt tokens with their budget: `max_new_tokens` as asked, which must fit the context after the prompt,
     or else `default` cut to what the context leaves. `param` and `budget` name the prompt's field and the
     budget's in errors (the request's own names: `max_tokens`, `max_output_tokens`, ...)."""
     room = context - len(tokens)
     if room < 1:
-        raise PromptError(f"the prompt's {len(tokens)} tokens fill the model's context of {context}", param,
-                          "context_length_exceeded", len(tokens))
+        raise PromptError(
+            f"the prompt's {len(tokens)} tokens fill the model's context of {context}",
+            param,
+            "context_length_exceeded",
+            len(tokens),
+        )
     if max_new_tokens is not None and max_new_tokens > room:
-        raise PromptError(f"{len(tokens)} prompt tokens + {budget} {max_new_tokens} exceed the model's "
-                          f"context of {context}", budget, "context_length_exceeded", len(tokens))
+        raise PromptError(
+            f"{len(tokens)} prompt tokens + {budget} {max_new_tokens} exceed the model's context of {context}",
+            budget,
+            "context_length_exceeded",
+            len(tokens),
+        )
     return Prompt(tokens, max_new_tokens or min(default, room))

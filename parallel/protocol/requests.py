@@ -70,7 +70,9 @@ def json_problem(e: ValueError, one_line: bool) -> str:
     if isinstance(e, json.JSONDecodeError):
         if not one_line:
             return str(e)
-        return f"{e.msg} at the end of the line" if e.pos >= len(e.doc.rstrip()) else f"{e.msg} at character {e.pos + 1}"
+        return (
+            f"{e.msg} at the end of the line" if e.pos >= len(e.doc.rstrip()) else f"{e.msg} at character {e.pos + 1}"
+        )
     if "integer string conversion" in str(e):
         return f"an integer of more than {sys.get_int_max_str_digits()} digits"
     return str(e)
@@ -104,8 +106,15 @@ def parse_request(obj: Any, index: int) -> Request:
         accepted, what = SAMPLING[key]
         if value is not None and (isinstance(value, bool) or not accepted(value)):
             raise RequestError(f"{key} must be {what}, got {value!r:.60}")
-    return Request(index=index, id=rid, messages=_messages(obj), reasoning_effort=effort, tools=_tools(obj),
-                   max_new_tokens=max_new, **sampling)
+    return Request(
+        index=index,
+        id=rid,
+        messages=_messages(obj),
+        reasoning_effort=effort,
+        tools=_tools(obj),
+        max_new_tokens=max_new,
+        **sampling,
+    )
 
 
 def message_text(content: Any) -> str:
@@ -170,11 +179,15 @@ def _check_content(content: Any, where: str, may_be_null: bool) -> None:
 def _check_call(call: Any, where: str) -> None:
     fn = call.get("function") if isinstance(call, dict) else None
     if not isinstance(fn, dict):
-        raise RequestError(f'{where} must be {{"id": ..., "type": "function", "function": {{"name": ..., "arguments": ...}}}}')
+        raise RequestError(
+            f'{where} must be {{"id": ..., "type": "function", "function": {{"name": ..., "arguments": ...}}}}'
+        )
     _check_strings(call, where, "id")
     for key in ("name", "arguments"):
         if not isinstance(fn.get(key), str):
-            raise RequestError(f"{where}.function.{key} must be a string" + (" (the call's JSON)" if key == "arguments" else ""))
+            raise RequestError(
+                f"{where}.function.{key} must be a string" + (" (the call's JSON)" if key == "arguments" else "")
+            )
 
 
 def _tools(obj: dict) -> list[dict]:
@@ -186,7 +199,9 @@ def _tools(obj: dict) -> list[dict]:
     for i, t in enumerate(tools):
         fn = t.get("function") if isinstance(t, dict) else None
         if not (isinstance(fn, dict) and t.get("type") == "function" and isinstance(fn.get("name"), str)):
-            raise RequestError(f'tools[{i}] must be {{"type": "function", "function": {{"name": ..., "parameters": ...}}}}')
+            raise RequestError(
+                f'tools[{i}] must be {{"type": "function", "function": {{"name": ..., "parameters": ...}}}}'
+            )
         # Absent, not null: harmony takes a missing description as "" but refuses None.
         if "description" in fn and not isinstance(fn["description"], str):
             raise RequestError(f"tools[{i}].function.description must be a string")

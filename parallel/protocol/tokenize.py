@@ -26,7 +26,9 @@ OTHERS = r"[^\p{L}\p{N}]"
 # each window's check fails within a few characters, so finding the runs costs next to nothing.
 WINDOW = LONGEST_RUN // 2
 # Per class: a whole window of it, a run of it forwards, and backwards ((?r): matched from the end).
-CLASSES = [(regex.compile(f"{c}{{{WINDOW}}}"), regex.compile(f"{c}*"), regex.compile(f"(?r){c}*")) for c in (LETTERS, OTHERS)]
+CLASSES = [
+    (regex.compile(f"{c}{{{WINDOW}}}"), regex.compile(f"{c}*"), regex.compile(f"(?r){c}*")) for c in (LETTERS, OTHERS)
+]
 
 
 def long_runs(text: str, longest: int = LONGEST_RUN) -> list[tuple[int, int]]:
@@ -64,7 +66,7 @@ def encode_text(enc: HarmonyEncoding, text: str, special: bool = False) -> list[
         return _ordinary(enc, text)
     tokens, start = [], 0
     for m in _specials(enc).finditer(text):
-        tokens += _ordinary(enc, text[start:m.start()]) + enc.encode(m.group(), allowed_special={m.group()})
+        tokens += _ordinary(enc, text[start : m.start()]) + enc.encode(m.group(), allowed_special={m.group()})
         start = m.end()
     return tokens + _ordinary(enc, text[start:])
 
@@ -74,7 +76,7 @@ def _ordinary(enc: HarmonyEncoding, text: str) -> list[int]:
     for run_start, run_end in long_runs(text):
         tokens += enc.encode(text[start:run_start], disallowed_special=())
         for chunk in range(run_start, run_end, LONGEST_RUN):
-            tokens += enc.encode(text[chunk:min(chunk + LONGEST_RUN, run_end)], disallowed_special=())
+            tokens += enc.encode(text[chunk : min(chunk + LONGEST_RUN, run_end)], disallowed_special=())
         start = run_end
     return tokens + enc.encode(text[start:], disallowed_special=())
 

@@ -26,11 +26,11 @@ from multiprocessing.connection import Connection
 import torch.distributed as dist
 
 from parallel.config import JobConfig
-from parallel.distributed.channel import Hub, listen, publish
 from parallel.log import error, log, log_clock, set_log_clock
 from parallel.protocol.harmony import encoding
-from parallel.serve.batcher import Batcher
+from parallel.replicas.channel import Hub, listen, publish
 from parallel.serve.http import Server
+from parallel.serve.tickets import Tickets
 
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent ends
 
@@ -46,8 +46,11 @@ class ApiProcess:
         spawn = multiprocessing.get_context("spawn")  # a fresh interpreter: no CUDA, no threads of rank 0's
         self.control, theirs = spawn.Pipe()
         # Not a daemon (its request preparer has worker processes): killed should rank 0 exit without waiting for it.
-        self.process = spawn.Process(target=_serve, name="api-process",
-                                     args=(cfg, context_length, vocab_size, replicas, theirs, log_clock(), os.getpid()))
+        self.process = spawn.Process(
+            target=_serve,
+            name="api-process",
+            args=(cfg, context_length, vocab_size, replicas, theirs, log_clock(), os.getpid()),
+        )
         self.process.start()
         atexit.register(self.process.kill)
         theirs.close()
@@ -98,8 +101,9 @@ class ApiProcess:
             os._exit(1)
 
 
-def _serve(cfg: JobConfig, context_length: int, vocab_size: int, replicas: int, control: Connection, clock: float,
-           rank0: int) -> None:
+def _serve(
+    cfg: JobConfig, context_length: int, vocab_size: int, replicas: int, control: Connection, clock: float, rank0: int
+) -> None:
     """The API process: bind and check, say where its hub listens, wait for every leader, serve until told to
     drain, then wait for every replica's goodbye."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -119,17 +123,17 @@ def _serve(cfg: JobConfig, context_length: int, vocab_size: int, replicas: int, 
     hub = Hub()
     with listener:
         hub.take(listener, replicas)
-    batcher = Batcher(hub, replicas)
-    batcher.dispatcher.start()
-    server.start(batcher)
+    tickets = Tickets(hub, replicas)
+    tickets.dispatcher.start()
+    server.start(tickets)
     try:
         while control.recv() != "drain":
             pass
     except EOFError:  # rank 0 is gone: so is the job
         os._exit(1)
     server.drain()
-    batcher.dispatcher.finished.wait()
-    log(f"served {batcher.stats['requests']} requests")
+    tickets.dispatcher.finished.wait()
+    log(f"served {tickets.stats['requests']} requests")
 
 
 def _die_with(parent: int) -> None:

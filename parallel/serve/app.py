@@ -2,10 +2,11 @@
 
 Every request passes `Gate` first: its key, its body's size, then its body read whole (within the limit) before
 any route sees it; a refusal that comes before the body is read leaves uvicorn to read and drop the rest, so a
-kept-alive connection is never left mid-body and a body too large costs nothing. Then the routes: /health, /v1/models, and the generating APIs, whose requests are prepared (prepare.py), handed to
-the batcher as tickets, and answered by `Generation` as their tokens arrive. Nothing here blocks the loop: a
+kept-alive connection is never left mid-body and a body too large costs nothing. Then the routes: /health,
+/v1/models, and the generating APIs, whose requests are prepared (prepare.py), handed to the server's tickets
+(tickets.py), and answered by `Generation` as their tokens arrive. Nothing here blocks the loop: a
 ticket's tokens arrive on an asyncio queue, big prompts are prepared in worker processes, and calls into the
-batcher (which may wait on a replica's socket) run on a thread of their own.
+tickets (which may wait on a replica's socket) run on a thread of their own.
 """
 
 from __future__ import annotations
@@ -27,10 +28,10 @@ from starlette.types import Receive, Scope, Send
 
 from parallel.engine.interface import Sampling, Work
 from parallel.log import error
-from parallel.serve.batcher import Batcher, Ticket
 from parallel.serve.openai_api import ApiError
 from parallel.serve.prepare import Prepared, Preparer, Settings
 from parallel.serve.replies import Reply, make_reply
+from parallel.serve.tickets import Ticket, Tickets
 
 # The finish reason of requests that server.drain_timeout_s cut: answered as a 503 or a failed stream.
 DRAIN_CUT = "error: the server shut down before the request finished (server.drain_timeout_s)"
@@ -71,12 +72,18 @@ class Gate:
         """The key, and the size the body says it has (uvicorn lower-cases names; h11 has checked the length)."""
         key = headers.get(b"authorization", b"")
         if self.expected and path not in OPEN_PATHS and not hmac.compare_digest(key, self.expected):
-            raise ApiError(401, "Incorrect or missing API key: send Authorization: Bearer <key>", code="invalid_api_key")
+            raise ApiError(
+                401, "Incorrect or missing API key: send Authorization: Bearer <key>", code="invalid_api_key"
+            )
         if int(headers.get(b"content-length", 0)) > self.max_body_bytes:
             raise self._too_large()
 
     def _too_large(self) -> ApiError:
-        return ApiError(413, f"the request body is larger than server.max_body_bytes={self.max_body_bytes}", code="request_too_large")
+        return ApiError(
+            413,
+            f"the request body is larger than server.max_body_bytes={self.max_body_bytes}",
+            code="request_too_large",
+        )
 
     async def _read(self, receive: Receive) -> bytes | None:
         """The whole body, or None if the client went away; ApiError (413) once it passes the limit."""
@@ -104,23 +111,29 @@ def _replay(body: bytes, receive: Receive) -> Receive:
 
 
 class Api:
-    """The routes, and what they share: the batcher (from `start`), the draining flag, the preparer."""
+    """The routes, and what they share: the tickets (from `start`), the draining flag, the preparer."""
 
     def __init__(self, settings: Settings, enc: HarmonyEncoding, api_key: str | None, max_body_bytes: int):
         self.settings, self.enc = settings, enc
         self.preparer = Preparer(settings)
-        self.batcher: Batcher | None = None
+        self.tickets: Tickets | None = None
         self.draining = False
-        self.calls = ThreadPoolExecutor(1, thread_name_prefix="batcher")  # one thread: submits and cancels in order
+        self.calls = ThreadPoolExecutor(1, thread_name_prefix="tickets")  # one thread: submits and cancels in order
         routes = [Route("/health", self.health), Route("/v1/models", self.models)]
-        routes += [Route(path, self._generate_endpoint(api), methods=["POST"])
-                   for path, api in (("/v1/chat/completions", "chat"), ("/v1/responses", "responses"), ("/v1/completions", "completions"))]
+        routes += [
+            Route(path, self._generate_endpoint(api), methods=["POST"])
+            for path, api in (
+                ("/v1/chat/completions", "chat"),
+                ("/v1/responses", "responses"),
+                ("/v1/completions", "completions"),
+            )
+        ]
         starlette = Starlette(routes=routes, exception_handlers={HTTPException: self._no_route})
         self.asgi = Gate(starlette, api_key, max_body_bytes)
 
     async def health(self, request: Request) -> Response:
-        # The batcher's counters sit behind the dispatcher's lock, which a send to a busy replica may hold.
-        status = await asyncio.get_running_loop().run_in_executor(None, self.batcher.status)
+        # The tickets's counters sit behind the dispatcher's lock, which a send to a busy replica may hold.
+        status = await asyncio.get_running_loop().run_in_executor(None, self.tickets.status)
         # CPU seconds so far of this thread (the HTTP loop: parsing, replies, streaming) and of the whole API
         # process (the dispatcher and the replicas' links too): a rate near a full core says the server's Python,
         # not the engine, bounds it.
@@ -157,13 +170,21 @@ class Api:
         self._open()  # preparing a big prompt takes a while: the drain may have begun
         loop = asyncio.get_running_loop()
         ticket = Ticket(self._work(prepared), loop)
-        reply = make_reply(api, self.enc, self.settings.model_name, len(prepared.prompt), prepared.max_new_tokens,
-                           prepared.options.include_usage)
-        await loop.run_in_executor(self.calls, self.batcher.submit, ticket)
-        return Generation(ticket, reply, prepared.options.stream, lambda: self.calls.submit(self.batcher.cancel, ticket))
+        reply = make_reply(
+            api,
+            self.enc,
+            self.settings.model_name,
+            len(prepared.prompt),
+            prepared.max_new_tokens,
+            prepared.options.include_usage,
+        )
+        await loop.run_in_executor(self.calls, self.tickets.submit, ticket)
+        return Generation(
+            ticket, reply, prepared.options.stream, lambda: self.calls.submit(self.tickets.cancel, ticket)
+        )
 
     def _work(self, prepared: Prepared) -> Work:
-        rid, options, gen = self.batcher.next_id(), prepared.options, self.settings.generation
+        rid, options, gen = self.tickets.next_id(), prepared.options, self.settings.generation
         sampling = Sampling(
             temperature=gen.temperature if options.temperature is None else options.temperature,
             top_p=gen.top_p if options.top_p is None else options.top_p,
@@ -212,7 +233,13 @@ class Generation:
         try:
             async for chunks in self._chunks():
                 if chunks:
-                    await send({"type": "http.response.body", "body": b"".join(map(self.reply.frame, chunks)), "more_body": True})
+                    await send(
+                        {
+                            "type": "http.response.body",
+                            "body": b"".join(map(self.reply.frame, chunks)),
+                            "more_body": True,
+                        }
+                    )
             last = self.reply.done
         except ApiError as e:
             last = self.reply.frame(self.reply.failure(e))

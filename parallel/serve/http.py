@@ -2,7 +2,7 @@
 thread of the server's API process (api_process.py).
 
 The socket is bound before the model loads (a port in use fails at once, not after the weights), and handed to
-uvicorn once the batcher exists. h11 parses strictly (a malformed Content-Length is a 400 and a closed
+uvicorn once the tickets exists. h11 parses strictly (a malformed Content-Length is a 400 and a closed
 connection); the protocol below bounds each request's head (MAX_HEAD_BYTES, however it arrives) and adds a deadline
 for each request to arrive whole; the app's gate bounds bodies. A drain (SIGTERM, through rank 0) refuses new
 requests with 503 while those in flight get server.drain_timeout_s to finish; whatever is left is cut and told so;
@@ -28,8 +28,8 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from parallel.config import JobConfig
 from parallel.log import error, log
 from parallel.serve.app import DRAIN_CUT, Api
-from parallel.serve.batcher import Batcher
 from parallel.serve.prepare import Settings
+from parallel.serve.tickets import Tickets
 
 API_KEY_ENV = "GPT_OSS_API_KEY"
 # After the drain, how long uvicorn waits for replies still being written (to a client that reads slowly).
@@ -109,29 +109,42 @@ class DeadlineProtocol(H11Protocol):
 
 
 class Server:
-    def __init__(self, cfg: JobConfig, enc: HarmonyEncoding, context_length: int, vocab_size: int,
-                 on_stop: Callable[[], None]):
+    def __init__(
+        self, cfg: JobConfig, enc: HarmonyEncoding, context_length: int, vocab_size: int, on_stop: Callable[[], None]
+    ):
         """on_stop: called should uvicorn stop on its own (not drained): the job should then end."""
         server = cfg.server
         key = server.api_key if server.api_key is not None else os.environ.get(API_KEY_ENV)
         if key is not None and not key.strip():
             # `export GPT_OSS_API_KEY=$KEY` with KEY unset must not serve without a key.
-            raise ValueError(f"the API key (server.api_key or {API_KEY_ENV}) is set but empty: give a key, or unset it "
-                             "to serve without one")
+            raise ValueError(
+                f"the API key (server.api_key or {API_KEY_ENV}) is set but empty: give a key, or unset it "
+                "to serve without one"
+            )
         self.socket = _bind(server.host, server.port)  # OSError: the caller says why and exits
         model_name = server.model_name or cfg.model.path
-        self.api = Api(Settings(model_name, cfg.generation, context_length, vocab_size), enc, key, server.max_body_bytes)
+        self.api = Api(
+            Settings(model_name, cfg.generation, context_length, vocab_size), enc, key, server.max_body_bytes
+        )
         self.protocol = functools.partial(DeadlineProtocol, timeout_s=server.request_timeout_s)
         self.drain_timeout_s = server.drain_timeout_s
         self.on_stop = on_stop
 
-    def start(self, batcher: Batcher) -> None:
-        self.api.batcher = batcher
+    def start(self, tickets: Tickets) -> None:
+        self.api.tickets = tickets
         # No access log (a line a request would drown the job's log) and no lifespan; uvicorn's own errors still
         # reach stderr. Off the main thread, uvicorn installs no signal handlers: SIGTERM is rank 0's (api_process.py).
-        config = uvicorn.Config(self.api.asgi, http=self.protocol, ws="none", lifespan="off", log_config=None,
-                                log_level="error", access_log=False, proxy_headers=False,
-                                timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
+        config = uvicorn.Config(
+            self.api.asgi,
+            http=self.protocol,
+            ws="none",
+            lifespan="off",
+            log_config=None,
+            log_level="error",
+            access_log=False,
+            proxy_headers=False,
+            timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+        )
         self.uvicorn = uvicorn.Server(config)
         self.thread = threading.Thread(target=self._serve, daemon=True, name="http")
         self.thread.start()
@@ -151,23 +164,25 @@ class Server:
         """Refuse new requests (503; /health says draining), let those in flight finish within
         drain_timeout_s, cut the rest (each client is told), stop serving, end the replicas."""
         self.api.draining = True
-        batcher = self.api.batcher
+        tickets = self.api.tickets
         deadline = time.monotonic() + self.drain_timeout_s
-        while batcher.in_flight() and time.monotonic() < deadline:
+        while tickets.in_flight() and time.monotonic() < deadline:
             time.sleep(0.05)
-        cut = batcher.cut_all(DRAIN_CUT)
+        cut = tickets.cut_all(DRAIN_CUT)
         if cut:
             error(f"drain timeout: {cut} unfinished requests cut")
         self.uvicorn.should_exit = True
         self.thread.join()
         self.api.preparer.close()
-        batcher.dispatcher.close()
+        tickets.dispatcher.close()
         log("drained: every request answered or cut; stopping")
 
 
 def _bind(host: str, port: int) -> socket.socket:
     """A listening socket on host:port (IPv4 or IPv6). Connections wait in its backlog until uvicorn serves."""
-    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[
+        0
+    ]
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart need not wait out TIME_WAIT

@@ -57,7 +57,9 @@ def _check_model(body: dict, model_name: str) -> None:
     if not isinstance(model, str):
         raise ApiError(400, "model is required (a string)", "model")
     if model != model_name:
-        raise ApiError(404, f"The model {model!r} does not exist; this server serves {model_name!r}", "model", "model_not_found")
+        raise ApiError(
+            404, f"The model {model!r} does not exist; this server serves {model_name!r}", "model", "model_not_found"
+        )
 
 
 def _optional(body: dict, key: str, kind: type | tuple, check=lambda v: True, why: str = "") -> Any:
@@ -116,11 +118,15 @@ REFUSED_RESPONSES = {
     "prompt": (lambda v: False, "there are no stored prompts"),
     "context_management": (lambda v: False, "the input is never compacted"),
     "truncation": (lambda v: v == "disabled", "an input longer than the context is refused, never truncated"),
-    "text": (lambda v: isinstance(v, dict) and v.get("format", {"type": "text"}) == {"type": "text"},
-             "output cannot be constrained to a schema (text.format must be text)"),
+    "text": (
+        lambda v: isinstance(v, dict) and v.get("format", {"type": "text"}) == {"type": "text"},
+        "output cannot be constrained to a schema (text.format must be text)",
+    ),
     # Reasoning items carry their text, which is what a client sends back: nothing to encrypt.
-    "include": (lambda v: isinstance(v, list) and all(x == "reasoning.encrypted_content" for x in v),
-                "only reasoning.encrypted_content (answered by the reasoning text itself)"),
+    "include": (
+        lambda v: isinstance(v, list) and all(x == "reasoning.encrypted_content" for x in v),
+        "only reasoning.encrypted_content (answered by the reasoning text itself)",
+    ),
 }
 
 
@@ -141,7 +147,9 @@ def _tools(body: dict, to_chat) -> list:
     tools = _optional(body, "tools", list, why="a list") or []
     choice = body.get("tool_choice")
     if choice not in (None, "auto", "none"):
-        raise ApiError(400, "tool_choice: only 'auto' and 'none' are supported (harmony cannot force a call)", "tool_choice")
+        raise ApiError(
+            400, "tool_choice: only 'auto' and 'none' are supported (harmony cannot force a call)", "tool_choice"
+        )
     return [] if choice == "none" else [to_chat(t) for t in tools]
 
 
@@ -153,11 +161,13 @@ def chat_call(body: dict, model_name: str) -> Call:
     _refuse(body, REFUSED | REFUSED_CHAT)
     newer = body.get("max_completion_tokens") is not None
     options = _options(body, "max_completion_tokens" if newer else "max_tokens")
-    request = _request({
-        "messages": body["messages"],
-        "tools": _tools(body, lambda t: t),
-        "reasoning_effort": body.get("reasoning_effort"),
-    })
+    request = _request(
+        {
+            "messages": body["messages"],
+            "tools": _tools(body, lambda t: t),
+            "reasoning_effort": body.get("reasoning_effort"),
+        }
+    )
     return Call(options, request=request)
 
 
@@ -175,7 +185,9 @@ def completion_call(body: dict, model_name: str) -> Call:
     prompt = body.get("prompt")
     ids = isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
     if not (isinstance(prompt, str) or ids) or not prompt:
-        raise ApiError(400, "prompt must be a non-empty string or a non-empty list of token ids (one prompt a request)", "prompt")
+        raise ApiError(
+            400, "prompt must be a non-empty string or a non-empty list of token ids (one prompt a request)", "prompt"
+        )
     return Call(_options(body, "max_tokens"), prompt=prompt)
 
 
@@ -201,15 +213,23 @@ def responses_call(body: dict, model_name: str) -> Call:
         if kind == "reasoning":
             reasoning += _reasoning_text(item.get("content"), i)
         elif kind == "function_call":
-            call = {"id": item.get("call_id"), "type": "function", "function": {"name": item.get("name"), "arguments": item.get("arguments")}}
+            call = {
+                "id": item.get("call_id"),
+                "type": "function",
+                "function": {"name": item.get("name"), "arguments": item.get("arguments")},
+            }
             last = messages[-1] if messages else {}
             if last.get("role") == "assistant" and last.get("tool_calls") is not None and not reasoning:
                 last["tool_calls"].append(call)
             else:
-                messages.append({"role": "assistant", "content": None, "reasoning": reasoning or None, "tool_calls": [call]})
+                messages.append(
+                    {"role": "assistant", "content": None, "reasoning": reasoning or None, "tool_calls": [call]}
+                )
             reasoning = ""
         elif kind == "function_call_output":
-            messages.append({"role": "tool", "tool_call_id": item.get("call_id"), "content": _input_text(item.get("output"), i)})
+            messages.append(
+                {"role": "tool", "tool_call_id": item.get("call_id"), "content": _input_text(item.get("output"), i)}
+            )
         elif kind == "message":
             message = {"role": item.get("role"), "content": _input_text(item.get("content"), i)}
             if message["role"] == "assistant" and reasoning:

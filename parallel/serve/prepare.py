@@ -83,7 +83,9 @@ def parse_json(body: bytes) -> dict:
 
 def _conversation(call: Call, settings: Settings):
     call.request.max_new_tokens = call.options.max_tokens
-    return prepare_conversation(encoding(), call.request, settings.generation, settings.context, call.options.max_tokens_key)
+    return prepare_conversation(
+        encoding(), call.request, settings.generation, settings.context, call.options.max_tokens_key
+    )
 
 
 def _raw(call: Call, settings: Settings):
@@ -96,8 +98,12 @@ def _raw(call: Call, settings: Settings):
         tokens = call.prompt
         bad = next((t for t in tokens if not 0 <= t < settings.vocab), None)
         if bad is not None:
-            raise ApiError(400, f"prompt: token id {bad} is not in the model's vocabulary of {settings.vocab}", "prompt")
-    return fit(tokens, call.options.max_tokens, COMPLETION_MAX_TOKENS, settings.context, "prompt", call.options.max_tokens_key)
+            raise ApiError(
+                400, f"prompt: token id {bad} is not in the model's vocabulary of {settings.vocab}", "prompt"
+            )
+    return fit(
+        tokens, call.options.max_tokens, COMPLETION_MAX_TOKENS, settings.context, "prompt", call.options.max_tokens_key
+    )
 
 
 def _start_worker(server_pid: int) -> None:

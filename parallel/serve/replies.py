@@ -83,7 +83,13 @@ class ChatReply(HarmonyReply):
 
     def _chunk(self, delta: dict, finish_reason: str | None = None) -> dict:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model, "choices": [choice]}
+        return {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+        }
 
     def start(self) -> Iterator[dict]:
         yield self._chunk({"role": "assistant", "content": ""})
@@ -99,7 +105,9 @@ class ChatReply(HarmonyReply):
         text = event[1]
         if self.kind == "call":
             self.message["tool_calls"][-1]["function"]["arguments"] += text
-            yield self._chunk({"tool_calls": [{"index": len(self.message["tool_calls"]) - 1, "function": {"arguments": text}}]})
+            yield self._chunk(
+                {"tool_calls": [{"index": len(self.message["tool_calls"]) - 1, "function": {"arguments": text}}]}
+            )
         else:
             # The raw chain of thought as `reasoning`, as OpenAI's gpt-oss guides ask (OpenRouter's convention): the
             # Agents SDK passes back only a `reasoning` field, and only when no `reasoning_content` comes with it.
@@ -108,10 +116,16 @@ class ChatReply(HarmonyReply):
             yield self._chunk({key: text})
 
     def finish(self, reason: str, parsed: Parsed, completion_tokens: int) -> Iterator[dict]:
-        self.finish_reason = {"tool_call": "tool_calls" if self.message["tool_calls"] else "stop", "length": "length"}.get(reason, "stop")
-        self.usage = {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": self.prompt_tokens + completion_tokens,
-                      "completion_tokens_details": {"reasoning_tokens": parsed.reasoning_tokens}}
+        self.finish_reason = {
+            "tool_call": "tool_calls" if self.message["tool_calls"] else "stop",
+            "length": "length",
+        }.get(reason, "stop")
+        self.usage = {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": self.prompt_tokens + completion_tokens,
+            "completion_tokens_details": {"reasoning_tokens": parsed.reasoning_tokens},
+        }
         self.harmony_error = parsed.error
         last = self._chunk({}, self.finish_reason)
         if self.harmony_error:  # as in `result`: a streaming client learns too that the output broke, and where
@@ -125,8 +139,14 @@ class ChatReply(HarmonyReply):
         choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": self.finish_reason}
         if self.harmony_error:  # what parsed is in the message; this says the rest was not valid harmony
             choice["harmony_error"] = self.harmony_error
-        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
-                "choices": [choice], "usage": self.usage}
+        return {
+            "id": self.id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+            "usage": self.usage,
+        }
 
 
 class ResponsesReply(HarmonyReply):
@@ -138,10 +158,20 @@ class ResponsesReply(HarmonyReply):
         super().__init__(enc)
         self.prompt_tokens = prompt_tokens
         self.response = {
-            "id": _new_id("resp_"), "object": "response", "created_at": int(time.time()), "model": model,
-            "status": "in_progress", "output": [], "error": None, "incomplete_details": None,
-            "max_output_tokens": max_output_tokens, "parallel_tool_calls": False, "tool_choice": "auto", "tools": [],
-            "store": False, "usage": None,
+            "id": _new_id("resp_"),
+            "object": "response",
+            "created_at": int(time.time()),
+            "model": model,
+            "status": "in_progress",
+            "output": [],
+            "error": None,
+            "incomplete_details": None,
+            "max_output_tokens": max_output_tokens,
+            "parallel_tool_calls": False,
+            "tool_choice": "auto",
+            "tools": [],
+            "store": False,
+            "usage": None,
         }
         self.sequence = 0
         self.item: dict | None = None
@@ -172,21 +202,44 @@ class ResponsesReply(HarmonyReply):
         else:
             self.item["content"][0]["text"] += text
             kind = "response.reasoning_text.delta" if self.item["type"] == "reasoning" else "response.output_text.delta"
-            yield self._event(kind, **self._at(), content_index=0, delta=text, **({"logprobs": []} if "output_text" in kind else {}))
+            yield self._event(
+                kind, **self._at(), content_index=0, delta=text, **({"logprobs": []} if "output_text" in kind else {})
+            )
 
     def _open_item(self, kind: str, name: str | None) -> Iterator[dict]:
         if kind == "reasoning":
-            self.item = {"type": "reasoning", "id": _new_id("rs_"), "summary": [], "content": [{"type": "reasoning_text", "text": ""}]}
+            self.item = {
+                "type": "reasoning",
+                "id": _new_id("rs_"),
+                "summary": [],
+                "content": [{"type": "reasoning_text", "text": ""}],
+            }
         elif kind == "call":
-            self.item = {"type": "function_call", "id": _new_id("fc_"), "call_id": _new_id("call_"), "name": name, "arguments": ""}
+            self.item = {
+                "type": "function_call",
+                "id": _new_id("fc_"),
+                "call_id": _new_id("call_"),
+                "name": name,
+                "arguments": "",
+            }
         else:
-            self.item = {"type": "message", "id": _new_id("msg_"), "role": "assistant",
-                         "content": [{"type": "output_text", "text": "", "annotations": [], "logprobs": []}]}
+            self.item = {
+                "type": "message",
+                "id": _new_id("msg_"),
+                "role": "assistant",
+                "content": [{"type": "output_text", "text": "", "annotations": [], "logprobs": []}],
+            }
         self.item["status"] = "in_progress"
         self.response["output"].append(self.item)
-        yield self._event("response.output_item.added", output_index=len(self.response["output"]) - 1, item=dict(self.item, content=[]) if "content" in self.item else dict(self.item))
+        yield self._event(
+            "response.output_item.added",
+            output_index=len(self.response["output"]) - 1,
+            item=dict(self.item, content=[]) if "content" in self.item else dict(self.item),
+        )
         if self.item["type"] != "function_call":
-            yield self._event("response.content_part.added", **self._at(), content_index=0, part=dict(self.item["content"][0]))
+            yield self._event(
+                "response.content_part.added", **self._at(), content_index=0, part=dict(self.item["content"][0])
+            )
 
     def _close_item(self) -> Iterator[dict]:
         item = self.item
@@ -194,7 +247,9 @@ class ResponsesReply(HarmonyReply):
             return
         item["status"] = "completed"
         if item["type"] == "function_call":
-            yield self._event("response.function_call_arguments.done", **self._at(), name=item["name"], arguments=item["arguments"])
+            yield self._event(
+                "response.function_call_arguments.done", **self._at(), name=item["name"], arguments=item["arguments"]
+            )
         else:
             part = item["content"][0]
             kind = "response.reasoning_text.done" if item["type"] == "reasoning" else "response.output_text.done"
@@ -212,8 +267,10 @@ class ResponsesReply(HarmonyReply):
         if parsed.error:
             self.response["harmony_error"] = parsed.error
         self.response["usage"] = {
-            "input_tokens": self.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
-            "output_tokens": completion_tokens, "output_tokens_details": {"reasoning_tokens": parsed.reasoning_tokens},
+            "input_tokens": self.prompt_tokens,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": completion_tokens,
+            "output_tokens_details": {"reasoning_tokens": parsed.reasoning_tokens},
             "total_tokens": self.prompt_tokens + completion_tokens,
         }
         kind = "response.completed" if self.response["status"] == "completed" else "response.incomplete"
@@ -240,7 +297,13 @@ class CompletionReply(Reply):
 
     def _chunk(self, text: str, finish_reason: str | None = None) -> dict:
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model, "choices": [choice]}
+        return {
+            "id": self.id,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+        }
 
     def _decode(self, data: bytes, final: bool = False) -> str:
         text = self.decoder.decode(data, final)
@@ -256,8 +319,11 @@ class CompletionReply(Reply):
 
     def end(self, reason: str) -> Iterator[dict]:
         self.finish_reason = "length" if reason == "length" else "stop"
-        self.usage = {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.count,
-                      "total_tokens": self.prompt_tokens + self.count}
+        self.usage = {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.count,
+            "total_tokens": self.prompt_tokens + self.count,
+        }
         yield self._chunk(self._decode(b"", final=True), self.finish_reason)
         if self.include_usage:
             yield {**self._chunk(""), "choices": [], "usage": self.usage}
@@ -266,7 +332,9 @@ class CompletionReply(Reply):
         return {**self._chunk("".join(self.text), self.finish_reason), "usage": self.usage}
 
 
-def make_reply(api: str, enc: HarmonyEncoding, model: str, prompt_tokens: int, max_new_tokens: int, include_usage: bool) -> Reply:
+def make_reply(
+    api: str, enc: HarmonyEncoding, model: str, prompt_tokens: int, max_new_tokens: int, include_usage: bool
+) -> Reply:
     if api == "chat":
         return ChatReply(enc, model, prompt_tokens, include_usage)
     if api == "responses":

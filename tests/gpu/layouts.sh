@@ -27,7 +27,7 @@ run() { # NAME NPROC OVERRIDES...
     shift 2
     if (( nproc > gpus )); then echo "$name: skipped, needs $nproc GPUs"; return; fi
     rm -f "$out/$name".*  # the launcher resumes: records left by an earlier run would make it do nothing
-    # A job that writes its records and then does not exit fails too (session 9's tp=2 with CUDA graphs did).
+    # A job that writes its records and then does not exit fails too (tp=2 with CUDA graphs once did).
     timeout "$LIMIT" torchrun --nproc_per_node="$nproc" launch/generate.py --config configs/tiny.yaml "${overrides[@]}" \
         data.output="$out/$name.jsonl" output.raw=true output.echo=false runtime.progress=false \
         generation.batch_size=1 "$@" > "$out/$name.log" 2>&1 || {

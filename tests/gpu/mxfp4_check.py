@@ -91,8 +91,10 @@ def zero_padded(share: Mxfp4Experts, total: int) -> Mxfp4Experts:
     """An ep share as the whole layer: the other experts' codes and biases zero (E2M1 code 0 is +0), on the kernel."""
     state = {}
     for name, t in share.state_dict().items():
-        whole = torch.full((total, *t.shape[1:]), 127 if name.endswith("_scales") else 0, dtype=t.dtype, device=t.device)
-        whole[share.first_expert:share.first_expert + share.local] = t
+        whole = torch.full(
+            (total, *t.shape[1:]), 127 if name.endswith("_scales") else 0, dtype=t.dtype, device=t.device
+        )
+        whole[share.first_expert : share.first_expert + share.local] = t
         state[name] = whole
     with torch.device("cuda"):
         module = Mxfp4Experts(total, HIDDEN, INNER, **MATH)
@@ -104,16 +106,20 @@ def zero_padded(share: Mxfp4Experts, total: int) -> Mxfp4Experts:
 @torch.no_grad()
 def layer_rows(name: str, total: int, local: int, first: int, gen: torch.Generator) -> list[dict]:
     """A layer of `local` random experts from `first` on: both token counts, every path."""
-    reference = Mxfp4Experts.random_packed(local, HIDDEN, INNER, device="cuda", dtype=torch.float32, first_expert=first, **MATH)
+    reference = Mxfp4Experts.random_packed(
+        local, HIDDEN, INNER, device="cuda", dtype=torch.float32, first_expert=first, **MATH
+    )
     with torch.device("cuda"):
         fast = Mxfp4Experts(local, HIDDEN, INNER, first_expert=first, **MATH)
     fast.load_state_dict(reference.state_dict())
     fast.prepare(torch.bfloat16)
     assert fast.kernel is not None, "triton_kernels did not take the experts"
-    bf16 = (dequantize(reference.gate_up_proj_blocks, reference.gate_up_proj_scales, torch.bfloat16),
-            reference.gate_up_proj_bias.bfloat16(),
-            dequantize(reference.down_proj_blocks, reference.down_proj_scales, torch.bfloat16),
-            reference.down_proj_bias.bfloat16())
+    bf16 = (
+        dequantize(reference.gate_up_proj_blocks, reference.gate_up_proj_scales, torch.bfloat16),
+        reference.gate_up_proj_bias.bfloat16(),
+        dequantize(reference.down_proj_blocks, reference.down_proj_scales, torch.bfloat16),
+        reference.down_proj_bias.bfloat16(),
+    )
 
     def grouped(h, router_w, router_b):
         return engine_experts(h, router_w, router_b, *bf16, first, MATH["top_k"], MATH["limit"], MATH["alpha"], True)
@@ -129,29 +135,51 @@ def layer_rows(name: str, total: int, local: int, first: int, gen: torch.Generat
         truth, eager = reference(h.float(), router_w, router_b), fast(h, router_w, router_b)
         grouped_graph, _ = in_graph(grouped, h, router_w, router_b)
         whole = torch.equal(eager, zero_padded(reference, total)(h, router_w, router_b)) if local < total else True
-        rows.append(dict(layer=f"{name} experts {first}-{first + local - 1} of {total}", tokens=tokens, whole=whole,
-                         mxfp4=relative(eager, truth), graph=relative(graphed, truth), same=torch.equal(graphed, eager),
-                         bf16=relative(grouped(h, router_w, router_b), truth), mxfp4_us=replay_us(graph),
-                         bf16_us=replay_us(grouped_graph)))
+        rows.append(
+            dict(
+                layer=f"{name} experts {first}-{first + local - 1} of {total}",
+                tokens=tokens,
+                whole=whole,
+                mxfp4=relative(eager, truth),
+                graph=relative(graphed, truth),
+                same=torch.equal(graphed, eager),
+                bf16=relative(grouped(h, router_w, router_b), truth),
+                mxfp4_us=replay_us(graph),
+                bf16_us=replay_us(grouped_graph),
+            )
+        )
         del graph, grouped_graph
     return rows
 
 
 def layer_check() -> bool:
     """Every layer on seed 0's weights and inputs; the ep shares (their own routing metadata) on EP_SEEDS more."""
-    print(f"{'layer':<34} {'tokens':>6} {'MXFP4 err':>9} {'in graph':>9} {'= eager':>7} {'= whole':>7} {'bf16 err':>9} "
-          f"{'MXFP4 us':>9} {'bf16 us':>8}", flush=True)
+    print(
+        f"{'layer':<34} {'tokens':>6} {'MXFP4 err':>9} {'in graph':>9} {'= eager':>7} {'= whole':>7} {'bf16 err':>9} "
+        f"{'MXFP4 us':>9} {'bf16 us':>8}",
+        flush=True,
+    )
     ok = True
-    cases = [(name, total, local, first, 0) for name, total in (("20b", 32), ("120b", 128))
-             for local, first in ((total, 0), (total // 2, total // 2))]
-    cases += [(name, total, total // 2, total // 2, seed) for seed in range(1, EP_SEEDS + 1)
-              for name, total in (("20b", 32), ("120b", 128))]
+    cases = [
+        (name, total, local, first, 0)
+        for name, total in (("20b", 32), ("120b", 128))
+        for local, first in ((total, 0), (total // 2, total // 2))
+    ]
+    cases += [
+        (name, total, total // 2, total // 2, seed)
+        for seed in range(1, EP_SEEDS + 1)
+        for name, total in (("20b", 32), ("120b", 128))
+    ]
     for name, total, local, first, seed in cases:
         torch.manual_seed(seed)
         gen = torch.Generator("cuda").manual_seed(seed)
         for r in layer_rows(name, total, local, first, gen):
-            print(f"{r['layer']:<34} {r['tokens']:>6} {r['mxfp4']:>9.2e} {r['graph']:>9.2e} {r['same']!s:>7} {r['whole']!s:>7} "
-                  f"{r['bf16']:>9.2e} {r['mxfp4_us']:>9.1f} {r['bf16_us']:>8.1f}  seed {seed}", flush=True)
+            print(
+                f"{r['layer']:<34} {r['tokens']:>6} {r['mxfp4']:>9.2e} {r['graph']:>9.2e} "
+                f"{r['same']!s:>7} {r['whole']!s:>7} "
+                f"{r['bf16']:>9.2e} {r['mxfp4_us']:>9.1f} {r['bf16_us']:>8.1f}  seed {seed}",
+                flush=True,
+            )
             ok &= r["mxfp4"] <= TOLERANCE and r["graph"] <= TOLERANCE and r["same"] and r["whole"]
         gc.collect()
         torch.cuda.empty_cache()
@@ -181,11 +209,18 @@ def many_tokens_check() -> bool:
             graph.replay()
             eager = fast(tokens.contiguous(), router_w, router_b)
             # the worst row, not an average that 8,191 good rows would hide a bad one in
-            rows = ((graphed.float() - alone.float()).norm(dim=-1).max() / alone.float().norm()).item() if kind != "random" else 0
+            rows = (
+                ((graphed.float() - alone.float()).norm(dim=-1).max() / alone.float().norm()).item()
+                if kind != "random"
+                else 0
+            )
             error = relative(graphed[:128], reference(tokens[:128].float(), router_w, router_b))
             same = torch.equal(graphed, eager)
-            print(f"{name:<6} {kind:<20} {rows if kind != 'random' else '-':>12.3} {error:>9.2e} {same!s:>7} "
-                  f"{replay_us(graph, 10):>9.1f}", flush=True)
+            print(
+                f"{name:<6} {kind:<20} {rows if kind != 'random' else '-':>12.3} {error:>9.2e} {same!s:>7} "
+                f"{replay_us(graph, 10):>9.1f}",
+                flush=True,
+            )
             ok &= rows <= TOLERANCE and error <= TOLERANCE and same and bool(graphed.isfinite().all())
         torch.cuda.synchronize()  # an illegal access in any of it surfaces here, named
         del graph, reference, fast
@@ -210,13 +245,17 @@ def scale_tail_check() -> bool:
         last = (torch.topk(F.linear(h, router_w, router_b), MATH["top_k"]).indices == total - 1).any(-1)
         for projection, config in (("gate_up", fast.kernel.gate_up_precision), ("down", fast.kernel.down_precision)):
             scales = config.weight_scale.storage.data
-            tail = torch.empty(0, dtype=torch.uint8, device="cuda").set_(scales.untyped_storage())[scales.numel():]
+            tail = torch.empty(0, dtype=torch.uint8, device="cuda").set_(scales.untyped_storage())[scales.numel() :]
             tail.fill_(0xFF)
             out = fast(h, router_w, router_b)
             tail.zero_()
             changed, finite = (out != clean).any(-1), out.isfinite().all(-1)
-            print(f"{name} {projection}: 0xFF after the scales changed {int(changed.sum())} tokens ({int((~finite).sum())} "
-                  f"to NaN); {int(last.sum())} are routed to the last expert", flush=True)
+            print(
+                f"{name} {projection}: 0xFF after the scales changed {int(changed.sum())} tokens "
+                f"({int((~finite).sum())} "
+                f"to NaN); {int(last.sum())} are routed to the last expert",
+                flush=True,
+            )
             ok &= torch.equal(changed, last)
         again = fast(h, router_w, router_b)
         print(f"{name}: zeros again give the output back: {torch.equal(again, clean)}", flush=True)
@@ -231,8 +270,14 @@ def packed_twin(experts, config) -> Mxfp4Experts:
     """A layer's float experts quantized to MXFP4, as Mxfp4Experts on the GPU; the float ones are set to the
     values those dequantize to, so that both hold the same weights."""
     with torch.device("cuda"):
-        packed = Mxfp4Experts(config.num_local_experts, config.hidden_size, config.intermediate_size,
-                              top_k=config.num_experts_per_tok, limit=config.swiglu_limit, alpha=config.swiglu_alpha)
+        packed = Mxfp4Experts(
+            config.num_local_experts,
+            config.hidden_size,
+            config.intermediate_size,
+            top_k=config.num_experts_per_tok,
+            limit=config.swiglu_limit,
+            alpha=config.swiglu_alpha,
+        )
     state = {}
     for name in ("gate_up_proj", "down_proj"):
         weight = getattr(experts, name)
@@ -246,8 +291,13 @@ def packed_twin(experts, config) -> Mxfp4Experts:
 
 def greedy_check() -> bool:
     enc = encoding()
-    model = GptOssForCausalLM.from_pretrained(teach(Path(tempfile.mkdtemp()), device="cuda"), dtype=torch.bfloat16,
-                                              attn_implementation="eager").cuda().eval()
+    model = (
+        GptOssForCausalLM.from_pretrained(
+            teach(Path(tempfile.mkdtemp()), device="cuda"), dtype=torch.bfloat16, attn_implementation="eager"
+        )
+        .cuda()
+        .eval()
+    )
     prompts = [render_prompt(enc, parse_request(obj, 0), "medium") for obj, _ in LESSONS]
     answers = [enc.encode(text, allowed_special="all") for _, text in LESSONS]
     twins = [packed_twin(layer.mlp.experts, model.config) for layer in model.model.layers]
@@ -259,8 +309,11 @@ def greedy_check() -> bool:
         engine = Engine(model, EngineConfig(slots=2, cache_gib=4), stop_tokens(enc))  # the first still holds its cache
         out = complete(engine, [Work(i, p, 64, Sampling()) for i, p in enumerate(prompts)])
         runs[kind] = [out[i][0] for i in range(len(prompts))]
-        print(f"engine, {kind} experts ({engine.describe()}): {sum(t == a for t, a in zip(runs[kind], answers))}/"
-              f"{len(answers)} lessons answered token for token", flush=True)
+        print(
+            f"engine, {kind} experts ({engine.describe()}): {sum(t == a for t, a in zip(runs[kind], answers))}/"
+            f"{len(answers)} lessons answered token for token",
+            flush=True,
+        )
     same = sum(a == b for a, b in zip(runs["mxfp4"], runs["dequantized"]))
     print(f"greedy bf16: MXFP4 experts = dequantized experts on {same}/{len(prompts)} prompts", flush=True)
     return same == len(prompts)

@@ -1,11 +1,12 @@
-"""GPU check of the paged attention kernels (parallel/paged_attention.py; CI has no GPU: run by hand on an H100
-and record the output in docs/performance.md):
+"""GPU check of the paged attention kernels (parallel/engine/kernels/paged_attention.py; CI has no GPU: run by hand
+on an H100 and record the output in docs/benchmarks.md):
 
     python tests/gpu/paged_attention_check.py [--out results.json]
 
 At gpt-oss's head shapes (64 query heads, 8 KV heads, head_dim 64, sinks, block_size 16, random scattered
 block tables, unused cache blocks NaN), for the full and the 128-token sliding window:
-1. errors in bf16 against the float32 reference (parallel/engine/attention.py's torch reference), for every configuration timed;
+1. errors in bf16 against the float32 reference (parallel/engine/attention.py's torch reference), for every
+   configuration timed;
    decode also replayed from a CUDA graph after its lengths and block tables changed in place;
 2. decode timings, batch 1/64/256 x 256..8k keys, in a CUDA graph over several layers' caches (a cold L2, as in
    a real step), with the K/V bytes read a second against the H100's ~3 TB/s;
@@ -42,10 +43,24 @@ DEVICE = "cpu" if SMOKE else "cuda"
 DTYPE = torch.float32 if SMOKE else torch.bfloat16
 MAX_ERROR = 1e-2
 # One change at a time from the defaults; the best value of each is then tried together.
-DECODE_TRIES = [{}, {"num_stages": 3}, {"num_warps": 2}, {"BLOCK_N": 128}, {"BLOCK_N": 32}, {"PROGRAMS": 528},
-                {"PROGRAMS": 1056}]
-PREFILL_TRIES = [{}, {"num_warps": 4}, {"BLOCK_N": 128, "num_stages": 2}, {"BLOCK_M": 64},
-                 {"BLOCK_N": 32, "num_stages": 4}, {"BLOCK_M": 256, "num_stages": 2}, {"num_stages": 2}]
+DECODE_TRIES = [
+    {},
+    {"num_stages": 3},
+    {"num_warps": 2},
+    {"BLOCK_N": 128},
+    {"BLOCK_N": 32},
+    {"PROGRAMS": 528},
+    {"PROGRAMS": 1056},
+]
+PREFILL_TRIES = [
+    {},
+    {"num_warps": 4},
+    {"BLOCK_N": 128, "num_stages": 2},
+    {"BLOCK_M": 64},
+    {"BLOCK_N": 32, "num_stages": 4},
+    {"BLOCK_M": 256, "num_stages": 2},
+    {"num_stages": 2},
+]
 GEN = torch.Generator(DEVICE).manual_seed(0)
 
 
@@ -88,8 +103,9 @@ class Paged:
 
     def reference(self, window):
         k, v = (c.float() for c in self.caches[0])
-        return varlen_torch(self.q.float(), k, v, self.cu_seqlens_q, self.seq_lens, self.tables,
-                                         self.sinks.float(), SCALING, window)
+        return varlen_torch(
+            self.q.float(), k, v, self.cu_seqlens_q, self.seq_lens, self.tables, self.sinks.float(), SCALING, window
+        )
 
 
 def relative(a, b):
@@ -112,13 +128,19 @@ def timed(fn):
 
 
 def decode(batch, config, window):
-    return lambda: [pa.paged_decode_attention(batch.q, k, v, batch.tables, batch.seq_lens, batch.sinks, SCALING,
-                                              window, config) for k, v in batch.caches]
+    return lambda: [
+        pa.paged_decode_attention(batch.q, k, v, batch.tables, batch.seq_lens, batch.sinks, SCALING, window, config)
+        for k, v in batch.caches
+    ]
 
 
 def prefill(batch, config, window):
-    return lambda: [pa.paged_prefill_attention(batch.q, k, v, batch.cu_seqlens_q, batch.seq_lens, batch.tables,
-                                               batch.sinks, SCALING, window, config) for k, v in batch.caches]
+    return lambda: [
+        pa.paged_prefill_attention(
+            batch.q, k, v, batch.cu_seqlens_q, batch.seq_lens, batch.tables, batch.sinks, SCALING, window, config
+        )
+        for k, v in batch.caches
+    ]
 
 
 def graph_replay_error(window):
@@ -148,7 +170,9 @@ def decode_shapes():
         for keys in (40, 200) if SMOKE else (256, 1024, 2048, 8192):
             layers = 1 if SMOKE else min(24, max(1, 2**30 // (size * keys * KV_HEADS * DIM * 4)))
             batch = Paged([(1, keys)] * size, layers)
-            shapes += [(f"{size} x {keys}", batch, None)] + ([(f"{size} x {keys}", batch, WINDOW)] if keys == 8192 else [])
+            shapes += [(f"{size} x {keys}", batch, None)] + (
+                [(f"{size} x {keys}", batch, WINDOW)] if keys == 8192 else []
+            )
     return shapes
 
 
@@ -160,15 +184,19 @@ def prefill_shapes():
     cases = {"64 x 2k": [(2048, 2048)] * 64, "1 x 8k": [(8192, 8192)], "256 mixed": mixed}
     if SMOKE:
         cases = {"2 x 64": [(64, 64)] * 2, "mixed": [(1, 50), (20, 90)]}
-    return [(name, batch, window) for name, rows in cases.items() for batch in [Paged(rows)] for window in (None, WINDOW)]
+    return [
+        (name, batch, window) for name, rows in cases.items() for batch in [Paged(rows)] for window in (None, WINDOW)
+    ]
 
 
 def error_batches():
     """Small batches for the errors against float32: decode rows of 1 to 8k keys; prompts, chunks, decode rows."""
     if SMOKE:
         return Paged([(1, 1), (1, 70)]), Paged([(1, 40), (30, 60), (8, 8)])
-    return (Paged([(1, n) for n in (1, 100, 129, 1000, 2048, 4096, 8000, 8192)]),
-            Paged([(1, 3000), (512, 2048), (2048, 2048), (300, 1000), (1, 1), (7, 7), (100, 4000)]))
+    return (
+        Paged([(1, n) for n in (1, 100, 129, 1000, 2048, 4096, 8000, 8192)]),
+        Paged([(1, 3000), (512, 2048), (2048, 2048), (300, 1000), (1, 1), (7, 7), (100, 4000)]),
+    )
 
 
 def label(config):
@@ -211,8 +239,11 @@ def measure(part, tries, shapes, error_batch, deadline):
             print(f"  {label(config)}: failed: {type(e).__name__}: {str(e)[:300]}")
             continue
         table[label(config)] = (config, errors, times)
-        print(f"  {label(config):45s} errors {errors[None]:.1e} / {errors[WINDOW]:.1e} (full / window), "
-              f"geomean {geomean(times.values()):.4f} ms", flush=True)
+        print(
+            f"  {label(config):45s} errors {errors[None]:.1e} / {errors[WINDOW]:.1e} (full / window), "
+            f"geomean {geomean(times.values()):.4f} ms",
+            flush=True,
+        )
     return table
 
 
@@ -246,15 +277,21 @@ def report(title, table, shapes):
     """Per shape: the defaults' time and the fastest configuration's, with its rates against the H100's ~3 TB/s
     and ~800 TFLOP/s; returns that configuration's label."""
     best = min(table, key=lambda name: geomean(table[name][2].values()))
-    print(f"\n{title}: fastest by geometric mean: {best}; errors vs float32 {table[best][1][None]:.1e} (full), "
-          f"{table[best][1][WINDOW]:.1e} (window {WINDOW})")
-    print(f"  {'shape':12s} {'window':>6s} {'defaults ms':>12s} {'fastest ms':>11s} {'TB/s':>6s} {'%':>4s} "
-          f"{'TFLOP/s':>8s} {'%':>4s}")
+    print(
+        f"\n{title}: fastest by geometric mean: {best}; errors vs float32 {table[best][1][None]:.1e} (full), "
+        f"{table[best][1][WINDOW]:.1e} (window {WINDOW})"
+    )
+    print(
+        f"  {'shape':12s} {'window':>6s} {'defaults ms':>12s} {'fastest ms':>11s} {'TB/s':>6s} {'%':>4s} "
+        f"{'TFLOP/s':>8s} {'%':>4s}"
+    )
     for name, batch, window in shapes:
         default, fastest = table.get("defaults", table[best])[2][name, window], table[best][2][name, window]
         tbs, tflops = rates(batch, window, fastest)
-        print(f"  {name:12s} {window!s:>6s} {default:12.4f} {fastest:11.4f} {tbs:6.2f} {tbs / 3.0:4.0%} "
-              f"{tflops:8.1f} {tflops / 800:4.0%}")
+        print(
+            f"  {name:12s} {window!s:>6s} {default:12.4f} {fastest:11.4f} {tbs:6.2f} {tbs / 3.0:4.0%} "
+            f"{tflops:8.1f} {tflops / 800:4.0%}"
+        )
     return best
 
 
@@ -268,22 +305,36 @@ def tune(part, tries, cases, error_batch, deadline):
         table |= measure(part, [together], cases, error_batch, math.inf)
     best = report(part.__name__, table, cases)
     ok = all(e <= MAX_ERROR for _, errors, _ in table.values() for e in errors.values())
-    return {"fastest": table[best][0], "configs": {
-        name: {"config": config, "errors": {str(w): e for w, e in errors.items()},
-               "ms": {f"{shape} window {w}": ms for (shape, w), ms in times.items()}}
-        for name, (config, errors, times) in table.items()}}, ok
+    return {
+        "fastest": table[best][0],
+        "configs": {
+            name: {
+                "config": config,
+                "errors": {str(w): e for w, e in errors.items()},
+                "ms": {f"{shape} window {w}": ms for (shape, w), ms in times.items()},
+            }
+            for name, (config, errors, times) in table.items()
+        },
+    }, ok
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", help="write every number here as JSON")
-    parser.add_argument("--budget", type=float, default=90,
-                        help="seconds of timing (after compiling) after which no further configuration starts")
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=90,
+        help="seconds of timing (after compiling) after which no further configuration starts",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU under Triton's interpreter")
     args = parser.parse_args()
     start = time.time()
-    print(f"{'CPU (interpreter)' if SMOKE else torch.cuda.get_device_name()}, torch {torch.__version__}, "
-          f"triton {triton.__version__}", flush=True)
+    print(
+        f"{'CPU (interpreter)' if SMOKE else torch.cuda.get_device_name()}, torch {torch.__version__}, "
+        f"triton {triton.__version__}",
+        flush=True,
+    )
     if not SMOKE:
         precompile([("decode", DECODE_TRIES), ("prefill", PREFILL_TRIES)])
         print(f"compiled every configuration: {time.time() - start:.0f} s", flush=True)
@@ -295,8 +346,10 @@ def main() -> int:
         ok &= error <= MAX_ERROR
     decode_errors, prefill_errors = error_batches()
     results = {}
-    for part, tries, shapes, errors, share in ((decode, DECODE_TRIES, decode_shapes, decode_errors, 0.5),
-                                               (prefill, PREFILL_TRIES, prefill_shapes, prefill_errors, 0.0)):
+    for part, tries, shapes, errors, share in (
+        (decode, DECODE_TRIES, decode_shapes, decode_errors, 0.5),
+        (prefill, PREFILL_TRIES, prefill_shapes, prefill_errors, 0.0),
+    ):
         results[part.__name__], part_ok = tune(part, tries, shapes(), errors, deadline - share * args.budget)
         ok &= part_ok
         if args.out:  # after each part: what a cut-off run measured still comes back

@@ -14,10 +14,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from parallel.config import merge_config, parse_args_and_overrides
-from parallel.distributed.loading import load_model, plan_model
 from parallel.distributed.mesh import build_mesh, init_distributed
 from parallel.engine.engine import Engine
 from parallel.engine.interface import Sampling, Work
+from parallel.loading.model import load_model, plan_model
 
 ids = itertools.count()
 
@@ -42,7 +42,12 @@ def main() -> None:
         while any(s.computed < len(s.tokens) - 1 for s in engine.sequences.values()):
             engine.step(ignore)
         measure(engine, f"batch {batch}, decode-only", lambda: None, args)
-        measure(engine, f"batch {batch} + one {args.prompt}-token prompt", lambda: engine.add([request(args.prompt, 1)]), args)
+        measure(
+            engine,
+            f"batch {batch} + one {args.prompt}-token prompt",
+            lambda: engine.add([request(args.prompt, 1)]),
+            args,
+        )
         engine = None  # its cache freed before the next one takes the memory
         torch.cuda.empty_cache()
 
@@ -72,7 +77,10 @@ def measure(engine: Engine, what: str, before_step, args) -> None:
         torch.cuda.synchronize()
     kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
     total = sum(e.device_time_total for e in kernels) / args.steps / 1e3
-    print(f"\n{what}: {step_ms:.2f} ms a step, GPU kernels {total:.2f} ms (the rest is host work); {engine.describe()}", flush=True)
+    print(
+        f"\n{what}: {step_ms:.2f} ms a step, GPU kernels {total:.2f} ms (the rest is host work); {engine.describe()}",
+        flush=True,
+    )
     for e in sorted(kernels, key=lambda e: -e.device_time_total)[: args.top]:
         ms = e.device_time_total / args.steps / 1e3
         print(f"  {ms:7.3f} ms {ms / total:5.1%} x{e.count // args.steps:<4} {e.key[:110]}", flush=True)

@@ -18,9 +18,9 @@ import time
 import torch
 
 from launch.bench import loaded
-from parallel.distributed.checkpoint import read_model_config
 from parallel.engine.engine import Engine
 from parallel.engine.interface import Sampling, Work, complete
+from parallel.loading.checkpoint import read_model_config
 from parallel.protocol.harmony import encoding, stop_tokens
 
 
@@ -37,20 +37,29 @@ def main() -> int:
     shape.quantization_config = {"quant_method": "mxfp4"}  # so that dummy weights come as MXFP4 experts
     folder = tempfile.mkdtemp()
     shape.save_pretrained(folder)
-    cfg, model = loaded("configs/gpt-oss-120b.yaml", (f"model.path={folder}", "model.load_format=dummy", *args.overrides))
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}: {args.layers} layers of gpt-oss-120b's shape",
-          flush=True)
+    cfg, model = loaded(
+        "configs/gpt-oss-120b.yaml", (f"model.path={folder}", "model.load_format=dummy", *args.overrides)
+    )
+    print(
+        f"{torch.cuda.get_device_name()}, torch {torch.__version__}: {args.layers} layers of gpt-oss-120b's shape",
+        flush=True,
+    )
     enc = encoding()
     # prompts of 1 to ~3,000 tokens: decode rows, short and long prompt chunks in one step
-    work = [Work(i, [200006 + i % 7] + list(range(1000, 1000 + n)), 16, Sampling(temperature=1.0, seed=i))
-            for i, n in enumerate((0, 7, 100, 500, 3000, 31))]
+    work = [
+        Work(i, [200006 + i % 7] + list(range(1000, 1000 + n)), 16, Sampling(temperature=1.0, seed=i))
+        for i, n in enumerate((0, 7, 100, 500, 3000, 31))
+    ]
     for start in range(args.starts):
         began = time.perf_counter()
         engine = Engine(model, cfg.engine, stop_tokens(enc))
         out = complete(engine, work)
         torch.cuda.synchronize()
-        print(f"start {start + 1}: {engine.describe()}; {time.perf_counter() - began:.1f} s; "
-              f"{sum(len(t) for t, _ in out.values())} tokens", flush=True)
+        print(
+            f"start {start + 1}: {engine.describe()}; {time.perf_counter() - began:.1f} s; "
+            f"{sum(len(t) for t, _ in out.values())} tokens",
+            flush=True,
+        )
         del engine
     print("OK")
     return 0

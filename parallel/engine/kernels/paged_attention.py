@@ -42,9 +42,29 @@ NO_WINDOW = 1 << 30  # a window no position reaches: full causal attention
 
 
 @triton.jit
-def _key_tiles(m, total, acc, q, pos, K, V, table, kv, start, stop, lo, seq_len, qk_scale, window,
-               KV_HEADS: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-               MASKED: tl.constexpr, PRECISION: tl.constexpr):
+def _key_tiles(
+    m,
+    total,
+    acc,
+    q,
+    pos,
+    K,
+    V,
+    table,
+    kv,
+    start,
+    stop,
+    lo,
+    seq_len,
+    qk_scale,
+    window,
+    KV_HEADS: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """The online softmax over key tiles [start, stop) (start a multiple of BLOCK_N); MASKED tiles hold keys
     that some row may not see. Keys are read through the sequence's block-table row `table`, and only within
     [lo, seq_len): positions the tile's rows may see."""
@@ -54,8 +74,9 @@ def _key_tiles(m, total, acc, q, pos, K, V, table, kv, start, stop, lo, seq_len,
         live = (t >= lo) & (t < seq_len)
         block = tl.load(table + t // BLOCK_SIZE, mask=live, other=0).to(tl.int64)  # int64: big caches
         at = ((block * BLOCK_SIZE + t % BLOCK_SIZE) * KV_HEADS + kv) * D
-        k = tl.load(K + at[:, None] + d[None, :], mask=live[:, None], other=0.0)
-        v = tl.load(V + at[:, None] + d[None, :], mask=live[:, None], other=0.0)
+        # An fp8 cache is widened to the queries' type in registers: its keys and values cost half the bytes to read.
+        k = tl.load(K + at[:, None] + d[None, :], mask=live[:, None], other=0.0).to(q.dtype)
+        v = tl.load(V + at[:, None] + d[None, :], mask=live[:, None], other=0.0).to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if MASKED:  # causal within the window: a row at position p sees keys (p - window, p]
             seen = (t[None, :] <= pos[:, None]) & (t[None, :] > pos[:, None] - window)
@@ -88,11 +109,37 @@ def _key_range(seq_len, q_len, first, split, splits, window, BLOCK_Q: tl.constex
 
 # Runtime integers that vary with the batch: one compiled kernel for every split count, window and table width.
 @triton.jit(do_not_specialize=["stride_table", "window", "splits"])
-def _attention(Q, K, V, Tables, SeqLens, CuSeqlensQ, TileSeq, TileFirst, Sinks, Out, Acc, Max, Sum,
-               stride_qt, stride_qh, stride_table, qk_scale, window, splits,
-               HEADS: tl.constexpr, KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-               ROWS: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-               VARLEN: tl.constexpr, PRECISION: tl.constexpr):
+def _attention(
+    Q,
+    K,
+    V,
+    Tables,
+    SeqLens,
+    CuSeqlensQ,
+    TileSeq,
+    TileFirst,
+    Sinks,
+    Out,
+    Acc,
+    Max,
+    Sum,
+    stride_qt,
+    stride_qh,
+    stride_table,
+    qk_scale,
+    window,
+    splits,
+    HEADS: tl.constexpr,
+    KV_HEADS: tl.constexpr,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    ROWS: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    VARLEN: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """Program (query tile, KV head, key split). Rows are BLOCK_Q = ROWS // GROUP_PAD tokens x GROUP_PAD heads.
     VARLEN: the tile's sequence and first query come from TileSeq/TileFirst (-1: no tile, return); else the
     tile is sequence `program_id(0)`'s single query (decode). One split writes Out; more write partials."""
@@ -112,25 +159,84 @@ def _attention(Q, K, V, Tables, SeqLens, CuSeqlensQ, TileSeq, TileFirst, Sinks, 
     head = kv * GROUP + g
     valid = (token < q_len) & (g < GROUP)
     pos = seq_len - q_len + tl.minimum(token, q_len - 1)  # padding rows repeat the last query: finite, unstored
-    q = tl.load(Q + (q_start + token)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
-                mask=valid[:, None], other=0.0)
+    q = tl.load(
+        Q + (q_start + token)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
+        mask=valid[:, None],
+        other=0.0,
+    )
     m = tl.load(Sinks + head, mask=g < GROUP, other=0.0).to(tl.float32) * 1.4426950408889634  # log2(e): exp2
     total = tl.zeros([ROWS], tl.float32) + (split == 0).to(tl.float32)  # the sink's weight, counted once
     acc = tl.zeros([ROWS, D], tl.float32)
-    lo, start, mid_lo, mid_hi, stop = _key_range(seq_len, q_len, first, split, splits, window, ROWS // GROUP_PAD,
-                                                 BLOCK_N)
+    lo, start, mid_lo, mid_hi, stop = _key_range(
+        seq_len, q_len, first, split, splits, window, ROWS // GROUP_PAD, BLOCK_N
+    )
     args = (K, V, Tables + seq * stride_table, kv)
-    m, total, acc = _key_tiles(m, total, acc, q, pos, *args, start, mid_lo, lo, seq_len, qk_scale, window,
-                               KV_HEADS, D, BLOCK_SIZE, BLOCK_N, True, PRECISION)
-    m, total, acc = _key_tiles(m, total, acc, q, pos, *args, mid_lo, mid_hi, lo, seq_len, qk_scale, window,
-                               KV_HEADS, D, BLOCK_SIZE, BLOCK_N, False, PRECISION)
-    m, total, acc = _key_tiles(m, total, acc, q, pos, *args, mid_hi, stop, lo, seq_len, qk_scale, window,
-                               KV_HEADS, D, BLOCK_SIZE, BLOCK_N, True, PRECISION)
+    m, total, acc = _key_tiles(
+        m,
+        total,
+        acc,
+        q,
+        pos,
+        *args,
+        start,
+        mid_lo,
+        lo,
+        seq_len,
+        qk_scale,
+        window,
+        KV_HEADS,
+        D,
+        BLOCK_SIZE,
+        BLOCK_N,
+        True,
+        PRECISION,
+    )
+    m, total, acc = _key_tiles(
+        m,
+        total,
+        acc,
+        q,
+        pos,
+        *args,
+        mid_lo,
+        mid_hi,
+        lo,
+        seq_len,
+        qk_scale,
+        window,
+        KV_HEADS,
+        D,
+        BLOCK_SIZE,
+        BLOCK_N,
+        False,
+        PRECISION,
+    )
+    m, total, acc = _key_tiles(
+        m,
+        total,
+        acc,
+        q,
+        pos,
+        *args,
+        mid_hi,
+        stop,
+        lo,
+        seq_len,
+        qk_scale,
+        window,
+        KV_HEADS,
+        D,
+        BLOCK_SIZE,
+        BLOCK_N,
+        True,
+        PRECISION,
+    )
 
     row = (q_start + token) * HEADS + head
     if splits == 1:
-        tl.store(Out + row[:, None] * D + d[None, :], (acc / total[:, None]).to(Out.dtype.element_ty),
-                 mask=valid[:, None])
+        tl.store(
+            Out + row[:, None] * D + d[None, :], (acc / total[:, None]).to(Out.dtype.element_ty), mask=valid[:, None]
+        )
     else:
         part = row * splits + split
         tl.store(Acc + part[:, None] * D + d[None, :], acc, mask=valid[:, None])
@@ -160,9 +266,17 @@ def decode_splits(batch: int, kv_heads: int, keys: int, config: dict) -> int:
     return splits
 
 
-def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           block_tables: torch.Tensor, seq_lens: torch.Tensor, sinks: torch.Tensor, scaling: float,
-                           window: int | None, config: dict | None = None) -> torch.Tensor:
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    sinks: torch.Tensor,
+    scaling: float,
+    window: int | None,
+    config: dict | None = None,
+) -> torch.Tensor:
     """Attention output (B, heads, D) of q (B, heads, D): sequence b's one query, at position seq_lens[b] - 1,
     against its keys [0, seq_lens[b]) (the last `window` on a sliding layer) read through block_tables
     (B, max_blocks) int32; seq_lens (B,) int32 >= 1; sinks (heads,). CUDA-graph safe: the grid follows B,
@@ -176,22 +290,47 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     partials = None
     if splits > 1:
         parts = batch * heads * splits
-        partials = (torch.empty(parts, dim, dtype=torch.float32, device=q.device),
-                    torch.empty(parts, dtype=torch.float32, device=q.device),
-                    torch.empty(parts, dtype=torch.float32, device=q.device))
+        partials = (
+            torch.empty(parts, dim, dtype=torch.float32, device=q.device),
+            torch.empty(parts, dtype=torch.float32, device=q.device),
+            torch.empty(parts, dtype=torch.float32, device=q.device),
+        )
     # rows: the group's heads, padded to the 16 rows a tensor-core dot needs
     rows = max(16, triton.next_power_of_2(heads // kv_heads))
-    _launch((batch, kv_heads, splits), q, k_cache, v_cache, block_tables, seq_lens, sinks, scaling, window, out,
-            varlen=None, partials=partials, rows=rows, splits=splits, config=config)
+    _launch(
+        (batch, kv_heads, splits),
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_lens,
+        sinks,
+        scaling,
+        window,
+        out,
+        varlen=None,
+        partials=partials,
+        rows=rows,
+        splits=splits,
+        config=config,
+    )
     if splits > 1:
         _merge[(batch * heads,)](*partials, out, D=dim, SPLITS=splits)
     return out
 
 
-def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                            cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
-                            sinks: torch.Tensor, scaling: float, window: int | None,
-                            config: dict | None = None) -> torch.Tensor:
+def paged_prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    sinks: torch.Tensor,
+    scaling: float,
+    window: int | None,
+    config: dict | None = None,
+) -> torch.Tensor:
     """Attention output (T, heads, D) of varlen queries q (T, heads, D): sequence b's are rows
     cu_seqlens_q[b]:cu_seqlens_q[b+1] ((B+1,) int32), its last q_len tokens, at positions seq_lens[b] - q_len ..
     seq_lens[b] - 1, each seeing the keys up to its own (within `window`), read through block_tables
@@ -204,8 +343,23 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     rows = max(config["BLOCK_M"], group_pad, 16)
     tile_seq, tile_first = _tile_map(cu_seqlens_q, rows // group_pad, tokens // (rows // group_pad) + len(seq_lens))
     out = torch.empty(tokens, heads, dim, dtype=q.dtype, device=q.device)
-    _launch((len(tile_seq), kv_heads, 1), q, k_cache, v_cache, block_tables, seq_lens, sinks, scaling, window, out,
-            varlen=(cu_seqlens_q, tile_seq, tile_first), partials=None, rows=rows, splits=1, config=config)
+    _launch(
+        (len(tile_seq), kv_heads, 1),
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_lens,
+        sinks,
+        scaling,
+        window,
+        out,
+        varlen=(cu_seqlens_q, tile_seq, tile_first),
+        partials=None,
+        rows=rows,
+        splits=1,
+        config=config,
+    )
     return out
 
 
@@ -224,19 +378,56 @@ def _tile_map(cu_seqlens_q: torch.Tensor, block_q: int, programs: int) -> tuple[
     return torch.where(inside, seq, -1).int(), first.int()
 
 
-def _launch(grid, q, k_cache, v_cache, block_tables, seq_lens, sinks, scaling, window, out, *, varlen, partials,
-            rows, splits, config):
+def _launch(
+    grid,
+    q,
+    k_cache,
+    v_cache,
+    block_tables,
+    seq_lens,
+    sinks,
+    scaling,
+    window,
+    out,
+    *,
+    varlen,
+    partials,
+    rows,
+    splits,
+    config,
+):
     """The one launch of `_attention` both entry points share: varlen = (cu_seqlens_q, tile_seq, tile_first) or
     None (decode); partials = (acc, max, sum) where splits > 1. Unused pointers get a stand-in."""
     heads, kv_heads = q.shape[1], k_cache.shape[2]
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and q.stride(2) == 1, "contiguous caches, rows of q"
     assert heads % kv_heads == 0 and block_tables.dtype == seq_lens.dtype == torch.int32
     _attention[grid](
-        q, k_cache, v_cache, block_tables, seq_lens, *(varlen or (seq_lens,) * 3), sinks, out,
-        *(partials or (out,) * 3), q.stride(0), q.stride(1), block_tables.stride(0), scaling * LOG2E,
-        window or NO_WINDOW, splits, HEADS=heads, KV_HEADS=kv_heads, GROUP=heads // kv_heads,
-        GROUP_PAD=triton.next_power_of_2(heads // kv_heads), ROWS=rows, D=q.shape[2], BLOCK_SIZE=k_cache.shape[1],
-        BLOCK_N=config["BLOCK_N"], VARLEN=varlen is not None,
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_lens,
+        *(varlen or (seq_lens,) * 3),
+        sinks,
+        out,
+        *(partials or (out,) * 3),
+        q.stride(0),
+        q.stride(1),
+        block_tables.stride(0),
+        scaling * LOG2E,
+        window or NO_WINDOW,
+        splits,
+        HEADS=heads,
+        KV_HEADS=kv_heads,
+        GROUP=heads // kv_heads,
+        GROUP_PAD=triton.next_power_of_2(heads // kv_heads),
+        ROWS=rows,
+        D=q.shape[2],
+        BLOCK_SIZE=k_cache.shape[1],
+        BLOCK_N=config["BLOCK_N"],
+        VARLEN=varlen is not None,
         # float32 stays float32 (tf32 would move greedy tokens against the plain path); bf16 ignores it
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=config["num_warps"], num_stages=config["num_stages"])
+        num_warps=config["num_warps"],
+        num_stages=config["num_stages"],
+    )
