@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     if api:
         api.link_replicas(store)
     link = connect(store, place.replica) if place.is_leader else None
-    Replica(place, backend, link, TokenStreamer(cfg.server.stream_interval) if place.is_leader else None).run()
+    streamer = TokenStreamer(cfg.server.stream_interval, backend.stats) if place.is_leader else None
+    Replica(place, backend, link, streamer).run()
 
     if api and api.wait():
         backend.close()  # no process-group teardown, but the graphs still go first (parallel/job.py's finish_job)

@@ -178,6 +178,18 @@ class Engine:
     def close(self) -> None:
         self.runner.close()
 
+    def stats(self) -> dict[str, int]:
+        pool = self.pool
+        return {
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "kv_blocks_used": pool.capacity - pool.num_free(),
+            "kv_blocks": pool.capacity,
+            "preemptions": self.scheduler.preemptions,
+            "prefix_hit_tokens": pool.hits,
+            "prefix_query_tokens": pool.queries,
+        }
+
     def summary(self) -> str:
         """What the steps did: how many of each kind, their tokens and the host's time (how much of it waiting for
         the GPU: the rest is scheduling and bookkeeping, which the GPU may wait for); preemptions; prefix-cache

@@ -63,6 +63,10 @@ class Backend(Protocol):
 
     def describe(self) -> str: ...
 
+    def stats(self) -> dict[str, int]:
+        """Its counts now, for the server's /metrics: requests running and waiting, KV-cache blocks in use and in
+        all, preemptions and prefix-cache hits so far (those it has)."""
+
     def summary(self) -> str:
         """What it did, for the log at the end."""
 

@@ -32,6 +32,9 @@ class Plain:
     def summary(self) -> str:
         return f"plain: {self.batches} batches"
 
+    def stats(self) -> dict[str, int]:
+        return {"waiting": len(self.waiting)}
+
     def add(self, work: list[Work]) -> None:
         now = time.perf_counter()
         vocab = self.model.config.vocab_size

@@ -26,6 +26,7 @@ class Dispatcher(threading.Thread):
         self.pending: deque[Work] = deque()
         self.demand = [0] * replicas
         self.owner: dict[int, int] = {}
+        self.replica_stats: dict[int, dict[str, int]] = {}  # each replica's backend's latest counts (a server's)
         self.closed = False
         self.stopped: set[int] = set()  # replicas that said goodbye
         self.asked: set[int] = set()  # replicas that have asked for work at least once
@@ -67,6 +68,14 @@ class Dispatcher(threading.Thread):
                 "replicas_asking": sum(d > 0 for d in self.demand),
             }
 
+    def per_replica(self) -> tuple[dict[int, int], dict[int, dict[str, int]]]:
+        """The requests each replica holds, and each one's latest counts."""
+        with self.lock:
+            held = {replica: 0 for replica in range(self.replicas)}
+            for replica in self.owner.values():
+                held[replica] += 1
+            return held, dict(self.replica_stats)
+
     # -- the thread -----------------------------------------------------------------------------------------
 
     def run(self) -> None:
@@ -84,6 +93,8 @@ class Dispatcher(threading.Thread):
                 with self.lock:
                     for rid in message[2]:
                         self.owner.pop(rid, None)
+                    if len(message) > 3:  # a server's replica: its backend's counts
+                        self.replica_stats[replica] = message[3]
                 self.deliver(kind, message[1])
             elif kind == "bye":
                 self.stopped.add(replica)

@@ -4,13 +4,17 @@ request's first token and its end at once: time to first token and completion ar
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from parallel.engine.interface import Event, Work
 from parallel.replicas.channel import Link
 
 
 class TokenStreamer:
-    def __init__(self, interval: int):
-        self.interval = interval
+    """`stats`: the backend's counts, sent with each message of tokens (the server's /metrics reads them)."""
+
+    def __init__(self, interval: int, stats: Callable[[], dict[str, int]] = dict):
+        self.interval, self.stats = interval, stats
         self.pending: dict[int, Event] = {}  # rid -> its tokens since the last send
         self.started: set[int] = set()  # requests whose first token was sent
         self.urgent = False
@@ -33,5 +37,5 @@ class TokenStreamer:
         self.steps += 1
         if self.pending and (self.urgent or self.steps >= self.interval):
             events = list(self.pending.values())
-            link.send(("events", events, [e.rid for e in events if e.reason is not None]))
+            link.send(("events", events, [e.rid for e in events if e.reason is not None], self.stats()))
             self.pending, self.urgent, self.steps = {}, False, 0

@@ -28,6 +28,7 @@ from starlette.types import Receive, Scope, Send
 
 from parallel.engine.interface import Sampling, Work
 from parallel.log import error
+from parallel.serve.metrics import Metrics, RequestClock
 from parallel.serve.openai_api import ApiError
 from parallel.serve.prepare import Prepared, Preparer, Settings
 from parallel.serve.replies import Reply, make_reply
@@ -35,7 +36,7 @@ from parallel.serve.tickets import Ticket, Tickets
 
 # The finish reason of requests that server.drain_timeout_s cut: answered as a 503 or a failed stream.
 DRAIN_CUT = "error: the server shut down before the request finished (server.drain_timeout_s)"
-OPEN_PATHS = ("/health",)  # answered without the key
+OPEN_PATHS = ("/health", "/metrics")  # answered without the key
 
 
 def json_response(status: int, body: dict) -> Response:
@@ -119,7 +120,8 @@ class Api:
         self.tickets: Tickets | None = None
         self.draining = False
         self.calls = ThreadPoolExecutor(1, thread_name_prefix="tickets")  # one thread: submits and cancels in order
-        routes = [Route("/health", self.health), Route("/v1/models", self.models)]
+        self.metrics = Metrics(lambda: self.tickets.dispatcher.per_replica())
+        routes = [Route("/health", self.health), Route("/metrics", self.exposition), Route("/v1/models", self.models)]
         routes += [
             Route(path, self._generate_endpoint(api), methods=["POST"])
             for path, api in (
@@ -141,6 +143,11 @@ class Api:
         body = {"status": "draining" if self.draining else "ok", "model": self.settings.model_name, **status, **cpu}
         return json_response(503 if self.draining else 200, body)
 
+    async def exposition(self, request: Request) -> Response:
+        # Read off the event loop: the replicas' counts sit behind the dispatcher's lock.
+        body = await asyncio.get_running_loop().run_in_executor(None, self.metrics.exposition)
+        return Response(body, 200, media_type="text/plain; version=0.0.4; charset=utf-8")
+
     async def models(self, request: Request) -> Response:
         model = {"id": self.settings.model_name, "object": "model", "created": 0, "owned_by": "gpt-oss-launch"}
         return json_response(200, {"object": "list", "data": [model]})
@@ -150,12 +157,15 @@ class Api:
 
     def _generate_endpoint(self, api: str) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
+            clock = RequestClock(self.metrics, api)
             try:
-                return await self._generate(api, await request.body())
+                return await self._generate(api, await request.body(), clock)
             except ApiError as e:
+                clock.end("refused" if e.status < 500 else "failed")
                 return error_response(e)
             except Exception as e:  # noqa: BLE001 - a bug costs this request, not the server
                 error(f"POST {request.url.path} failed: {type(e).__name__}: {e}")
+                clock.end("failed")
                 return error_response(ApiError(500, f"internal error: {type(e).__name__}: {e}"))
 
         return endpoint
@@ -164,9 +174,10 @@ class Api:
         if self.draining:
             raise ApiError(503, "the server is shutting down", code="server_shutting_down")
 
-    async def _generate(self, api: str, body: bytes) -> Response:
+    async def _generate(self, api: str, body: bytes, clock: RequestClock) -> Response:
         self._open()
         prepared = await self.preparer(api, body)
+        clock.prompt_tokens = len(prepared.prompt)
         self._open()  # preparing a big prompt takes a while: the drain may have begun
         loop = asyncio.get_running_loop()
         ticket = Ticket(self._work(prepared), loop)
@@ -180,7 +191,7 @@ class Api:
         )
         await loop.run_in_executor(self.calls, self.tickets.submit, ticket)
         return Generation(
-            ticket, reply, prepared.options.stream, lambda: self.calls.submit(self.tickets.cancel, ticket)
+            ticket, reply, prepared.options.stream, lambda: self.calls.submit(self.tickets.cancel, ticket), clock
         )
 
     def _work(self, prepared: Prepared) -> Work:
@@ -205,9 +216,10 @@ class Generation:
     """An ASGI response: a request's reply, streamed as server-sent events or whole, as its tokens arrive. A
     client that goes away, at any point, cancels the request (its row ends at the replica's next step)."""
 
-    def __init__(self, ticket: Ticket, reply: Reply, stream: bool, cancel: Callable[[], object]):
-        self.ticket, self.reply, self.stream, self.cancel = ticket, reply, stream, cancel
+    def __init__(self, ticket: Ticket, reply: Reply, stream: bool, cancel: Callable[[], object], clock: RequestClock):
+        self.ticket, self.reply, self.stream, self.cancel, self.clock = ticket, reply, stream, cancel, clock
         self.ended = False  # the ticket's finish reason arrived: nothing left to cancel
+        self.outcome = "cancelled"  # until it ends otherwise: the client left
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         respond = self._stream(send) if self.stream else self._whole(scope, receive, send)
@@ -216,15 +228,19 @@ class Generation:
         finally:
             if not self.ended:
                 self.cancel()
+            self.clock.end(self.outcome)
 
     async def _chunks(self) -> AsyncIterator[list[dict]]:
         """The reply's chunks, one list per arrival of tokens; ApiError if the request failed."""
         yield list(self.reply.start())
         while isinstance(item := await self.ticket.queue.get(), list):
+            self.clock.tokens(len(item))
             yield list(self.reply.tokens(item))
         self.ended = True
         if item not in ("stop", "tool_call", "length"):
+            self.outcome = "failed"
             raise failure(item)
+        self.outcome = item
         yield list(self.reply.end(item))
 
     async def _stream(self, send: Send) -> None:

@@ -170,66 +170,18 @@ def _attention(
     lo, start, mid_lo, mid_hi, stop = _key_range(
         seq_len, q_len, first, split, splits, window, ROWS // GROUP_PAD, BLOCK_N
     )
-    args = (K, V, Tables + seq * stride_table, kv)
+    # The key range in three parts: masked tiles at either end (the window's start, the causal edge), unmasked
+    # between them. The arguments all three share, around each part's bounds:
+    head_args = (q, pos, K, V, Tables + seq * stride_table, kv)
+    tail = (lo, seq_len, qk_scale, window)
     m, total, acc = _key_tiles(
-        m,
-        total,
-        acc,
-        q,
-        pos,
-        *args,
-        start,
-        mid_lo,
-        lo,
-        seq_len,
-        qk_scale,
-        window,
-        KV_HEADS,
-        D,
-        BLOCK_SIZE,
-        BLOCK_N,
-        True,
-        PRECISION,
+        m, total, acc, *head_args, start, mid_lo, *tail, KV_HEADS, D, BLOCK_SIZE, BLOCK_N, True, PRECISION
     )
     m, total, acc = _key_tiles(
-        m,
-        total,
-        acc,
-        q,
-        pos,
-        *args,
-        mid_lo,
-        mid_hi,
-        lo,
-        seq_len,
-        qk_scale,
-        window,
-        KV_HEADS,
-        D,
-        BLOCK_SIZE,
-        BLOCK_N,
-        False,
-        PRECISION,
+        m, total, acc, *head_args, mid_lo, mid_hi, *tail, KV_HEADS, D, BLOCK_SIZE, BLOCK_N, False, PRECISION
     )
     m, total, acc = _key_tiles(
-        m,
-        total,
-        acc,
-        q,
-        pos,
-        *args,
-        mid_hi,
-        stop,
-        lo,
-        seq_len,
-        qk_scale,
-        window,
-        KV_HEADS,
-        D,
-        BLOCK_SIZE,
-        BLOCK_N,
-        True,
-        PRECISION,
+        m, total, acc, *head_args, mid_hi, stop, *tail, KV_HEADS, D, BLOCK_SIZE, BLOCK_N, True, PRECISION
     )
 
     row = (q_start + token) * HEADS + head
