@@ -15,7 +15,7 @@ from pathlib import Path
 
 from parallel.bench.scaling.sweep import Job
 
-SCRIPT = Path(__file__).resolve().parents[2] / "slurm" / "scaling.sh"
+SCRIPT = Path(__file__).resolve().parents[3] / "slurm" / "scaling.sh"
 
 
 def placement(gpus: int, ranks_per_node: int) -> tuple[int, int]:
