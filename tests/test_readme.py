@@ -66,4 +66,6 @@ def test_the_server_answers_the_readmes_client_and_curl(tmp_path):
 def test_the_python_api_example_runs_as_written():
     example = python_block(section("The jobs").split("### From Python", 1)[1])
     out = run([sys.executable, "-c", example])
-    assert out.returncode == 0 and out.stdout.split()[0] in ("stop", "length", "tool_call", "error"), out.stdout + out.stderr
+    assert out.returncode == 0 and out.stdout.split()[0] in ("stop", "length", "tool_call", "error"), (
+        out.stdout + out.stderr
+    )
