@@ -181,13 +181,13 @@ class Engine:
     def stats(self) -> dict[str, int]:
         pool = self.pool
         return {
-            "running": len(self.scheduler.running),
-            "waiting": len(self.scheduler.waiting),
-            "kv_blocks_used": pool.capacity - pool.num_free(),
-            "kv_blocks": pool.capacity,
+            "requests_running": len(self.scheduler.running),
+            "requests_waiting": len(self.scheduler.waiting),
+            "kv_cache_blocks_used": pool.capacity - pool.num_free(),
+            "kv_cache_blocks": pool.capacity,
             "preemptions": self.scheduler.preemptions,
-            "prefix_hit_tokens": pool.hits,
-            "prefix_query_tokens": pool.queries,
+            "prefix_cache_hit_tokens": pool.hits,
+            "prefix_cache_query_tokens": pool.queries,
         }
 
     def summary(self) -> str:

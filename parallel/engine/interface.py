@@ -64,8 +64,8 @@ class Backend(Protocol):
     def describe(self) -> str: ...
 
     def stats(self) -> dict[str, int]:
-        """Its counts now, for the server's /metrics: requests running and waiting, KV-cache blocks in use and in
-        all, preemptions and prefix-cache hits so far (those it has)."""
+        """Its counts now, by their names on the server's /metrics (parallel/serve/metrics.py): requests running
+        and waiting, KV-cache blocks in use and in all, preemptions and prefix-cache hits so far (those it has)."""
 
     def summary(self) -> str:
         """What it did, for the log at the end."""

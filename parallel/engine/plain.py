@@ -33,7 +33,7 @@ class Plain:
         return f"plain: {self.batches} batches"
 
     def stats(self) -> dict[str, int]:
-        return {"waiting": len(self.waiting)}
+        return {"requests_waiting": len(self.waiting)}
 
     def add(self, work: list[Work]) -> None:
         now = time.perf_counter()

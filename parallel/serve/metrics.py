@@ -105,15 +105,6 @@ class _Replicas:
             "prefix_cache_hit_tokens": "Prompt tokens found in the prefix cache.",
             "prefix_cache_query_tokens": "Prompt tokens looked for in the prefix cache.",
         }
-        keys = {
-            "requests_running": "running",
-            "requests_waiting": "waiting",
-            "kv_cache_blocks_used": "kv_blocks_used",
-            "kv_cache_blocks": "kv_blocks",
-            "preemptions": "preemptions",
-            "prefix_cache_hit_tokens": "prefix_hit_tokens",
-            "prefix_cache_query_tokens": "prefix_query_tokens",
-        }
         held_family = GaugeMetricFamily(
             f"{PREFIX}requests_held", "Requests handed to a replica, not yet ended.", labels=["replica"]
         )
@@ -126,6 +117,6 @@ class _Replicas:
         ]:
             family = kind(f"{PREFIX}{name}", text, labels=["replica"])
             for replica, counts in sorted(stats.items()):
-                if keys[name] in counts:
-                    family.add_metric([str(replica)], counts[keys[name]])
+                if name in counts:  # a backend's stats() names its counts as here
+                    family.add_metric([str(replica)], counts[name])
             yield family
